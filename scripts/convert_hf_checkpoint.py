@@ -1,0 +1,150 @@
+"""Convert a Hugging Face Llama/Mistral checkpoint into a teal-fast checkpoint directory.
+
+    python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/meta-llama/Meta-Llama-3-8B
+
+Reads config.json and the weights (*.safetensors, sharded or not; else pytorch_model*.bin
+through torch.load(weights_only=True)), and writes, into --out (default: the same dir):
+model.safetensors (our names; block linears transposed to (K_in, N_out); q/k rows
+permuted from HF's rotate-half layout to gpt-fast's interleaved pairs), config.json
+(every ModelArgs field, all read from the HF config) and the tokenizer file(s).
+"""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import ModelArgs  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+
+
+def model_args_from_hf(cfg: dict) -> ModelArgs:
+    """Every hyperparameter from the HF config (transformers 4 and 5 spellings)."""
+    if cfg.get("model_type") not in ("llama", "mistral", None):
+        raise ValueError(f"model_type {cfg.get('model_type')!r} is not a Llama-architecture model")
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or rope
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "llama3":
+        scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                           "original_max_position_embeddings")}
+    elif kind == "default":
+        scaling = None
+    else:
+        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, llama3)")
+    n_head = cfg["num_attention_heads"]
+    return ModelArgs(
+        block_size=cfg.get("max_position_embeddings", 2048),
+        vocab_size=cfg["vocab_size"],
+        n_layer=cfg["num_hidden_layers"],
+        n_head=n_head,
+        dim=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        n_local_heads=cfg.get("num_key_value_heads") or n_head,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+        rope_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_scaling=scaling,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+def read_hf_weights(src: Path) -> dict:
+    from safetensors.torch import load_file
+
+    shards = sorted(src.glob("*.safetensors"))
+    if shards:
+        state = {}
+        for shard in shards:
+            state.update(load_file(str(shard)))
+        return state
+    bins = sorted(src.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin in {src}")
+    state = {}
+    for shard in bins:
+        state.update(torch.load(shard, map_location="cpu", weights_only=True, mmap=True))
+    return state
+
+
+def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF rotate-half rows (first half | second half of each head) -> adjacent (2j, 2j+1) pairs."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def convert_state(hf: dict, args: ModelArgs) -> dict:
+    hf = {k.removeprefix("model."): v for k, v in hf.items()}
+
+    def take(name):
+        if name not in hf:
+            raise ValueError(f"the checkpoint has no tensor {name!r}: is it a Llama-architecture model?")
+        return hf.pop(name)
+
+    out = {"tok_embeddings.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
+    for i in range(args.n_layer):
+        p = f"layers.{i}."
+        q = permute_rotary(take(p + "self_attn.q_proj.weight"), args.n_head)
+        k = permute_rotary(take(p + "self_attn.k_proj.weight"), args.n_local_heads)
+        v = take(p + "self_attn.v_proj.weight")
+        out[p + "attention.wqkv_t"] = torch.cat([q, k, v]).t().contiguous()
+        out[p + "attention.wo_t"] = take(p + "self_attn.o_proj.weight").t().contiguous()
+        gate, up = take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
+        out[p + "feed_forward.w13_t"] = torch.cat([gate, up]).t().contiguous()
+        out[p + "feed_forward.w2_t"] = take(p + "mlp.down_proj.weight").t().contiguous()
+        out[p + "attention_norm.weight"] = take(p + "input_layernorm.weight")
+        out[p + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+    head = hf.pop("lm_head.weight", None)
+    if not args.tie_embeddings:
+        if head is None:
+            raise ValueError("config says untied embeddings but the checkpoint has no lm_head.weight")
+        out["output.weight"] = head
+    leftover = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
+    if leftover:
+        raise ValueError(f"unexpected tensors in the checkpoint: {leftover[:5]}")
+    return out
+
+
+def convert(src: Path, out: Path, dtype=None):
+    from safetensors.torch import save_file
+
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: download the model first (scripts/download.py)")
+    args = model_args_from_hf(json.loads(config_path.read_text()))
+    print(f"Converting {src} ({args.n_layer} layers, dim {args.dim}) ...", flush=True)
+    state = convert_state(read_hf_weights(src), args)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    # Write the weights under a temporary name first so that an interrupted run leaves no half file.
+    tmp = out / "model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and not (out / Path(name).name).exists():
+            shutil.copy(src / name, out / Path(name).name)
+    print(f"Wrote {out}/model.safetensors and config.json", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_dir", type=Path, required=True, help="HF snapshot directory")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: --checkpoint_dir)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="cast weights (default: keep)")
+    args = parser.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
+    try:
+        convert(args.checkpoint_dir, args.out or args.checkpoint_dir, dtype)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
