@@ -1,0 +1,250 @@
+"""Perplexity of a model, dense and at TEAL sparsity levels, with the sparsity it really reached.
+
+    python eval.py                                     # dense, 64 windows x 512 tokens of held-out Wikipedia
+    python eval.py --sparsity 0.25,0.4,0.5 --modes uniform,greedy
+    python eval.py --paper                             # 128 windows, 2048-token context, last 512 scored
+
+Two regimes for every sparse level:
+  all     every token of the window goes through the sparse model; scored on the last --scored tokens;
+  decode  what generate.py does: the first part of the window is a dense prompt (prefill), the last
+          --scored tokens are processed sparsely and scored (default: second half of the window).
+Realized sparsity is measured on the evaluation text: per state, and model-wide weighted by the
+parameters each projection holds.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model import PROJECTIONS, STATES, Transformer
+
+
+# ---------------------------------------------------------------------------- realized sparsity
+
+def projection_params(model: Transformer) -> Tensor:
+    """(7,) number of weights each projection holds in one block, PROJECTIONS order."""
+    attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
+    d_in = attn.wqkv_t.shape[0]
+    n_q, n_kv, _ = attn.splits
+    return torch.tensor([d_in * n_q, d_in * n_kv, d_in * n_kv, attn.wo_t.numel(),
+                         d_in * ffn.hidden, d_in * ffn.hidden, ffn.w2_t.numel()], dtype=torch.float64)
+
+
+@dataclass
+class RealizedSparsity:
+    per_projection: Tensor  # (n_layer, 7): fraction of input entries dropped for each projection
+    weights: Tensor  # (7,) parameters per projection
+
+    @property
+    def model_wide(self) -> float:
+        """Fraction of block linear weights skipped, weighted by parameters."""
+        w = self.weights.to(self.per_projection)
+        return float((self.per_projection * w).sum() / (w.sum() * self.per_projection.shape[0]))
+
+    def per_state(self) -> dict:
+        out = {}
+        for state, projs in STATES.items():
+            idx = [PROJECTIONS.index(p) for p in projs]
+            w = self.weights[idx].to(self.per_projection)
+            out[state] = float((self.per_projection[:, idx] * w).sum() / (w.sum() * self.per_projection.shape[0]))
+        return out
+
+
+class SparsityMeter:
+    """Observer that counts, per layer and projection, the input entries with |x| <= threshold."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.dropped = torch.zeros(model.args.n_layer, len(PROJECTIONS), dtype=torch.float64)
+        self.total = torch.zeros(model.args.n_layer, len(PROJECTIONS), dtype=torch.float64)
+
+    def __call__(self, layer: int, state: str, x: Tensor):
+        thresholds = self.model.layers[layer].thresholds
+        magnitude = x.detach().abs().float()
+        for proj in STATES[state]:
+            j = PROJECTIONS.index(proj)
+            self.dropped[layer, j] += float((magnitude <= thresholds[j]).sum())
+            self.total[layer, j] += magnitude.numel()
+
+    def result(self) -> RealizedSparsity:
+        return RealizedSparsity(self.dropped / self.total.clamp(min=1), projection_params(self.model))
+
+
+@torch.no_grad()
+def forward_window(model: Transformer, tokens: Tensor, prompt_len: int, sparse_tail: bool, meter=None) -> Tensor:
+    """tokens (B, L) -> logits (B, L, V). Positions < prompt_len are a dense prefill; the rest
+    are one more forward, sparse when sparse_tail (the computation of decode steps, batched)."""
+    B, L = tokens.shape
+    model.setup_caches(B, L)
+    saved = (model.sparse_prefill, model.sparse_decode)
+    pos = torch.arange(L, device=tokens.device)
+    try:
+        model.sparse_prefill = model.sparse_decode = False
+        parts = [model(tokens[:, :prompt_len], pos[:prompt_len])] if prompt_len > 0 else []
+        if prompt_len < L:
+            model.sparse_prefill = model.sparse_decode = sparse_tail
+            model.observer = meter
+            parts.append(model(tokens[:, prompt_len:], pos[prompt_len:]))
+    finally:
+        model.sparse_prefill, model.sparse_decode = saved
+        model.observer = None
+    return torch.cat(parts, dim=1)
+
+
+def measure_sparsity(model: Transformer, seq: Tensor, prompt_len: int) -> RealizedSparsity:
+    """Realized sparsity of a generation: seq (B, T) re-run eagerly, prompt dense, the rest sparse
+    exactly as decode steps compute it."""
+    meter = SparsityMeter(model)
+    forward_window(model, seq, prompt_len, sparse_tail=True, meter=meter)
+    return meter.result()
+
+
+# ---------------------------------------------------------------------------- perplexity
+
+def window_nll(logits: Tensor, tokens: Tensor, scored: int) -> Tensor:
+    """Summed negative log-likelihood of the last `scored` tokens of each window. (B,)"""
+    L = tokens.shape[1]
+    pred = logits[:, L - scored - 1:L - 1].float()  # positions that predict the scored tokens
+    target = tokens[:, L - scored:].long()
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none").view(
+        tokens.shape[0], scored).sum(1)
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, windows: Tensor, *, scored: int, regime: str, sparse: bool,
+               batch_size: int = 8, desc: str = "") -> tuple:
+    """Perplexity over the last `scored` tokens of each window, and the realized sparsity.
+    regime 'all': the whole window sparse (if sparse); 'decode': the first L - scored tokens dense."""
+    from tqdm import tqdm
+
+    L = windows.shape[1]
+    if not 0 < scored < L:
+        raise ValueError(f"scored tokens must be in [1, {L - 1}] for windows of {L}, got {scored}")
+    prompt_len = 0 if regime == "all" else L - scored
+    meter = SparsityMeter(model) if sparse else None
+    nll, count = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False, disable=None):
+        batch = windows[start:start + batch_size].to(model.tok_embeddings.weight.device)
+        logits = forward_window(model, batch, prompt_len, sparse_tail=sparse, meter=meter)
+        nll += float(window_nll(logits, batch, scored).sum())
+        count += batch.shape[0] * scored
+    return math.exp(nll / count), (meter.result() if meter else None)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def parse_levels(text: str) -> list:
+    levels = [float(x) for x in text.split(",") if x.strip()]
+    for p in levels:
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"sparsity levels must be in [0, 1), got {p}")
+    return levels
+
+
+def main(argv=None):
+    from generate import DEFAULT_CHECKPOINT, DTYPES, default_device
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--data", default="wiki-eval", help="wiki-eval (default), news, botchan, a file, hf:wikitext2")
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--window_len", type=int, default=512)
+    parser.add_argument("--scored", type=int, default=None,
+                        help="tokens scored at the end of each window (default: all for 'all', half for 'decode')")
+    parser.add_argument("--paper", action="store_true", help="the paper's protocol: 128 x 2048, last 512 scored")
+    parser.add_argument("--sparsity", default="", help="comma-separated levels, e.g. 0.25,0.4,0.5")
+    parser.add_argument("--modes", default="greedy,uniform")
+    parser.add_argument("--regimes", default="all,decode")
+    parser.add_argument("--sparsity_file", type=Path, default=None, help="default: <checkpoint>/sparsity.json")
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--precision", choices=sorted(DTYPES), default=None, help="default: bf16 cuda, fp32 cpu")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args):
+    from calibrate import SparsityFile
+    from data import load_text, token_windows
+    from generate import DTYPES, load_model
+    from tokenizer import load_tokenizer
+
+    if args.paper:
+        args.windows, args.window_len, args.scored = 128, 2048, 512
+    levels = parse_levels(args.sparsity)
+    modes = [m for m in args.modes.split(",") if m]
+    regimes = [r for r in args.regimes.split(",") if r]
+    for r in regimes:
+        if r not in ("all", "decode"):
+            raise ValueError(f"unknown regime {r!r}; use all and/or decode")
+    dtype = DTYPES[args.precision] if args.precision else (torch.bfloat16 if args.device.startswith("cuda")
+                                                           else torch.float32)
+    model = load_model(args.checkpoint_path, args.device, dtype)
+    tokenizer = load_tokenizer(args.checkpoint_path)
+    ids = tokenizer.encode(load_text(args.data))
+    windows = token_windows(ids, args.windows, args.window_len, args.seed)
+    print(f"{args.data}: {len(ids)} tokens, {len(windows)} windows x {args.window_len}", flush=True)
+    sparsity_file = None
+    if levels:
+        path = args.sparsity_file or args.checkpoint_path / "sparsity.json"
+        sparsity_file = SparsityFile.load(path, model, args.checkpoint_path)
+
+    def scored_for(regime):
+        if args.scored is not None:
+            return args.scored
+        return args.window_len - 1 if regime == "all" else args.window_len // 2
+
+    rows = []
+    t0 = time.perf_counter()
+    for regime in regimes:
+        scored = scored_for(regime)
+        ppl, _ = perplexity(model, windows, scored=scored, regime=regime, sparse=False,
+                            batch_size=args.batch_size, desc=f"dense {regime}")
+        rows.append(dict(regime=regime, mode="dense", level=0.0, scored=scored, perplexity=ppl))
+        print(f"{regime:>6} dense          ppl {ppl:8.3f}", flush=True)
+        for mode in modes:
+            for level in levels:
+                model.set_thresholds(sparsity_file.thresholds(level, mode).to(args.device))
+                ppl, realized = perplexity(model, windows, scored=scored, regime=regime, sparse=True,
+                                           batch_size=args.batch_size, desc=f"{mode} {level:.2f} {regime}")
+                rows.append(dict(regime=regime, mode=mode, level=level, scored=scored, perplexity=ppl,
+                                 realized=realized.model_wide, realized_per_state=realized.per_state()))
+                print(f"{regime:>6} {mode:>7} {level:.2f}   ppl {ppl:8.3f}   realized {realized.model_wide:.3f}",
+                      flush=True)
+    model.set_thresholds(torch.zeros_like(model.get_thresholds()))
+    print(f"\nEvaluated in {time.perf_counter() - t0:.0f} s on {args.device} ({dtype})")
+    print_table(rows)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(checkpoint=str(args.checkpoint_path), data=args.data, windows=len(windows),
+                    window_len=args.window_len, seed=args.seed, device=args.device, dtype=str(dtype))
+        args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
+        print(f"Wrote {args.out}")
+
+
+def print_table(rows):
+    print(f"\n| regime | mode | level | scored | perplexity | realized | attn_in | attn_out | mlp_in | mlp_mid |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        states = r.get("realized_per_state") or {}
+        cells = " | ".join(f"{states[s]:.3f}" if s in states else "-" for s in STATES)
+        realized = f"{r['realized']:.3f}" if "realized" in r else "-"
+        print(f"| {r['regime']} | {r['mode']} | {r['level']:.2f} | {r['scored']} | {r['perplexity']:.3f} | "
+              f"{realized} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Generate text with a Llama-architecture model, dense or TEAL-sparse, and time it.
+
+    python generate.py --prompt "The capital of France is"
+    python generate.py --sparsity 0.4 --compile
+    python generate.py --random_weights Llama-3-8B --compile --device cuda
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from model import ModelArgs, Transformer
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load_model(checkpoint_dir, device, dtype) -> Transformer:
+    """Build the model from checkpoint_dir/config.json and load model.safetensors."""
+    from safetensors.torch import load_file
+
+    checkpoint_dir = Path(checkpoint_dir)
+    config_path, weights_path = checkpoint_dir / "config.json", checkpoint_dir / "model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `bash scripts/quickstart.sh` for the default model, "
+                                    f"or convert a checkpoint with scripts/convert_hf_checkpoint.py")
+    args = ModelArgs.from_dict(json.loads(config_path.read_text()))
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = load_file(str(weights_path), device="cpu")
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    got = {name: tuple(t.shape) for name, t in state.items()}
+    if expected != got:
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        wrong = sorted(n for n in set(expected) & set(got) if expected[n] != got[n])
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else \
+            f"{wrong[0]} has shape {got[wrong[0]]}, config.json implies {expected[wrong[0]]}"
+        raise ValueError(f"{weights_path} does not match {config_path}: {detail}; re-run the converter")
+    state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    return finish_model(model, device)
+
+
+def random_model(config_name: str, device, dtype, seed: int = 0) -> Transformer:
+    """A model with a named config's real shapes and random weights (std 1/sqrt(fan_in))."""
+    args = ModelArgs.from_name(config_name)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.dim() == 2:
+                fan_in = p.shape[1] if name.endswith(("embeddings.weight", "output.weight")) else p.shape[0]
+                p.normal_(0.0, 1.0 / fan_in ** 0.5, generator=gen)
+    return finish_model(model, device)
+
+
+def finish_model(model: Transformer, device) -> Transformer:
+    # Buffers (thresholds) were created on the meta device; give them real storage.
+    for block in model.layers:
+        block.thresholds = torch.zeros_like(block.thresholds, device=device, dtype=torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def weight_bytes_per_token(model: Transformer, sparsity: Optional[Tensor] = None) -> float:
+    """Bytes of weights one decode step reads: every block linear (times 1 - its input
+    sparsity when given, (n_layer, 7)), the norms and the LM head; the embedding row is noise."""
+    from model import PROJECTIONS
+
+    total = 0.0
+    for i, block in enumerate(model.layers):
+        attn, ffn = block.attention, block.feed_forward
+        item = attn.wqkv_t.element_size()
+        n_q, n_kv, _ = attn.splits
+        sizes = {"q": n_q, "k": n_kv, "v": n_kv, "o": attn.wo_t.shape[1],
+                 "gate": ffn.hidden, "up": ffn.hidden, "down": ffn.w2_t.shape[1]}
+        fan_in = {"q": attn.wqkv_t.shape[0], "k": attn.wqkv_t.shape[0], "v": attn.wqkv_t.shape[0],
+                  "o": attn.wo_t.shape[0], "gate": ffn.w13_t.shape[0], "up": ffn.w13_t.shape[0],
+                  "down": ffn.w2_t.shape[0]}
+        for j, proj in enumerate(PROJECTIONS):
+            kept = 1.0 if sparsity is None else 1.0 - float(sparsity[i, j])
+            total += fan_in[proj] * sizes[proj] * item * kept
+        total += 2 * block.attention_norm.weight.numel() * block.attention_norm.weight.element_size()
+    head = model.tok_embeddings.weight if model.output is None else model.output.weight
+    return total + head.numel() * head.element_size() + model.norm.weight.numel() * model.norm.weight.element_size()
+
+
+# ---------------------------------------------------------------------------- sampling
+
+def multinomial_sample_one_no_sync(probs: Tensor) -> Tensor:
+    # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p without a host sync.
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
+
+
+def logits_to_probs(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
+    logits = logits / max(temperature, 1e-5)
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = torch.where(logits < v[..., -1:], -float("inf"), logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: Optional[int] = None) -> Tensor:
+    # logits (B, T, V) -> next token (B, 1) from the last position; temperature 0 is greedy
+    last = logits[:, -1]
+    if temperature <= 0:
+        return torch.argmax(last, dim=-1, keepdim=True).to(dtype=torch.int)
+    return multinomial_sample_one_no_sync(logits_to_probs(last, temperature, top_k))
+
+
+def prefill(model: Transformer, x: Tensor, input_pos: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
+    # x (B, T) prompt; returns (B, 1)
+    return sample(model(x, input_pos), temperature, top_k)
+
+
+def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, temperature: float,
+                     top_k: Optional[int]) -> Tensor:
+    # x (B, 1), input_pos (1,)
+    return sample(model(x, input_pos), temperature, top_k)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_size: int = 1,
+             temperature: float = 0.0, top_k: Optional[int] = None, stop_ids=None, callback=None,
+             decode_fn=decode_one_token, prefill_fn=prefill) -> Tensor:
+    """prompt (T,) -> (batch_size, T + n) with n <= max_new_tokens (fewer if every row hit a stop id)."""
+    device = prompt.device
+    T = prompt.numel()
+    total = T + max_new_tokens
+    model.setup_caches(max_batch_size=batch_size, max_seq_length=total)
+    seq = torch.empty(batch_size, total, dtype=torch.int, device=device)
+    seq[:, :T] = prompt.view(1, -1)
+    input_pos = torch.arange(0, T, device=device)
+    next_token = prefill_fn(model, seq[:, :T], input_pos, temperature, top_k).clone()
+    seq[:, T:T + 1] = next_token
+    n = 1
+    stops = torch.tensor(sorted(stop_ids), device=device) if stop_ids else None
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    input_pos = torch.tensor([T], device=device, dtype=torch.long)
+    while n < max_new_tokens:
+        if stops is not None:
+            done |= torch.isin(next_token.view(-1), stops)
+            if bool(done.all()):
+                break
+        if callback is not None:
+            callback(next_token)
+        next_token = decode_fn(model, next_token.view(batch_size, 1), input_pos, temperature, top_k).clone()
+        seq[:, T + n:T + n + 1] = next_token
+        input_pos += 1
+        n += 1
+    if callback is not None:
+        callback(next_token)
+    return seq[:, :T + n]
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def add_model_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="checkpoint directory (config.json, model.safetensors, tokenizer)")
+    parser.add_argument("--random_weights", metavar="CONFIG", default=None,
+                        help="ignore the checkpoint; random weights with this config's shapes (e.g. Llama-3-8B)")
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--precision", choices=sorted(DTYPES), default=None,
+                        help="weights/activations dtype (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="TEAL level: fraction of block linear weights skipped, in [0, 1); omit for dense")
+    parser.add_argument("--sparsity_file", type=Path, default=None,
+                        help="default: <checkpoint>/sparsity.json (calibrated on random tokens for --random_weights)")
+    parser.add_argument("--sparsity_mode", choices=("greedy", "uniform"), default="greedy")
+    parser.add_argument("--sparse_prefill", action="store_true", help="sparsify the prompt too (default: dense prefill)")
+
+
+def resolve_dtype(args) -> torch.dtype:
+    if args.precision is not None:
+        return DTYPES[args.precision]
+    return torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
+
+
+def build_model(args) -> Transformer:
+    """Model from CLI args (checkpoint or random weights), sparsity applied if asked."""
+    dtype = resolve_dtype(args)
+    if args.random_weights:
+        model = random_model(args.random_weights, args.device, dtype)
+    else:
+        model = load_model(args.checkpoint_path, args.device, dtype)
+    if args.sparsity is not None:
+        from calibrate import SparsityFile
+
+        if not 0.0 <= args.sparsity < 1.0:
+            raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+        path = args.sparsity_file or (None if args.random_weights else args.checkpoint_path / "sparsity.json")
+        sparsity = SparsityFile.load(path, model, args.checkpoint_path) if path else SparsityFile.for_random(model)
+        model.set_thresholds(sparsity.thresholds(args.sparsity, args.sparsity_mode).to(args.device))
+        model.sparse_decode = True
+        model.sparse_prefill = args.sparse_prefill
+        model.sparsity_info = sparsity
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--interactive", action="store_true", help="chat in a loop, reading prompts from stdin")
+    parser.add_argument("--num_samples", type=int, default=5)
+    parser.add_argument("--max_new_tokens", type=int, default=100)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top_k", type=int, default=200)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--compile_prefill", action="store_true", help="also compile the prompt forward")
+    parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarking)")
+    parser.add_argument("--seed", type=int, default=1234)
+    add_model_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args):
+    from tokenizer import load_tokenizer
+
+    torch.manual_seed(args.seed)
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ValueError("--batch_size and --max_new_tokens must be at least 1")
+    t0 = time.perf_counter()
+    model = build_model(args)
+    synchronize(args.device)
+    print(f"Loaded {'random ' + args.random_weights if args.random_weights else args.checkpoint_path} "
+          f"in {time.perf_counter() - t0:.2f} s on {args.device}", flush=True)
+    tokenizer = None if args.random_weights else load_tokenizer(args.checkpoint_path)
+
+    decode_fn, prefill_fn = decode_one_token, prefill
+    if args.compile:
+        on_cuda = str(args.device).startswith("cuda")
+        decode_fn = torch.compile(decode_one_token, mode="reduce-overhead" if on_cuda else None, fullgraph=on_cuda)
+        if args.compile_prefill:
+            prefill_fn = torch.compile(prefill, fullgraph=on_cuda, dynamic=True)
+
+    def encode(text):
+        if tokenizer is None:  # random weights: a fixed pseudo-prompt of the same length as gpt-fast's benchmark
+            return torch.randint(0, model.args.vocab_size, (5,), generator=torch.Generator().manual_seed(0))
+        ids = tokenizer.encode_chat(text) if (args.chat or args.interactive) else tokenizer.encode(text, bos=True)
+        return torch.tensor(ids, dtype=torch.int)
+
+    stop_ids = None if (args.ignore_eos or tokenizer is None) else tokenizer.stop_ids
+    weight_bytes = weight_bytes_per_token(model)
+    level = "dense" if args.sparsity is None else f"{args.sparsity:.2f} {args.sparsity_mode}"
+    prompts = iter(lambda: input("What is your prompt? "), None) if args.interactive else \
+        ([args.prompt] * (args.num_samples + (1 if args.compile else 0)))
+    stats = []
+    for i, text in enumerate(prompts):
+        warmup = args.compile and not args.interactive and i == 0
+        prompt = encode(text).to(args.device)
+        synchronize(args.device)
+        t0 = time.perf_counter()
+        seq = generate(model, prompt, args.max_new_tokens, batch_size=args.batch_size,
+                       temperature=args.temperature, top_k=args.top_k, stop_ids=stop_ids,
+                       decode_fn=decode_fn, prefill_fn=prefill_fn)
+        synchronize(args.device)
+        elapsed = time.perf_counter() - t0
+        if warmup:
+            print(f"Compilation time: {elapsed:.2f} s", flush=True)
+            continue
+        new_tokens = seq.shape[1] - prompt.numel()
+        if tokenizer is not None:
+            print(tokenizer.decode(seq[0, prompt.numel():].tolist() if args.interactive else seq[0].tolist()))
+        realized = None
+        if model.sparse_decode:
+            from eval import measure_sparsity
+
+            realized = measure_sparsity(model, seq[:1], prompt.numel())
+            weight_bytes = weight_bytes_per_token(model, realized.per_projection)
+        tok_s = new_tokens * args.batch_size / elapsed
+        stats.append(tok_s)
+        line = f"Sample {len(stats)}: {new_tokens} tokens in {elapsed:.2f} s, {tok_s:.2f} tokens/s, " \
+               f"{weight_bytes * tok_s / args.batch_size / 1e9:.1f} GB/s of weights, sparsity {level}"
+        if realized is not None:
+            line += f" (realized {realized.model_wide:.3f})"
+        print(line, flush=True)
+        if args.interactive:
+            print()
+    if stats:
+        mean = sum(stats) / len(stats)
+        print(f"Average tokens/s: {mean:.2f}  ({level}, batch {args.batch_size}, {args.device})")
+        if str(args.device).startswith("cuda"):
+            print(f"Memory used: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
