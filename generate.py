@@ -22,9 +22,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # ---------------------------------------------------------------------------- loading
 
-def load_model(checkpoint_dir, device, dtype) -> Transformer:
-    """Build the model from checkpoint_dir/config.json and load model.safetensors."""
-    from safetensors.torch import load_file
+def load_model(checkpoint_dir, device, dtype, tp=(0, 1)) -> Transformer:
+    """Build the model from checkpoint_dir/config.json and load model.safetensors, one tensor at a
+    time; under tensor parallelism tp=(rank, world_size) each rank keeps only its shard."""
+    from safetensors import safe_open
+
+    from tp import shard_model, shard_tensor
 
     checkpoint_dir = Path(checkpoint_dir)
     config_path, weights_path = checkpoint_dir / "config.json", checkpoint_dir / "model.safetensors"
@@ -35,33 +38,47 @@ def load_model(checkpoint_dir, device, dtype) -> Transformer:
     args = ModelArgs.from_dict(json.loads(config_path.read_text()))
     with torch.device("meta"):
         model = Transformer(args)
-    state = load_file(str(weights_path), device="cpu")
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    got = {name: tuple(t.shape) for name, t in state.items()}
-    if expected != got:
-        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-        wrong = sorted(n for n in set(expected) & set(got) if expected[n] != got[n])
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else \
-            f"{wrong[0]} has shape {got[wrong[0]]}, config.json implies {expected[wrong[0]]}"
-        raise ValueError(f"{weights_path} does not match {config_path}: {detail}; re-run the converter")
-    state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+    with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+        got = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        if expected != got:
+            missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+            wrong = sorted(n for n in set(expected) & set(got) if expected[n] != got[n])
+            detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else \
+                f"{wrong[0]} has shape {got[wrong[0]]}, config.json implies {expected[wrong[0]]}"
+            raise ValueError(f"{weights_path} does not match {config_path}: {detail}; re-run the converter")
+        rank, world = tp
+        if world > 1:
+            shard_model(model, rank, world)
+        state = {name: shard_tensor(name, f.get_tensor(name), model, rank, world).to(device=device, dtype=dtype)
+                 for name in f.keys()}
     model.load_state_dict(state, assign=True, strict=True)
     return finish_model(model, device)
 
 
-def random_model(config_name: str, device, dtype, seed: int = 0) -> Transformer:
-    """A model with a named config's real shapes and random weights (std 1/sqrt(fan_in))."""
+def random_model(config_name: str, device, dtype, seed: int = 0, tp=(0, 1)) -> Transformer:
+    """A model with a named config's real shapes and random weights (std 1/sqrt(fan_in)).
+    Under tensor parallelism each rank draws only its own shard."""
+    from tp import shard_model
+
     args = ModelArgs.from_name(config_name)
     with torch.device("meta"):
         model = Transformer(args)
+    rank, world = tp
+    if world > 1:
+        shard_model(model, rank, world)
     model = model.to(dtype).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed + rank)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif p.dim() == 2:
-                fan_in = p.shape[1] if name.endswith(("embeddings.weight", "output.weight")) else p.shape[0]
+            elif name.endswith(("embeddings.weight", "output.weight")):
+                torch.manual_seed(seed)  # replicated tensors must agree across ranks
+                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+            else:
+                full_fan_in = {"wo_t": args.n_head * args.head_dim, "w2_t": args.intermediate_size}
+                fan_in = full_fan_in.get(name.rsplit(".", 1)[-1], p.shape[0])  # input-sharded: the full K
                 p.normal_(0.0, 1.0 / fan_in ** 0.5, generator=gen)
     return finish_model(model, device)
 
@@ -198,13 +215,15 @@ def resolve_dtype(args) -> torch.dtype:
     return torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
 
 
-def build_model(args) -> Transformer:
+def build_model(args, tp=(0, 1)) -> Transformer:
     """Model from CLI args (checkpoint or random weights), sparsity applied if asked."""
+    from tp import broadcast_thresholds
+
     dtype = resolve_dtype(args)
     if args.random_weights:
-        model = random_model(args.random_weights, args.device, dtype)
+        model = random_model(args.random_weights, args.device, dtype, tp=tp)
     else:
-        model = load_model(args.checkpoint_path, args.device, dtype)
+        model = load_model(args.checkpoint_path, args.device, dtype, tp=tp)
     if args.sparsity is not None:
         from calibrate import SparsityFile
 
@@ -213,6 +232,7 @@ def build_model(args) -> Transformer:
         path = args.sparsity_file or (None if args.random_weights else args.checkpoint_path / "sparsity.json")
         sparsity = SparsityFile.load(path, model, args.checkpoint_path) if path else SparsityFile.for_random(model)
         model.set_thresholds(sparsity.thresholds(args.sparsity, args.sparsity_mode).to(args.device))
+        broadcast_thresholds(model)  # random-token calibration may differ per rank: use rank 0's
         model.sparse_decode = True
         model.sparse_prefill = args.sparse_prefill
         model.sparsity_info = sparsity
@@ -243,12 +263,14 @@ def main(argv=None):
 
 def run(args):
     from tokenizer import load_tokenizer
+    from tp import init_distributed
 
     torch.manual_seed(args.seed)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--batch_size and --max_new_tokens must be at least 1")
+    rank, world, args.device = init_distributed(args.device)
     t0 = time.perf_counter()
-    model = build_model(args)
+    model = build_model(args, tp=(rank, world))
     synchronize(args.device)
     print(f"Loaded {'random ' + args.random_weights if args.random_weights else args.checkpoint_path} "
           f"in {time.perf_counter() - t0:.2f} s on {args.device}", flush=True)
@@ -297,8 +319,9 @@ def run(args):
             weight_bytes = weight_bytes_per_token(model, realized.per_projection)
         tok_s = new_tokens * args.batch_size / elapsed
         stats.append(tok_s)
+        per_rank = f" per rank ({world} ranks)" if world > 1 else ""
         line = f"Sample {len(stats)}: {new_tokens} tokens in {elapsed:.2f} s, {tok_s:.2f} tokens/s, " \
-               f"{weight_bytes * tok_s / args.batch_size / 1e9:.1f} GB/s of weights, sparsity {level}"
+               f"{weight_bytes * tok_s / args.batch_size / 1e9:.1f} GB/s of weights{per_rank}, sparsity {level}"
         if realized is not None:
             line += f" (realized {realized.model_wide:.3f})"
         print(line, flush=True)

@@ -142,6 +142,16 @@ def linear_t(x: Tensor, w_t: Tensor, thresholds: Tensor, splits: list, sparse: b
     return y.view(*x.shape[:-1], w_t.shape[1])
 
 
+def all_reduce_if_sharded(x: Tensor, group) -> Tensor:
+    """Sum the partial outputs of input-sharded projections over tensor-parallel ranks.
+    A functional collective, so torch.compile and CUDA graphs capture it."""
+    if group is None:
+        return x
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.all_reduce(x, "sum", group)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -151,6 +161,7 @@ class Attention(nn.Module):
         self.wqkv_t = nn.Parameter(torch.empty(args.dim, q_size + 2 * kv_size))  # (D, Nq + 2 Nkv)
         self.wo_t = nn.Parameter(torch.empty(q_size, args.dim))  # (H hd, D)
         self.kv_cache: Optional[KVCache] = None
+        self.tp_group = None  # set by tp.shard_model: wo_t then holds this rank's input rows
 
     def forward(self, x, freqs_cis, mask, input_pos, thresholds, sparse, observe=None):
         B, T, _ = x.shape  # (B, T, D)
@@ -167,7 +178,8 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         if observe is not None:
             observe("attn_out", y)
-        return linear_t(y, self.wo_t, thresholds[3:4], [self.wo_t.shape[1]], sparse)
+        return all_reduce_if_sharded(linear_t(y, self.wo_t, thresholds[3:4], [self.wo_t.shape[1]], sparse),
+                                     self.tp_group)
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -188,16 +200,17 @@ class FeedForward(nn.Module):
         self.hidden = args.intermediate_size
         self.w13_t = nn.Parameter(torch.empty(args.dim, 2 * args.intermediate_size))  # (D, 2I): [gate | up]
         self.w2_t = nn.Parameter(torch.empty(args.intermediate_size, args.dim))  # (I, D)
+        self.tp_group = None  # set by tp.shard_model: w2_t then holds this rank's input rows
 
     def forward(self, x, thresholds, sparse, observe=None):
         gate_up = linear_t(x, self.w13_t, thresholds[0:2], [self.hidden, self.hidden], sparse)  # (B, T, 2I)
         if observe is not None:
             observe("mlp_mid", silu_mul(gate_up))
         if not sparse:
-            return silu_mul(gate_up) @ self.w2_t
+            return all_reduce_if_sharded(silu_mul(gate_up) @ self.w2_t, self.tp_group)
         lead = gate_up.shape[:-1]
         y = sparse_silu_down(gate_up.reshape(-1, 2 * self.hidden), self.w2_t, thresholds[2:3])
-        return y.view(*lead, self.w2_t.shape[1])
+        return all_reduce_if_sharded(y.view(*lead, self.w2_t.shape[1]), self.tp_group)
 
 
 class Block(nn.Module):
@@ -241,6 +254,7 @@ class Transformer(nn.Module):
         self.sparse_decode = False
         self.sparse_prefill = False
         self.observer: Optional[Observer] = None  # eager-only hook for calibration / sparsity metering
+        self.tp = (0, 1)  # (rank, world_size), set by tp.shard_model
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         if max_seq_length > self.args.block_size:
@@ -249,8 +263,8 @@ class Transformer(nn.Module):
             return
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
-        for block in self.layers:
-            block.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.args.n_local_heads,
+        for block in self.layers:  # n_kv_head is per rank under tensor parallelism
+            block.attention.kv_cache = KVCache(max_batch_size, max_seq_length, block.attention.n_kv_head,
                                                self.args.head_dim, dtype).to(device)
         self.freqs_cis = precompute_freqs_cis(max_seq_length, self.args.head_dim, self.args.rope_base,
                                               self.args.rope_scaling).to(device)

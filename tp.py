@@ -1,0 +1,131 @@
+"""Tensor parallelism for teal-fast, started with torchrun.
+
+    torchrun --nproc_per_node 2 generate.py --sparsity 0.5 --compile
+
+Sharding (Megatron style, one all-reduce per attention and one per MLP):
+  q, k, v, gate, up   by output columns: each rank holds the full input, thresholds it
+                      with the block's threshold and reads the kept rows of its columns;
+  o, down             by input rows: each rank thresholds its own slice of the input with the
+                      same threshold, which drops exactly the entries one GPU would drop;
+                      the partial outputs are summed by an all-reduce.
+So TEAL's semantics are those of one GPU, and each rank skips its own share of bytes.
+Head counts need not divide by the world size: ranks get whole kv-head groups, as evenly as
+possible (SmolLM2-135M's 3 kv heads over 2 ranks: 2 and 1); at most one rank per kv head.
+NCCL on CUDA, gloo on CPU. Only rank 0 prints.
+"""
+import os
+import sys
+from dataclasses import dataclass
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from model import Transformer
+
+
+def world_info() -> tuple:
+    """(rank, world_size) from torchrun's environment; (0, 1) when not under torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: str) -> tuple:
+    """Join the process group if started by torchrun; returns (rank, world_size, device).
+    On CUDA each rank takes the GPU of its LOCAL_RANK."""
+    rank, world = world_info()
+    if world == 1:
+        return 0, 1, device
+    on_cuda = str(device).startswith("cuda")
+    if on_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"rank {rank} wants GPU {local_rank} but only {torch.cuda.device_count()} are visible")
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_cuda else "gloo")
+    if rank != 0:  # only rank 0 talks
+        sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+@dataclass
+class Shard:
+    """Which slices of a block one rank holds: [start, start + size) of the query-head columns,
+    of the key/value-head columns (whole kv groups, so GQA stays local) and of the MLP hidden units."""
+    q: tuple
+    kv: tuple
+    hidden: tuple
+
+
+def even_split(n: int, world: int, rank: int) -> tuple:
+    """(start, size) of rank's part when n items are dealt out as evenly as possible."""
+    base, extra = divmod(n, world)
+    size = base + (rank < extra)
+    return rank * base + min(rank, extra), size
+
+
+def shard_of(args, rank: int, world: int) -> Shard:
+    if world > args.n_local_heads:
+        raise ValueError(f"cannot split {args.n_local_heads} key/value heads over {world} ranks; "
+                         f"use --nproc_per_node of at most {args.n_local_heads}")
+    kv_start, kv_size = even_split(args.n_local_heads, world, rank)
+    group, hd = args.n_head // args.n_local_heads, args.head_dim
+    return Shard(q=(kv_start * group * hd, kv_size * group * hd), kv=(kv_start * hd, kv_size * hd),
+                 hidden=even_split(args.intermediate_size, world, rank))
+
+
+def shard_model(model: Transformer, rank: int, world: int, group=None) -> Transformer:
+    """Give every block its local shapes (on any device, meta included) and its all-reduce group.
+    Weights are then loaded with shard_tensor, or initialised randomly. Head counts that do not
+    divide by the world size are dealt out by whole kv groups (e.g. 3 kv heads over 2 ranks: 2 + 1)."""
+    shard = shard_of(model.args, rank, world)
+    hd = model.args.head_dim
+    for block in model.layers:
+        attn, ffn = block.attention, block.feed_forward
+        attn.n_head, attn.n_kv_head = shard.q[1] // hd, shard.kv[1] // hd
+        attn.splits = [shard.q[1], shard.kv[1], shard.kv[1]]
+        attn.wqkv_t = local_parameter(attn.wqkv_t, (attn.wqkv_t.shape[0], sum(attn.splits)))
+        attn.wo_t = local_parameter(attn.wo_t, (shard.q[1], attn.wo_t.shape[1]))
+        ffn.hidden = shard.hidden[1]
+        ffn.w13_t = local_parameter(ffn.w13_t, (ffn.w13_t.shape[0], 2 * ffn.hidden))
+        ffn.w2_t = local_parameter(ffn.w2_t, (ffn.hidden, ffn.w2_t.shape[1]))
+        attn.tp_group = ffn.tp_group = group if group is not None else dist.group.WORLD
+    model.tp = (rank, world)
+    return model
+
+
+def local_parameter(p: torch.nn.Parameter, shape) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.empty(shape, dtype=p.dtype, device=p.device), requires_grad=False)
+
+
+def take_columns(t: Tensor, segments) -> Tensor:
+    """Concatenate column ranges [(start, size), ...] of t."""
+    return torch.cat([t[:, start:start + size] for start, size in segments], dim=1)
+
+
+def shard_tensor(name: str, t: Tensor, model: Transformer, rank: int, world: int) -> Tensor:
+    """This rank's part of a full checkpoint tensor, by the rules in the module docstring."""
+    if world == 1:
+        return t
+    args = model.args
+    shard = shard_of(args, rank, world)
+    if name.endswith("attention.wqkv_t"):
+        n_q, n_kv = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
+        (q0, qs), (k0, ks) = shard.q, shard.kv
+        return take_columns(t, [(q0, qs), (n_q + k0, ks), (n_q + n_kv + k0, ks)])
+    if name.endswith("feed_forward.w13_t"):
+        h0, hs = shard.hidden
+        return take_columns(t, [(h0, hs), (args.intermediate_size + h0, hs)])
+    if name.endswith("attention.wo_t"):
+        return t[shard.q[0]:shard.q[0] + shard.q[1]]
+    if name.endswith("feed_forward.w2_t"):
+        return t[shard.hidden[0]:shard.hidden[0] + shard.hidden[1]]
+    return t  # embeddings, norms, LM head: replicated
+
+
+def broadcast_thresholds(model: Transformer, src: int = 0):
+    """Make every rank use rank src's thresholds (e.g. after calibrating on random tokens)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = model.get_thresholds()
+        dist.broadcast(t, src)
+        model.set_thresholds(t)
