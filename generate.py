@@ -22,9 +22,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # ---------------------------------------------------------------------------- loading
 
-def load_model(checkpoint_dir, device, dtype, tp=(0, 1)) -> Transformer:
+def load_model(checkpoint_dir, device, dtype, tp=None) -> Transformer:
     """Build the model from checkpoint_dir/config.json and load model.safetensors, one tensor at a
-    time; under tensor parallelism tp=(rank, world_size) each rank keeps only its shard."""
+    time; under tensor parallelism, tp=(rank, world_size), each rank keeps only its shard."""
     from safetensors import safe_open
 
     from tp import shard_model, shard_tensor
@@ -47,8 +47,8 @@ def load_model(checkpoint_dir, device, dtype, tp=(0, 1)) -> Transformer:
             detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else \
                 f"{wrong[0]} has shape {got[wrong[0]]}, config.json implies {expected[wrong[0]]}"
             raise ValueError(f"{weights_path} does not match {config_path}: {detail}; re-run the converter")
-        rank, world = tp
-        if world > 1:
+        rank, world = tp or (0, 1)
+        if tp is not None:
             shard_model(model, rank, world)
         state = {name: shard_tensor(name, f.get_tensor(name), model, rank, world).to(device=device, dtype=dtype)
                  for name in f.keys()}
@@ -56,7 +56,7 @@ def load_model(checkpoint_dir, device, dtype, tp=(0, 1)) -> Transformer:
     return finish_model(model, device)
 
 
-def random_model(config_name: str, device, dtype, seed: int = 0, tp=(0, 1)) -> Transformer:
+def random_model(config_name: str, device, dtype, seed: int = 0, tp=None) -> Transformer:
     """A model with a named config's real shapes and random weights (std 1/sqrt(fan_in)).
     Under tensor parallelism each rank draws only its own shard."""
     from tp import shard_model
@@ -64,8 +64,8 @@ def random_model(config_name: str, device, dtype, seed: int = 0, tp=(0, 1)) -> T
     args = ModelArgs.from_name(config_name)
     with torch.device("meta"):
         model = Transformer(args)
-    rank, world = tp
-    if world > 1:
+    rank, world = tp or (0, 1)
+    if tp is not None:
         shard_model(model, rank, world)
     model = model.to(dtype).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed + rank)
@@ -224,7 +224,7 @@ def resolve_dtype(args) -> torch.dtype:
     return torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
 
 
-def build_model(args, tp=(0, 1)) -> Transformer:
+def build_model(args, tp=None) -> Transformer:
     """Model from CLI args (checkpoint or random weights), sparsity applied if asked."""
     from tp import broadcast_thresholds
 
@@ -279,7 +279,7 @@ def run(args):
         raise ValueError("--batch_size and --max_new_tokens must be at least 1")
     rank, world, args.device = init_distributed(args.device)
     t0 = time.perf_counter()
-    model = build_model(args, tp=(rank, world))
+    model = build_model(args, tp=(rank, world) if world else None)
     synchronize(args.device)
     print(f"Loaded {'random ' + args.random_weights if args.random_weights else args.checkpoint_path} "
           f"in {time.perf_counter() - t0:.2f} s on {args.device}", flush=True)
@@ -329,7 +329,7 @@ def run(args):
             weight_bytes = weight_bytes_per_token(model, realized.per_projection)
         tok_s = new_tokens * args.batch_size / elapsed
         stats.append(tok_s)
-        per_rank = f" per rank ({world} ranks)" if world > 1 else ""
+        per_rank = f" per rank ({world} ranks)" if world else ""
         line = f"Sample {len(stats)}: {new_tokens} tokens in {elapsed:.2f} s, {tok_s:.2f} tokens/s, " \
                f"{weight_bytes * tok_s / args.batch_size / 1e9:.1f} GB/s of weights{per_rank}, sparsity {level}"
         if realized is not None:

@@ -23,17 +23,17 @@ from torch import Tensor
 from model import Transformer
 
 
-def world_info() -> tuple:
-    """(rank, world_size) from torchrun's environment; (0, 1) when not under torchrun."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init_distributed(device: str) -> tuple:
-    """Join the process group if started by torchrun; returns (rank, world_size, device).
-    On CUDA each rank takes the GPU of its LOCAL_RANK."""
-    rank, world = world_info()
-    if world == 1:
-        return 0, 1, device
+    """Join the process group when started by torchrun (any world size, 1 included, so that the
+    tensor-parallel path can be timed on one GPU); returns (rank, world_size, device), where
+    world_size is 0 outside torchrun. On CUDA each rank takes the GPU of its LOCAL_RANK."""
+    if not under_torchrun():
+        return 0, 0, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     on_cuda = str(device).startswith("cuda")
     if on_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
