@@ -1,0 +1,398 @@
+"""Benchmark (and tune) the sparse matvec kernels on a GPU, DESIGN.md section 6.
+
+    python scripts/bench_kernels.py                    # GPU checks, then the table; JSON to results/bench_kernels.json
+    python scripts/bench_kernels.py --tune             # also search configs first, write sparse_kernels/configs.json
+
+Shapes: Llama-3-8B qkv 4096->6144 (splits 4096/1024/1024), o 4096->4096, gate+up 4096->2x14336,
+down 14336->4096 (sparse_silu_down), Llama-3-70B up 8192->28672 and down 28672->8192; bf16; p in
+0, 0.1, .., 0.9; x random, thresholds the exact p-quantile of |x| (of |silu(g)*up| for down).
+Times: triton.testing.do_bench_cudagraph, median, cycling through enough weight buffers (>= 1 GiB)
+that the 60 MB L2 holds none of them. Columns: cuBLAS dense (F.linear on an (N, K) weight; for
+down, on the ready h = silu(g)*up), ideal (cuBLAS over a contiguous (1-p)K slice), ours, the
+speedups over cuBLAS, and GB/s of the bytes ours touches (weight rows read + x + y).
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sparse_kernels import ops, silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref  # noqa: E402
+
+SHAPES = [  # name, op, K, N, splits
+    ("8B qkv", "linear", 4096, 6144, [4096, 1024, 1024]),
+    ("8B o", "linear", 4096, 4096, [4096]),
+    ("8B gate+up", "linear", 4096, 28672, [14336, 14336]),
+    ("8B down", "silu_down", 14336, 4096, [4096]),
+    ("70B up", "linear", 8192, 28672, [28672]),
+    ("70B down", "silu_down", 28672, 8192, [8192]),
+]
+LEVELS = [round(0.1 * i, 1) for i in range(10)]
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-4}  # atol = rtol, outputs of size ~1
+COPY_GBPS = 4300  # DESIGN.md section 7: device-to-device copy on our H200
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------- problems
+
+def quantile_threshold(values: torch.Tensor, p: float) -> float:
+    """The exact p-quantile of |values| (torch.quantile, linear interpolation)."""
+    return torch.quantile(values.abs().float().flatten(), p).item()
+
+
+def gap_threshold(values, p):
+    """For the checks: near the p-quantile of |values|, in the widest gap between neighbouring
+    values (an ulp of difference between kernel and reference silu cannot flip an entry)."""
+    v = values.abs().float().flatten().sort().values
+    if p == 0.0:
+        return v[0].item() / 2
+    if p == 1.0:
+        return v[-1].item() * 1.01
+    i, w = round(p * (v.numel() - 1)), max(2, v.numel() // 100)
+    lo, hi = max(0, i - w), min(v.numel() - 1, i + w)
+    j = lo + int((v[lo + 1:hi + 1] - v[lo:hi]).argmax())
+    return (v[j].item() + v[j + 1].item()) / 2
+
+
+class Problem:
+    """One op at one shape, batch and dtype, with rotating weight buffers."""
+
+    def __init__(self, op, K, N, splits, B, dtype, min_bytes=1 << 30, seed=0):
+        self.op, self.K, self.N, self.splits, self.B, self.dtype = op, K, N, splits, B, dtype
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        n_buf = max(2, math.ceil(min_bytes / (K * N * dtype.itemsize)))
+        self.bufs = [torch.randn(K, N, device="cuda", generator=g).mul_(K ** -0.5).to(dtype) for _ in range(n_buf)]
+        self.x = torch.randn(B, 2 * K if op == "silu_down" else K, device="cuda", generator=g).to(dtype)
+        self.src = silu_mul(self.x) if op == "silu_down" else self.x  # (B, K): what the thresholds apply to
+        self.step = itertools.count()
+
+    def thresholds(self, p):
+        return torch.full((len(self.splits),), quantile_threshold(self.src, p), device="cuda")
+
+    def ours(self, thr, cfg=None):
+        def fn():
+            w = self.bufs[next(self.step) % len(self.bufs)]
+            if cfg is not None:
+                return ops.run_triton(self.op, self.x, w, thr, self.splits, cfg)
+            if self.op == "silu_down":
+                return sparse_silu_down(self.x, w, thr)
+            return sparse_linear(self.x, w, thr, self.splits)
+        return fn
+
+    def cublas(self, k=None):
+        k = self.K if k is None else k
+        x = self.src[:, :k].contiguous()
+        mats = [w.view(-1)[: self.N * k].view(self.N, k) for w in self.bufs]  # contiguous (N, k)
+        return lambda: F.linear(x, mats[next(self.step) % len(mats)])
+
+    def bytes_touched(self, thr):
+        rows, start = 0, 0
+        for s, width in enumerate(self.splits):
+            rows += int((self.src.abs().float() > thr[s]).any(0).sum()) * width
+            start += width
+        return rows * self.dtype.itemsize + (self.x.numel() + self.B * self.N) * self.dtype.itemsize
+
+
+def graph_time_us(fn, calls=24, replays=5):
+    """Quick CUDA-graph timing for tuning: `calls` calls per graph, median replay / calls."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    times = []
+    for _ in range(replays):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / calls)
+    del g
+    return statistics.median(times)
+
+
+def bench_us(fn, rep):
+    import triton.testing
+
+    fn()
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
+
+
+# ---------------------------------------------------------------- checks (the CPU tests' checks, on the GPU)
+
+def check_case(op, B, K, N, splits, dtype, p, cfg=None, seed=0):
+    """Kernel (poisoned output, explicit or table config) against the reference; returns an error or None."""
+    from sparse_kernels import triton_kernels as tk
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(B, 2 * K if op == "silu_down" else K, device="cuda", generator=g).to(dtype)
+    w = torch.randn(K, N, device="cuda", generator=g).mul_(K ** -0.5).to(dtype)
+    src = silu_mul(x) if op == "silu_down" else x
+    thr = torch.full((len(splits),), gap_threshold(src, p), device="cuda")
+    ref = sparse_silu_down_ref(x, w, thr) if op == "silu_down" else sparse_linear_ref(x, w, thr, splits)
+    if cfg is None:
+        y = sparse_silu_down(x, w, thr) if op == "silu_down" else sparse_linear(x, w, thr, splits)
+    else:
+        y = torch.full((B, N), float("nan"), device="cuda", dtype=dtype)
+        ws = ops.workspace(x.device, *tk.workspace_sizes(B, K, N, cfg))
+        counts = ws[1]
+        bounds = [sum(splits[:i]) for i in range(1, len(splits))]
+        tk.launch(x, w, thr, bounds, y, *ws, cfg, silu=op == "silu_down")
+        y2 = y.clone()
+        tk.launch(x, w, thr, bounds, y, *ws, cfg, silu=op == "silu_down")  # counters were reset
+        if not torch.equal(y, y2):
+            return "second call differs (counters not reset or not deterministic)"
+        if int(counts[: N].abs().sum()) != 0:
+            return "arrival counters not reset to zero"
+    if y.isnan().any():
+        return "output not fully written (NaN left)"
+    tol = TOL[dtype]
+    if not torch.allclose(y.float(), ref.float(), atol=tol, rtol=tol):
+        return f"max error {(y.float() - ref.float()).abs().max().item():.3g} > {tol}"
+    return None
+
+
+def check_cases():
+    E = dict(DOT=False, num_warps=4, num_stages=1)
+    D = dict(DOT=True, num_warps=4, num_stages=3)
+    cases = []
+    for dname, B in itertools.product(DTYPES, (1, 2, 3, 8)):
+        for p in (0.0, 0.3, 0.5, 0.9, 1.0):
+            cases.append(("linear", B, 576, 1536, [576, 480, 480], dname, p, None))
+        cases.append(("linear", B, 576, 11008, [11008], dname, 0.5, None))
+        cases.append(("silu_down", B, 1536, 1000, [1000], dname, 0.5, None))
+        cases.append(("linear", B, 1000, 1000, [1000], dname, 0.9, dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=256, **E)))
+        cases.append(("linear", B, 1000, 1000, [1000], dname, 0.5, dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=512, DEPTH=3, **E)))
+        cases.append(("silu_down", B, 1536, 1000, [1000], dname, 0.3, dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=1024, DEPTH=3, **D)))
+        cases.append(("silu_down", B, 576, 1000, [1000], dname, 0.3, dict(BLOCK_N=64, BLOCK_K=64, K_CHUNK=1024, **D)))
+        cases.append(("linear", B, 4096, 6144, [4096, 1024, 1024], dname, 0.5, dict(BLOCK_N=256, BLOCK_K=64, K_CHUNK=512, **D)))
+    cases.append(("linear", 9, 576, 1536, [576, 480, 480], "bf16", 0.5, None))  # B > 8: reference fallback
+    return cases
+
+
+def run_checks(chunk):
+    torch.cuda.set_device(0)
+    out = []
+    for op, B, K, N, splits, dname, p, cfg in chunk:
+        err = check_case(op, B, K, N, splits, DTYPES[dname], p, cfg)
+        out.append(((op, B, K, N, dname, p, cfg and cfg["DOT"]), err))
+    return out
+
+
+def parallel(fn, chunks, workers):
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        return [r for part in pool.map(fn, chunks) for r in part]
+
+
+def check_compiled():
+    """Both ops inside torch.compile(fullgraph, reduce-overhead): new thresholds and inputs,
+    no recompilation, equal to the reference each time."""
+    torch._dynamo.config.error_on_recompile = True
+    K, I, N = 576, 1536, 576
+
+    def block(x, w_qkv, thr, w13, w2):
+        qkv = sparse_linear(x, w_qkv, thr[0:3], [576, 192, 192])
+        gate_up = sparse_linear(x, w13, thr[4:6], [I, I])
+        return qkv, sparse_silu_down(gate_up, w2, thr[6:7])
+
+    f = torch.compile(block, fullgraph=True, mode="reduce-overhead")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w_qkv = torch.randn(K, 960, device="cuda", generator=g).div_(K ** 0.5).bfloat16()
+    w13 = torch.randn(K, 2 * I, device="cuda", generator=g).div_(K ** 0.5).bfloat16()
+    w2 = torch.randn(I, N, device="cuda", generator=g).div_(I ** 0.5).bfloat16()
+    thr = torch.zeros(7, device="cuda")
+    errs = []
+    for step, p in enumerate((0.0, 0.5, 0.9, 0.5, 0.3)):
+        x = torch.randn(1, K, device="cuda", generator=g).bfloat16()
+        thr.copy_(torch.full((7,), gap_threshold(x, p)))
+        qkv, y = f(x, w_qkv, thr, w13, w2)
+        qkv, y = qkv.clone(), y.clone()
+        rq = sparse_linear_ref(x, w_qkv, thr[0:3], [576, 192, 192])
+        gu = sparse_linear_ref(x, w13, thr[4:6], [I, I])
+        ry = sparse_silu_down_ref(gu, w2, thr[6:7])
+        errs.append(max((qkv.float() - rq.float()).abs().max().item(), (y.float() - ry.float()).abs().max().item()))
+    torch._dynamo.config.error_on_recompile = False
+    return errs
+
+
+# ---------------------------------------------------------------- tuning
+
+def candidate_configs(op, K, N, B, n_sm):
+    """Tile shapes x W tiles in flight x K chunks that give between one and ~16 programs per SM."""
+    # (BLOCK_N, BLOCK_K, num_warps, num_stages, DOT, DEPTH)
+    if B == 1:
+        variants = [(bn, bk, nw, 1, 0, d) for bn, bk in ((128, 32), (128, 64), (256, 32), (256, 64))
+                    for nw in (4, 8) for d in (2, 3)]
+        variants += [(bn, bk, nw, ns, 1, d) for bn, bk, nw, ns in ((128, 32, 4, 3), (256, 32, 4, 3), (256, 32, 8, 3),
+                                                                   (128, 64, 8, 3), (256, 64, 8, 3)) for d in (2, 3)]
+        chunks = (512, 1024, 2048, 4096)
+    else:  # the elementwise path exists for B == 1 only; batches read nearly every row (union)
+        variants = [(256, 32, 4, 4, 1, 2), (256, 32, 8, 3, 1, 2), (128, 64, 4, 3, 1, 2), (128, 32, 4, 3, 1, 2),
+                    (256, 64, 8, 3, 1, 2)]
+        chunks = (256, 512, 1024)
+    out = []
+    for bn, bk, nw, ns, dot, depth in variants:
+        if depth * bn * bk > 2 * 64 * 32 * nw:  # W tiles in registers: at most 128 elements a thread
+            continue
+        n_tiles = -(-N // bn)
+        for kc in chunks:
+            n_prog = n_tiles * -(-K // kc)
+            if n_sm <= n_prog <= 16 * n_sm and kc * max(1, B) <= 4096 * 2 and kc >= bk:
+                out.append(dict(BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=bool(dot), num_warps=nw,
+                                num_stages=ns))
+    return out
+
+
+def precompile(jobs):
+    """Compile (by running once) each (op, K, N, splits, B, cfg) job; fills Triton's disk cache."""
+    torch.cuda.set_device(0)
+    bufs = {}
+    for op, K, N, splits, B, cfg in jobs:
+        if (op, K, N, B) not in bufs:
+            bufs[(op, K, N, B)] = (torch.randn(B, 2 * K if op == "silu_down" else K, device="cuda").bfloat16(),
+                                   torch.zeros(K, N, device="cuda", dtype=torch.bfloat16))
+        x, w = bufs[(op, K, N, B)]
+        ops.run_triton(op, x, w, torch.zeros(len(splits), device="cuda"), splits, cfg)
+    torch.cuda.synchronize()
+    return [None]
+
+
+def tune(batches, workers, levels=(0.0, 0.5, 0.9)):
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    plan = {(name, B): candidate_configs(op, K, N, B, n_sm) for name, op, K, N, splits in SHAPES for B in batches}
+    jobs = [(op, K, N, splits, B, cfg) for name, op, K, N, splits in SHAPES for B in batches for cfg in plan[(name, B)]]
+    t0 = time.time()
+    by_variant = {}
+    for j in jobs:  # one worker compiles all launches of a kernel variant
+        key = (j[0], j[4] if not j[5]["DOT"] else 16, tuple(sorted(j[5].items())))
+        by_variant.setdefault(key, []).append(j)
+    chunks = [sum(list(by_variant.values())[i::workers], []) for i in range(workers)]
+    parallel(precompile, [c for c in chunks if c], workers)
+    print(f"tune: compiled {len(by_variant)} variants ({len(jobs)} launches) in {time.time() - t0:.0f} s", flush=True)
+    table, record = {}, {}
+    for name, op, K, N, splits in SHAPES:
+        for B in batches:
+            prob = Problem(op, K, N, splits, B, torch.bfloat16)
+            cands = plan[(name, B)]
+            times = {}
+            for p in levels:
+                thr = prob.thresholds(p)
+                times[p] = [graph_time_us(prob.ours(thr, cfg)) for cfg in cands]
+            best = {p: min(ts) for p, ts in times.items()}
+            score = [math.exp(statistics.mean(math.log(times[p][i] / best[p]) for p in levels)) for i in range(len(cands))]
+            i_best = min(range(len(cands)), key=score.__getitem__)
+            table[ops.config_key(op, K, N, torch.bfloat16, B)] = cands[i_best]
+            record[f"{name} B{B}"] = dict(
+                chosen=cands[i_best], chosen_us={str(p): times[p][i_best] for p in levels},
+                best_per_level={str(p): dict(us=best[p], config=cands[times[p].index(best[p])]) for p in levels},
+                n_candidates=len(cands))
+            print(f"tune {name:11s} B{B}: {cands[i_best]}  " +
+                  "  ".join(f"p={p}: {times[p][i_best]:.1f} us (best {best[p]:.1f})" for p in levels), flush=True)
+            del prob
+            torch.cuda.empty_cache()
+    return table, record
+
+
+# ---------------------------------------------------------------- main
+
+def copy_bandwidth():
+    src = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    t = bench_us(lambda: dst.copy_(src), rep=50)
+    return 2 * 2 * src.numel() / t / 1e3  # GB/s, bytes read + written
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "results" / "bench_kernels.json"), help="JSON results path")
+    ap.add_argument("--tune", action="store_true", help="search configs and write --configs before benchmarking")
+    ap.add_argument("--configs", default=str(ops.CONFIG_PATH), help="where --tune writes the config table")
+    ap.add_argument("--tune_batches", default="1,8", help="batch sizes to tune (comma separated)")
+    ap.add_argument("--batches", default="1", help="batch sizes to benchmark (comma separated)")
+    ap.add_argument("--rep", type=int, default=20, help="do_bench_cudagraph rep (ms)")
+    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="compile/check processes")
+    ap.add_argument("--skip_checks", action="store_true", help="skip the GPU correctness checks")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device; the kernel benchmark needs a GPU (the CPU tests are tests/test_kernels.py)")
+    import triton
+
+    result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
+                  command=" ".join(sys.argv))
+    t_start = time.time()
+    if not args.skip_checks:
+        cases = check_cases()
+        res = parallel(run_checks, [cases[i::args.workers] for i in range(args.workers)], args.workers)
+        bad = [(c, e) for c, e in res if e]
+        for c, e in bad:
+            print("CHECK FAILED", c, e)
+        try:
+            errs = check_compiled()
+        except Exception as e:  # report, and still benchmark
+            print(f"CHECK FAILED torch.compile: {type(e).__name__}: {str(e)[:2000]}")
+            errs = [float("inf")]
+        print(f"checks: {len(res) - len(bad)}/{len(res)} kernel cases pass; torch.compile(reduce-overhead) "
+              f"max errors {['%.3g' % e for e in errs]} ({time.time() - t_start:.0f} s)", flush=True)
+        result["checks"] = dict(cases=len(res), failed=[[str(c), e] for c, e in bad], compiled_max_err=errs)
+        result["checks"]["ok"] = not bad and max(errs) <= TOL[torch.bfloat16]
+    if args.tune:
+        table, record = tune([int(b) for b in args.tune_batches.split(",")], args.workers)
+        Path(args.configs).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.configs).write_text(json.dumps(dict(
+            device=result["device"], torch=result["torch"], triton=result["triton"],
+            note="written by scripts/bench_kernels.py --tune; key op:KxN:dtype:B; chosen by the geometric mean "
+                 "over p in {0, 0.5, 0.9} of time / best time at that p (tuning: the chosen and the best per p)",
+            configs=table, tuning=record), indent=1) + "\n")
+        ops._configs = table
+        result["tuning"] = record
+        print(f"tune: wrote {args.configs} ({time.time() - t_start:.0f} s)", flush=True)
+
+    bw = copy_bandwidth()
+    result["copy_GBps"] = bw
+    rows = []
+    for name, op, K, N, splits in SHAPES:
+        for B in [int(b) for b in args.batches.split(",")]:
+            prob = Problem(op, K, N, splits, B, torch.bfloat16)
+            t_dense = bench_us(prob.cublas(), args.rep)
+            for p in LEVELS:
+                thr = prob.thresholds(p)
+                t_ours = bench_us(prob.ours(thr), args.rep)
+                t_ideal = bench_us(prob.cublas(max(1, round((1 - p) * K))), args.rep)
+                nbytes = prob.bytes_touched(thr)
+                rows.append(dict(shape=name, op=op, K=K, N=N, B=B, p=p, cublas_us=t_dense, ideal_us=t_ideal,
+                                 ours_us=t_ours, speedup=t_dense / t_ours, ideal_speedup=t_dense / t_ideal,
+                                 bytes=nbytes, GBps=nbytes / t_ours / 1e3,
+                                 config=ops.pick_config(op, K, N, torch.bfloat16, B, torch.device("cuda"))))
+            del prob
+            torch.cuda.empty_cache()
+    result["rows"] = rows
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if "checks" in result:
+        print(f"\nGPU checks: {'all pass' if result['checks']['ok'] else 'FAILED (see above)'}")
+    print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}, bf16, "
+          f"do_bench_cudagraph median; copy bandwidth {bw:.0f} GB/s; JSON: {args.out}")
+    print(f"{'shape':11s} {'B':>1s} {'p':>3s} {'cuBLAS':>7s} {'ideal':>7s} {'ours':>7s} {'speedup':>7s} "
+          f"{'ideal x':>7s} {'GB/s':>6s} {'%4.3TB/s':>8s}")
+    for r in rows:
+        print(f"{r['shape']:11s} {r['B']:1d} {r['p']:3.1f} {r['cublas_us']:7.1f} {r['ideal_us']:7.1f} {r['ours_us']:7.1f} "
+              f"{r['speedup']:7.2f} {r['ideal_speedup']:7.2f} {r['GBps']:6.0f} {100 * r['GBps'] / COPY_GBPS:8.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""torch.library ops "teal::sparse_linear" and "teal::sparse_silu_down".
+
+CUDA with Triton and B <= 8: the Triton kernel, configured from configs.json (tuned per
+op, shape, dtype and batch by scripts/bench_kernels.py --tune) or a heuristic for unknown
+shapes. Anything else (CPU, no Triton, B > 8): the torch reference math. No host sync,
+no data-dependent allocation, no memset per call: the split-K workspace and arrival
+counters are persistent per device and the kernel leaves the counters at zero.
+"""
+import json
+import math
+import os
+import threading
+from pathlib import Path
+from typing import List
+
+import torch
+from torch import Tensor
+
+from .reference import check_args, keep_mask, masked_matmul, silu_mul
+
+MAX_B = 8  # larger batches take the reference math
+CONFIG_PATH = Path(__file__).with_name("configs.json")
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+_configs = None
+_workspaces = {}  # device index -> (fp32 partials, int32 counters)
+_sm_counts = {}
+
+
+def tuned_configs() -> dict:
+    global _configs
+    if _configs is None:
+        _configs = json.loads(CONFIG_PATH.read_text())["configs"] if CONFIG_PATH.exists() else {}
+    return _configs
+
+
+def config_key(op: str, K: int, N: int, dtype: torch.dtype, B: int) -> str:
+    return f"{op}:{K}x{N}:{DTYPE_NAMES[dtype]}:B{B}"
+
+
+def sm_count(device: torch.device) -> int:
+    if device.index not in _sm_counts:
+        _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_counts[device.index]
+
+
+def heuristic_config(K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> dict:
+    """For shapes nobody tuned: tl.dot tiles (cp.async pipelined), about three programs per SM."""
+    block_n = 256 if N > 8192 and dtype != torch.float32 else 128
+    n_tiles = -(-N // block_n)
+    k_chunk = 1 << max(7, min(11, round(math.log2(max(1.0, K * n_tiles / (3 * n_sm))))))
+    k_chunk = min(k_chunk, max(128, 4096 // next_pow2(B)))  # phase-1 registers: B * K_CHUNK
+    return dict(BLOCK_N=block_n, BLOCK_K=64, K_CHUNK=k_chunk, DOT=True, num_warps=8, num_stages=1)
+
+
+def next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def pick_config(op: str, K: int, N: int, dtype: torch.dtype, B: int, device: torch.device) -> dict:
+    """The tuned config of this (op, shape, dtype, B); else of the nearest tuned B that fits (a
+    tl.dot config fits any B, an elementwise one only B == 1); fp16 and bf16 share configs."""
+    table = tuned_configs()
+    dtypes = [dtype] + {torch.bfloat16: [torch.float16], torch.float16: [torch.bfloat16]}.get(dtype, [])
+    for b in sorted((1, 2, 3, 4, 8) + (B,), key=lambda b: (abs(b - B), -b)):
+        for dt in dtypes:
+            cfg = table.get(config_key(op, K, N, dt, b))
+            if cfg is not None and (cfg["DOT"] or B == 1):
+                return cfg
+    return heuristic_config(K, N, dtype, B, sm_count(device))
+
+
+def workspace(device: torch.device, n_part: int, n_count: int, n_idx: int, n_xs: int):
+    """Persistent per-device buffers (fp32 partials, int32 arrival counters kept at zero by the
+    kernel, int32 row indices, fp32 compacted inputs), grown only outside CUDA graph capture. They are allocated from
+    a helper thread: a graph pool that routes this thread's allocations (torch.compile's
+    CUDA-graph trees do) never owns them."""
+    bufs = _workspaces.get(device.index)
+    need = (n_part, n_count, n_idx, n_xs)
+    if bufs is None or any(b.numel() < n for b, n in zip(bufs, need)):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("sparse_kernels: workspace too small during CUDA graph capture; "
+                               "run the op once eagerly (warm-up) before capturing")
+        torch.cuda.synchronize(device)  # the old buffers may still be in use
+        old = bufs or [torch.empty(0)] * 4
+        sizes = [max(n, o.numel(), 1 << 16) for n, o in zip(need, old)]
+        new = []
+
+        def allocate():
+            with torch.cuda.device(device):
+                new.extend([torch.empty(sizes[0], dtype=torch.float32, device=device),
+                            torch.zeros(sizes[1], dtype=torch.int32, device=device),
+                            torch.empty(sizes[2], dtype=torch.int32, device=device),
+                            torch.empty(sizes[3], dtype=torch.float32, device=device)])
+                torch.cuda.synchronize(device)
+
+        thread = threading.Thread(target=allocate)
+        thread.start()
+        thread.join()
+        if len(new) != 4:
+            raise RuntimeError("sparse_kernels: could not allocate the workspace")
+        bufs = _workspaces[device.index] = tuple(new)
+    return bufs
+
+
+def use_triton(x: Tensor) -> bool:
+    if not x.is_cuda or x.shape[0] > MAX_B or os.environ.get("TEAL_NO_TRITON"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List[int], cfg=None) -> Tensor:
+    from . import triton_kernels as tk
+
+    B, (K, N) = x.shape[0], w_t.shape
+    y = torch.empty(B, N, dtype=x.dtype, device=x.device)
+    if B == 0:
+        return y
+    cfg = dict(cfg or pick_config(op, K, N, x.dtype, B, x.device))
+    bounds = [sum(splits[:i]) for i in range(1, len(splits))]
+    block_n = cfg["BLOCK_N"]
+    while block_n > 16 and any(b % block_n for b in bounds):  # a tile never straddles two segments
+        block_n //= 2
+    cfg["BLOCK_N"] = block_n
+    silu = op == "silu_down"
+    if len(bounds) <= 3 and not any(b % block_n for b in bounds):
+        pieces = [(x, w_t, thresholds, bounds, y)]
+    else:  # odd splits: one launch per segment on column views
+        starts = [0] + bounds
+        pieces = [(x, w_t[:, a:a + n], thresholds[s:s + 1], [], y[:, a:a + n]) for s, (a, n) in
+                  enumerate(zip(starts, splits))]
+    for xp, wp, tp, bp, yp in pieces:
+        sizes = tk.workspace_sizes(B, K, wp.shape[1], cfg)
+        tk.launch(xp, wp, tp, bp, yp, *workspace(x.device, *sizes), cfg, silu=silu)
+    return y
+
+
+def _contiguous_rows(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("teal::sparse_linear", mutates_args=())
+def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List[int]) -> Tensor:
+    x, w_t = _contiguous_rows(x), _contiguous_rows(w_t)
+    if use_triton(x):
+        return run_triton("linear", x, w_t, thresholds, splits)
+    if not x.is_cuda:
+        from .reference import sparse_linear_ref
+        return sparse_linear_ref(x, w_t, thresholds, splits)
+    outs, start = [], 0  # CUDA fallback (B > 8): same math, no fp32 copy of the weights
+    for s, width in enumerate(splits):
+        xm = torch.where(keep_mask(x, thresholds[s]), x, torch.zeros_like(x))
+        outs.append(masked_matmul(xm, w_t[:, start:start + width]))
+        start += width
+    return torch.cat(outs, dim=1)
+
+
+@_sparse_linear_op.register_fake
+def _(x, w_t, thresholds, splits):
+    return x.new_empty(x.shape[0], w_t.shape[1])
+
+
+@torch.library.custom_op("teal::sparse_silu_down", mutates_args=())
+def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Tensor) -> Tensor:
+    gate_up, w_t = _contiguous_rows(gate_up), _contiguous_rows(w_t)
+    if use_triton(gate_up):
+        return run_triton("silu_down", gate_up, w_t, threshold, [w_t.shape[1]])
+    h = silu_mul(gate_up)
+    if not gate_up.is_cuda:
+        from .reference import sparse_linear_ref
+        return sparse_linear_ref(h, w_t, threshold[:1], [w_t.shape[1]])
+    return masked_matmul(torch.where(keep_mask(h, threshold[0]), h, torch.zeros_like(h)), w_t)
+
+
+@_sparse_silu_down_op.register_fake
+def _(gate_up, w_t, threshold):
+    return gate_up.new_empty(gate_up.shape[0], w_t.shape[1])
+
+
+def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Tensor, splits) -> Tensor:
+    """x (B, K) @ w_t (K, N) keeping only |x| > thresholds[s] for the columns of segment s."""
+    splits = [int(s) for s in splits]
+    check_args(x, w_t, thresholds, splits)
+    return _sparse_linear_op(x, w_t, thresholds, splits)
+
+
+def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Tensor) -> Tensor:
+    """h = silu(gate) * up from gate_up (B, 2I); h (kept iff |h| > threshold[0]) @ w_t (I, N)."""
+    if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:
+        raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
+    check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [w_t.shape[1]])
+    return _sparse_silu_down_op(gate_up, w_t, threshold)

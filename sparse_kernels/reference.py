@@ -1,0 +1,66 @@
+"""The torch reference: the single definition of what the sparse ops compute.
+
+sparse_linear:   y[b, n] = sum_k x[b, k] * (|x[b, k]| > t_s(n)) * w_t[k, n]
+                 where column n lies in segment s of `splits` and t_s = thresholds[s].
+sparse_silu_down: h = silu_mul(gate_up), then sparse_linear(h, w_t, threshold[:1], [N]).
+
+Rounding: |x| is compared with the float32 threshold exactly (|x| widened to fp32); products
+are summed in fp32 and the sum is rounded once to x.dtype. silu_mul computes
+silu(gate) * up in fp32 and rounds once to the input dtype, as the fused kernel does.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """(..., 2I) = [gate | up] -> silu(gate) * up (..., I), in fp32, rounded once to the input dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
+
+
+def keep_mask(x: Tensor, threshold: Tensor) -> Tensor:
+    """|x| > t with |x| widened to fp32 (a 0-dim fp32 threshold would otherwise be rounded to x.dtype)."""
+    return x.abs().float() > threshold.float()
+
+
+def check_args(x: Tensor, w_t: Tensor, thresholds: Tensor, splits) -> None:
+    if x.dim() != 2 or w_t.dim() != 2:
+        raise ValueError(f"x must be (B, K) and w_t (K, N); got {tuple(x.shape)} and {tuple(w_t.shape)}")
+    if x.shape[1] != w_t.shape[0]:
+        raise ValueError(f"x has K={x.shape[1]} but w_t has {w_t.shape[0]} rows (weights are stored (K, N))")
+    if x.dtype != w_t.dtype:
+        raise ValueError(f"x is {x.dtype} but w_t is {w_t.dtype}: cast one of them")
+    if len(splits) == 0 or sum(splits) != w_t.shape[1] or min(splits) <= 0:
+        raise ValueError(f"splits {list(splits)} must be positive and sum to N={w_t.shape[1]}")
+    if thresholds.dim() != 1 or thresholds.shape[0] < len(splits):
+        raise ValueError(f"thresholds must be 1-D with one entry per split ({len(splits)}); "
+                         f"got shape {tuple(thresholds.shape)}")
+
+
+def masked_matmul(xm: Tensor, w_t: Tensor) -> Tensor:
+    """xm (B, K) @ w_t (K, N) summed in fp32, rounded to xm.dtype. On CUDA cuBLAS already sums
+    half types in fp32, so no fp32 copy of the weights is made (the fallback for large B)."""
+    if xm.is_cuda:
+        return xm @ w_t
+    return (xm.float() @ w_t.float()).to(xm.dtype)
+
+
+def sparse_linear_ref(x: Tensor, w_t: Tensor, thresholds: Tensor, splits) -> Tensor:
+    """x (B, K), w_t (K, N), thresholds (S,) fp32, splits S ints summing to N -> (B, N)."""
+    check_args(x, w_t, thresholds, splits)
+    outs, start = [], 0
+    for s, width in enumerate(splits):
+        xm = torch.where(keep_mask(x, thresholds[s]), x, torch.zeros_like(x))  # (B, K)
+        w = w_t[:, start:start + width]
+        outs.append((xm.float() @ w.float()).to(x.dtype))
+        start += width
+    return torch.cat(outs, dim=1)  # (B, N)
+
+
+def sparse_silu_down_ref(gate_up: Tensor, w_t: Tensor, threshold: Tensor) -> Tensor:
+    """gate_up (B, 2I) = [gate | up], w_t (I, N), threshold (>=1,) fp32 -> (B, N)."""
+    if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:
+        raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
+    h = silu_mul(gate_up)  # (B, I)
+    return sparse_linear_ref(h, w_t, threshold[:1], [w_t.shape[1]])

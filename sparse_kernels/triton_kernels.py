@@ -1,0 +1,190 @@
+"""Triton kernel for the thresholded column-sparse matvec, and its launcher.
+
+One kernel serves every op. The grid is (N tiles, K chunks). A program first loads x of
+every batch row over its K chunk, finds the rows any batch row keeps (|x| > t, t of the
+tile's segment) and compacts their indices (cumsum, scattered to a small per-program
+scratch). It then streams only those rows of W^T, BLOCK_K gathered rows per step (each a
+contiguous BLOCK_N slice), so both bytes and steps scale with 1 - p. Products are
+accumulated in fp32 (tl.dot for batches, FMAs for B == 1). With SILU the input is
+silu(gate) * up, formed from gate_up while loading (fp32, rounded once to the dtype).
+
+Split-K reduction without a memset: each program stores its fp32 partial tile to a
+persistent workspace (SPLIT, B, N) and increments the tile's arrival counter; the last
+to arrive sums the partials in split order (deterministic), writes y and resets the
+counter to 0 for the next call.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sparse_matvec_kernel(
+    x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, idx_ptr, xs_ptr,
+    B, K, N, stride_x, stride_w, stride_y,
+    bound1, bound2, bound3,  # first columns of segments 1..3 (multiples of BLOCK_N; N if absent)
+    n_split,  # K chunks: the grid's second axis
+    B_X: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, DOT: tl.constexpr, SILU: tl.constexpr, RED_R: tl.constexpr,
+    EVEN_N: tl.constexpr, STATIC_ITERS: tl.constexpr, STATIC_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # Loop bounds are runtime values on GPUs. Triton's interpreter cannot take a runtime range
+    # bound with numpy >= 2.4 (int() of a 1-element array; it also turns every assigned value
+    # into a tensor), so there the launcher passes static bounds, used inline in range(), and
+    # the extra iterations are fully masked. Its bf16 tl.dot is wrong (triton 3.6), so there
+    # DOT_F32 widens the operands first: the same products (exact in fp32) and fp32 sums.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    seg = (n0 >= bound1).to(tl.int32) + (n0 >= bound2).to(tl.int32) + (n0 >= bound3).to(tl.int32)
+    t = tl.load(thr_ptr + seg).to(tl.float32)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+
+    # 1. Which rows of this K chunk does any batch row keep? Compact their indices and the
+    #    kept inputs (zero where that batch row drops the entry) into per-program scratch.
+    offs_c = pid_k * K_CHUNK + tl.arange(0, K_CHUNK)
+    offs_bx = tl.arange(0, B_X)
+    bc_ok = (offs_bx < B)[:, None] & (offs_c < K)[None, :]
+    xc = _input(x_ptr, offs_bx[:, None] * stride_x + offs_c[None, :], bc_ok, K, SILU, w_ptr.dtype.element_ty)
+    keep = (tl.abs(xc.to(tl.float32)) > t) & bc_ok  # (B_X, K_CHUNK)
+    need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
+    count = tl.sum(need, axis=0)
+    pos = tl.cumsum(need, axis=0) - 1
+    prog = pid_n * n_split + pid_k
+    idx_base = idx_ptr + prog * K_CHUNK
+    xs_base = xs_ptr + prog * (B_X * K_CHUNK)
+    tl.store(idx_base + pos, offs_c, mask=need > 0)
+    tl.store(xs_base + offs_bx[:, None] * K_CHUNK + pos[None, :], tl.where(keep, xc, 0.0).to(xs_ptr.dtype.element_ty),
+             mask=(need > 0)[None, :] & bc_ok)
+    tl.debug_barrier()  # the whole CTA's scratch stores are visible before they are read back
+
+    # 2. Stream only the kept rows: BLOCK_K gathered rows of W^T per step (each a contiguous
+    #    BLOCK_N slice). Software-pipelined by hand: while step i is summed, the rows of the
+    #    next DEPTH - 1 steps, the indices after them and the inputs of step i+1 are in flight.
+    offs_b = tl.arange(0, B_PAD)
+    b_ok = offs_b < B
+    offs_j = tl.arange(0, BLOCK_K)
+    if DOT:
+        acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+    else:  # B_PAD == 1: products summed over K at the end, no cross-thread work in the loop
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    kk = tl.load(idx_base + offs_j, mask=offs_j < count, other=0, cache_modifier=".cg")
+    w_cur = _rows(w_ptr, kk, offs_j < count, offs_n, n_ok, stride_w, EVEN_N)
+    xm_cur = _kept(xs_base, offs_b, b_ok, offs_j, count, K_CHUNK)
+    kk = tl.load(idx_base + BLOCK_K + offs_j, mask=BLOCK_K + offs_j < count, other=0, cache_modifier=".cg")
+    if DEPTH == 3:
+        w_nxt = _rows(w_ptr, kk, BLOCK_K + offs_j < count, offs_n, n_ok, stride_w, EVEN_N)
+        kk = tl.load(idx_base + 2 * BLOCK_K + offs_j, mask=2 * BLOCK_K + offs_j < count, other=0,
+                     cache_modifier=".cg")
+    for i in range(0, STATIC_ITERS if STATIC_ITERS > 0 else tl.cdiv(count, BLOCK_K)):
+        jw = (i + DEPTH - 1) * BLOCK_K + offs_j  # the step whose rows are fetched now
+        w_new = _rows(w_ptr, kk, jw < count, offs_n, n_ok, stride_w, EVEN_N)
+        kk = tl.load(idx_base + jw + BLOCK_K, mask=jw + BLOCK_K < count, other=0, cache_modifier=".cg")
+        xm_new = _kept(xs_base, offs_b, b_ok, (i + 1) * BLOCK_K + offs_j, count, K_CHUNK)
+        if DOT_F32:
+            acc = tl.dot(xm_cur.to(tl.float32), w_cur.to(tl.float32), acc, input_precision="ieee")
+        elif DOT:
+            acc = tl.dot(xm_cur, w_cur, acc, input_precision="ieee")  # (B_PAD, BLOCK_N)
+        else:
+            acc2 += tl.sum(xm_cur.to(tl.float32), axis=0)[:, None] * w_cur.to(tl.float32)
+        xm_cur = xm_new
+        if DEPTH == 3:
+            w_cur = w_nxt
+            w_nxt = w_new
+        else:
+            w_cur = w_new
+    if not DOT:
+        acc = tl.sum(acc2, axis=0)[None, :]  # (1, BLOCK_N)
+
+    # 3. Split-K reduction: partials to the workspace, the last program to arrive sums them.
+    out_ok = b_ok[:, None] & n_ok[None, :]
+    y_ptrs = y_ptr + offs_b[:, None] * stride_y + offs_n[None, :]
+    if n_split == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        tile = offs_b[:, None] * N + offs_n[None, :]  # (B_PAD, BLOCK_N) offsets inside one split's (B, N)
+        tl.store(part_ptr + pid_k * B * N + tile, acc, mask=out_ok)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is published
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_split - 1:  # last to arrive: sum the partials in split order
+            offs_r = tl.arange(0, RED_R)
+            total = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+            for s0 in range(0, STATIC_SPLIT if STATIC_SPLIT > 0 else n_split, RED_R):
+                s = s0 + offs_r
+                ptrs = part_ptr + s[:, None, None] * (B * N) + tile[None, :, :]
+                ok = (s < n_split)[:, None, None] & out_ok[None, :, :]
+                total += tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+            tl.store(count_ptr + pid_n, 0)  # ready for the next call
+
+
+@triton.jit
+def _rows(w_ptr, kk, ok, offs_n, n_ok, stride_w, EVEN_N: tl.constexpr):
+    """Rows kk of W^T, columns offs_n: (BLOCK_K, BLOCK_N); rows not ok are not read."""
+    ptrs = w_ptr + kk[:, None] * stride_w + offs_n[None, :]
+    if EVEN_N:
+        return tl.load(ptrs, mask=ok[:, None], other=0.0, eviction_policy="evict_first")
+    return tl.load(ptrs, mask=ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _kept(xs_base, offs_b, b_ok, j, count, K_CHUNK: tl.constexpr):
+    """Compacted kept inputs of steps j: (B_PAD, BLOCK_K), zero where a batch row drops the row."""
+    return tl.load(xs_base + offs_b[:, None] * K_CHUNK + j[None, :], mask=b_ok[:, None] & (j < count)[None, :],
+                   other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _input(x_ptr, offs, mask, K, SILU: tl.constexpr, dtype: tl.constexpr):
+    """x at offs; with SILU, h = silu(gate) * up from gate_up rows, in fp32, rounded to dtype."""
+    xv = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+    if SILU:
+        g = xv.to(tl.float32)
+        u = tl.load(x_ptr + offs + K, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        xv = (g / (1.0 + tl.exp(-g)) * u).to(dtype)
+    return xv
+
+
+def next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False, kernel=None):
+    """Run the kernel: x (B, K) [or gate_up (B, 2K) if silu], w_t (K, N) row stride free,
+    y (B, N) row stride free; bounds: first columns of segments 1.. (multiples of BLOCK_N);
+    workspaces (see workspace_sizes): part fp32, counts int32 zeros, idx int32, xs fp32 (holds x.dtype).
+    cfg: dict BLOCK_N, BLOCK_K, K_CHUNK, DEPTH (2 or 3 W tiles in flight), DOT, num_warps, num_stages."""
+    kernel = sparse_matvec_kernel if kernel is None else kernel
+    interp = type(kernel).__name__ == "InterpretedFunction"
+    B = x.shape[0]
+    K, N = w_t.shape
+    if K * w_t.stride(0) >= 2 ** 31:
+        raise ValueError("sparse_kernels: weights of 2^31 elements or more are not supported (int32 offsets)")
+    bn, bk, kc = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["K_CHUNK"]
+    if len(bounds) > 3 or any(b % bn for b in bounds):
+        raise ValueError(f"segment starts {list(bounds)} must be at most 3 multiples of BLOCK_N={bn}")
+    dot = bool(cfg["DOT"]) or B > 1  # the elementwise path is for B == 1
+    b_pad = max(16, next_pow2(B)) if dot else 1
+    split, n_tiles = triton.cdiv(K, kc), triton.cdiv(N, bn)
+    red_r = prev_pow2(max(1, min(8, split, (1024 * cfg["num_warps"]) // (b_pad * bn))))  # partials per load
+    b = list(bounds) + [N] * (3 - len(bounds))
+    kernel[(n_tiles, split)](
+        x, w_t, thresholds, y, part, counts, idx, xs.view(x.dtype),
+        B, K, N, x.stride(0), w_t.stride(0), y.stride(0), b[0], b[1], b[2], split,
+        B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=cfg.get("DEPTH", 2), DOT=dot, SILU=silu, RED_R=red_r,
+        EVEN_N=(N % bn == 0), STATIC_ITERS=kc // bk if interp else 0, STATIC_SPLIT=split if interp else 0,
+        DOT_F32=interp and dot and x.dtype == torch.bfloat16,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+def workspace_sizes(B: int, K: int, N: int, cfg: dict):
+    """Elements one launch needs: fp32 partials, int32 counters, int32 row indices, fp32 inputs."""
+    split, n_tiles = triton.cdiv(K, cfg["K_CHUNK"]), triton.cdiv(N, cfg["BLOCK_N"])
+    n_idx = n_tiles * split * cfg["K_CHUNK"]
+    return (split * B * N if split > 1 else 0), n_tiles, n_idx, n_idx * next_pow2(B)
+
+
+def prev_pow2(v: int) -> int:
+    return 1 << (max(1, v).bit_length() - 1)

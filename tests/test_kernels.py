@@ -1,0 +1,207 @@
+"""The sparse matvec kernels against the torch reference.
+
+The Triton kernel runs under Triton's interpreter on the CPU. TRITON_INTERPRET=1 must be set
+before triton is first imported (its own library functions are compiled at import), so the
+kernel cases run in one child process that has it; this process, other test modules and
+their subprocesses never see the variable.
+
+Tolerances (outputs are O(1): x ~ N(0, 1), w ~ N(0, 1/K)), atol = rtol per dtype:
+bf16 2e-2 (1-2 ulps of the rounded output), fp16 4e-3, fp32 2e-4 (summation order only).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_kernels import silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref
+
+ROOT = Path(__file__).resolve().parent.parent
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-4}
+
+
+def gap_threshold(values, p):
+    """A threshold near the p-quantile of |values| in the widest gap between neighbouring values
+    (an ulp of difference between kernel and reference silu then cannot flip an entry); below
+    every |value| for p = 0, above every one for p = 1."""
+    v = values.abs().float().flatten().sort().values
+    if p == 0.0:
+        return v[0].item() / 2
+    if p == 1.0:
+        return v[-1].item() * 1.01
+    i, w = round(p * (v.numel() - 1)), max(2, v.numel() // 100)
+    lo, hi = max(0, i - w), min(v.numel() - 1, i + w)
+    j = lo + int((v[lo + 1:hi + 1] - v[lo:hi]).argmax())
+    return (v[j].item() + v[j + 1].item()) / 2
+
+
+def make_inputs(op, B, K, N, S, dtype, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 2 * K if op == "silu_down" else K, generator=g).to(dtype)
+    w = (torch.randn(K, N, generator=g) / K ** 0.5).to(dtype)
+    src = silu_mul(x) if op == "silu_down" else x
+    thr = torch.full((S,), gap_threshold(src, p)) * (1 + torch.arange(S) * 0.1 * (p not in (0.0, 1.0)))
+    return x, w, thr.float()
+
+
+def run_kernel(tk, op, x, w, thr, splits, cfg):
+    B, (K, N) = x.shape[0], w.shape
+    y = torch.full((B, N), float("nan"), dtype=x.dtype)  # poisoned: every entry must be written
+    n_part, n_count, n_idx, n_xs = tk.workspace_sizes(B, K, N, cfg)
+    part = torch.full((max(n_part, 1),), float("nan"))
+    counts = torch.zeros(n_count, dtype=torch.int32)
+    idx, xs = torch.full((n_idx,), -1, dtype=torch.int32), torch.full((n_xs,), float("nan"))
+    bounds = [sum(splits[:i]) for i in range(1, len(splits))]
+    tk.launch(x, w, thr, bounds, y, part, counts, idx, xs, cfg, silu=op == "silu_down")
+    return y, int(counts.abs().sum())
+
+
+def compare(y, ref, dtype):
+    tol = TOL[dtype]
+    y, ref = y.float(), ref.float()
+    return dict(nan=bool(y.isnan().any()), n_bad=int(((y - ref).abs() > tol + tol * ref.abs()).sum()),
+                max_err=float((y - ref).abs().nan_to_num(float("inf")).max()), all_zero=bool((y == 0).all()))
+
+
+def _child():
+    """Run in a process with TRITON_INTERPRET=1: every case, results as one JSON line."""
+    assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
+    from sparse_kernels import triton_kernels as tk
+
+    torch.set_num_threads(1)
+    out = {}
+    for i, (op, B, K, N, splits, dtype, p, cfg) in enumerate(CASES):
+        x, w, thr = make_inputs(op, B, K, N, len(splits), dtype, p, seed=i)
+        y, counters = run_kernel(tk, op, x, w, thr, splits, cfg)
+        ref = sparse_silu_down_ref(x, w, thr) if op == "silu_down" else sparse_linear_ref(x, w, thr, splits)
+        out[case_id(CASES[i])] = dict(compare(y, ref, dtype), counters=counters)
+    # the comparison has teeth: a slightly lower threshold is a different result
+    x, w, thr = make_inputs("linear", 1, 256, 512, 1, torch.float32, 0.5, seed=99)
+    y, _ = run_kernel(tk, "linear", x, w, thr, [512], dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=128, **E))
+    out["wrong_threshold"] = compare(y, sparse_linear_ref(x, w, thr * 0.9, [512]), torch.float32)
+    print(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", "from tests.test_kernels import _child; _child()"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+E = dict(DOT=False, num_warps=4, num_stages=1)  # the B == 1 elementwise path
+D = dict(DOT=True, num_warps=4, num_stages=1)
+# (op, B, K, N, splits, dtype, p, cfg): every p, B, dtype and odd shape appears; K is small where
+# the shape is not the point (the interpreter runs each program in numpy).
+CASES = [
+    ("linear", 1, 576, 1536, [576, 480, 480], torch.bfloat16, 0.5, dict(BLOCK_N=32, BLOCK_K=32, K_CHUNK=256, **E)),
+    ("linear", 2, 576, 1536, [768, 768], torch.float16, 0.3, dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=128, **D)),
+    ("linear", 3, 576, 1536, [1536], torch.float32, 0.9, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=1024, **D)),
+    ("linear", 8, 576, 1536, [576, 480, 480], torch.bfloat16, 0.0, dict(BLOCK_N=32, BLOCK_K=64, K_CHUNK=256, **D)),
+    ("linear", 1, 96, 11008, [11008], torch.float16, 1.0, dict(BLOCK_N=256, BLOCK_K=32, K_CHUNK=64, **E)),
+    ("linear", 8, 64, 11008, [5504, 5504], torch.float32, 0.5, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=32, **D)),
+    ("linear", 3, 200, 1000, [1000], torch.bfloat16, 0.3, dict(BLOCK_N=64, BLOCK_K=32, K_CHUNK=64, **D)),
+    ("linear", 1, 1000, 1000, [1000], torch.float32, 0.0, dict(BLOCK_N=128, BLOCK_K=64, K_CHUNK=512, **E)),
+    ("linear", 1, 300, 1000, [1000], torch.bfloat16, 0.3, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=256, DEPTH=3, **E)),
+    ("linear", 2, 150, 1000, [1000], torch.bfloat16, 1.0, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=64, **D)),
+    ("silu_down", 1, 1536, 576, [576], torch.bfloat16, 0.9, dict(BLOCK_N=64, BLOCK_K=64, K_CHUNK=512, **E)),
+    ("silu_down", 2, 1536, 576, [576], torch.float32, 0.5, dict(BLOCK_N=64, BLOCK_K=32, K_CHUNK=1024, **D)),
+    ("silu_down", 3, 100, 1000, [1000], torch.float16, 0.0, dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=64, **D)),
+    ("silu_down", 8, 576, 1000, [1000], torch.bfloat16, 0.3, dict(BLOCK_N=256, BLOCK_K=32, K_CHUNK=256, DEPTH=3, **D)),
+    ("silu_down", 1, 64, 1000, [1000], torch.float16, 1.0, dict(BLOCK_N=256, BLOCK_K=16, K_CHUNK=32, **E)),
+]
+
+
+def case_id(c):
+    return f"{c[0]}-B{c[1]}-{c[2]}x{c[3]}-S{len(c[4])}-{str(c[5])[6:]}-p{c[6]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_kernel_matches_reference(interpreted, case):
+    dtype, p = case[5], case[6]
+    r = interpreted[case_id(case)]
+    assert not r["nan"], "output not fully written (poison left)"
+    assert r["counters"] == 0, "arrival counters must be left at zero for the next call"
+    assert r["n_bad"] == 0, f"{r['n_bad']} outputs beyond atol=rtol={TOL[dtype]}; max error {r['max_err']:.3g}"
+    if p == 1.0:
+        assert r["all_zero"], "every input dropped: the output must be exactly 0"
+
+
+def test_kernel_comparison_can_fail(interpreted):
+    assert interpreted["wrong_threshold"]["n_bad"] > 0
+
+
+def test_reference_semantics():
+    """Strict |x| > t per segment, t compared in fp32 (not rounded to bf16), fp32 sums."""
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.0]], dtype=torch.bfloat16)
+    w = torch.arange(12, dtype=torch.bfloat16).view(4, 3)
+    t = torch.tensor([1.0, 0.49, 2.0000001])
+    y = sparse_linear_ref(x, w, t, [1, 1, 1])
+    expect = [(-2 * 3 + 3 * 9), (1 * 1 - 2 * 4 + 0.5 * 7 + 3 * 10), (3 * 11)]
+    assert y.tolist() == [expect]
+    h = silu_mul(torch.tensor([[1.0, -1.0, 2.0, 3.0]]))
+    assert torch.allclose(h, torch.tensor([[2 * 0.7310586, -3 * 0.2689414]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ops_compile_on_cpu(dtype):
+    """The custom ops inside torch.compile(fullgraph=True) equal the reference; new threshold
+    values reuse the compiled graph; the fake implementations give the right shapes."""
+    g = torch.Generator().manual_seed(0)
+    K, I = 64, 96
+    w_qkv = (torch.randn(K, 128, generator=g) / 8).to(dtype)
+    w13 = (torch.randn(K, 2 * I, generator=g) / 8).to(dtype)
+    w2 = (torch.randn(I, K, generator=g) / 10).to(dtype)
+
+    def block(x, thr):
+        qkv = sparse_linear(x, w_qkv, thr[0:3], [64, 32, 32])
+        gate_up = sparse_linear(x, w13, thr[4:6], [I, I])
+        return qkv, sparse_silu_down(gate_up, w2, thr[6:7])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    thr = torch.zeros(7)
+    for level in (0.0, 0.4, 0.8):
+        x = torch.randn(2, K, generator=g).to(dtype)
+        thr.copy_(torch.rand(7, generator=g) * level * 2)
+        qkv, y = compiled(x, thr)
+        rq = sparse_linear_ref(x, w_qkv, thr[0:3], [64, 32, 32])
+        ry = sparse_silu_down_ref(sparse_linear_ref(x, w13, thr[4:6], [I, I]), w2, thr[6:7])
+        torch.testing.assert_close(qkv, rq, atol=TOL[dtype], rtol=TOL[dtype])
+        torch.testing.assert_close(y, ry, atol=TOL[dtype], rtol=TOL[dtype])
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        fx = torch.empty(5, K, dtype=dtype)
+        assert torch.ops.teal.sparse_linear(fx, torch.empty(K, 128, dtype=dtype), torch.empty(3), [64, 32, 32]).shape == (5, 128)
+        assert torch.ops.teal.sparse_silu_down(torch.empty(5, 2 * I, dtype=dtype), torch.empty(I, K, dtype=dtype),
+                                               torch.empty(1)).shape == (5, K)
+
+
+def test_large_batch_falls_back():
+    """B > 8 is outside the kernel's range: the op still gives the reference result."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(13, 64, generator=g)
+    w = torch.randn(64, 48, generator=g)
+    thr = torch.tensor([0.3, 0.8])
+    torch.testing.assert_close(sparse_linear(x, w, thr, [16, 32]), sparse_linear_ref(x, w, thr, [16, 32]))
+    gu = torch.randn(13, 128, generator=g)
+    torch.testing.assert_close(sparse_silu_down(gu, w, thr[1:]), sparse_silu_down_ref(gu, w, thr[1:]))
+
+
+def test_bad_arguments():
+    x, w = torch.randn(1, 8), torch.randn(8, 6)
+    with pytest.raises(ValueError, match="sum to N"):
+        sparse_linear(x, w, torch.zeros(2), [3, 2])
+    with pytest.raises(ValueError, match="one entry per split"):
+        sparse_linear(x, w, torch.zeros(1), [3, 3])
+    with pytest.raises(ValueError, match="rows"):
+        sparse_linear(torch.randn(1, 7), w, torch.zeros(1), [6])
+    with pytest.raises(ValueError, match="cast"):
+        sparse_linear(x.double(), w, torch.zeros(1), [6])
