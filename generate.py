@@ -239,7 +239,8 @@ def build_model(args, tp=None) -> Transformer:
         if not 0.0 <= args.sparsity < 1.0:
             raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
         path = args.sparsity_file or (None if args.random_weights else args.checkpoint_path / "sparsity.json")
-        sparsity = SparsityFile.load(path, model, args.checkpoint_path) if path else SparsityFile.for_random(model)
+        sparsity = SparsityFile.load(path, model, args.checkpoint_path) if path else \
+            SparsityFile.for_random(model, greedy_seqs=4 if args.sparsity_mode == "greedy" else 0)
         model.set_thresholds(sparsity.thresholds(args.sparsity, args.sparsity_mode).to(args.device))
         broadcast_thresholds(model)  # random-token calibration may differ per rank: use rank 0's
         model.sparse_decode = True
