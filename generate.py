@@ -228,6 +228,8 @@ def build_model(args, tp=None) -> Transformer:
     """Model from CLI args (checkpoint or random weights), sparsity applied if asked."""
     from tp import broadcast_thresholds
 
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     dtype = resolve_dtype(args)
     if args.random_weights:
         model = random_model(args.random_weights, args.device, dtype, tp=tp)
@@ -236,8 +238,6 @@ def build_model(args, tp=None) -> Transformer:
     if args.sparsity is not None:
         from calibrate import SparsityFile
 
-        if not 0.0 <= args.sparsity < 1.0:
-            raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
         path = args.sparsity_file or (None if args.random_weights else args.checkpoint_path / "sparsity.json")
         sparsity = SparsityFile.load(path, model, args.checkpoint_path) if path else \
             SparsityFile.for_random(model, greedy_seqs=4 if args.sparsity_mode == "greedy" else 0)
@@ -245,7 +245,6 @@ def build_model(args, tp=None) -> Transformer:
         broadcast_thresholds(model)  # random-token calibration may differ per rank: use rank 0's
         model.sparse_decode = True
         model.sparse_prefill = args.sparse_prefill
-        model.sparsity_info = sparsity
     return model
 
 

@@ -265,8 +265,8 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         if max_seq_length > self.args.block_size:
             raise ValueError(f"sequence length {max_seq_length} exceeds the model's block_size {self.args.block_size}")
-        if self.max_batch_size >= max_batch_size and self.max_seq_length >= max_seq_length:
-            return
+        if self.max_batch_size == max_batch_size and self.max_seq_length >= max_seq_length:
+            return  # the cache's batch is part of every decode shape; a longer cache is only masked
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         for block in self.layers:  # n_kv_head is per rank under tensor parallelism

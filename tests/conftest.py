@@ -46,3 +46,22 @@ def smollm2_checkpoint(request, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2_checkpoint")
     convert(request.getfixturevalue("smollm2_wheel"), out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed sparsity file of the default model: smollm2_sparsity (a calibrate.SparsityFile).
+# ---------------------------------------------------------------------------------------------
+SMOLLM2_SPARSITY = ROOT / "sparsity" / "SmolLM2-135M-Instruct.json"
+
+
+@pytest.fixture(scope="session")
+def smollm2_sparsity(smollm2_checkpoint):
+    """sparsity/SmolLM2-135M-Instruct.json, checked against the converted checkpoint (identity and
+    weights hash), so a converter change that alters the weights fails here, not in a user's hands."""
+    import torch
+
+    from calibrate import SparsityFile
+    from generate import load_model
+
+    model = load_model(smollm2_checkpoint, "meta", torch.float32)
+    return SparsityFile.load(SMOLLM2_SPARSITY, model, smollm2_checkpoint)
