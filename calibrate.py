@@ -31,7 +31,6 @@ import datetime
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -506,7 +505,7 @@ def summary(sf: SparsityFile, levels=(0.25, 0.4, 0.5, 0.6, 0.9)) -> str:
 
 
 def main(argv=None):
-    from generate import DEFAULT_CHECKPOINT, DTYPES
+    from generate import DEFAULT_CHECKPOINT, DTYPES, run_cli
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
@@ -522,11 +521,7 @@ def main(argv=None):
     parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(run, parser.parse_args(argv))
 
 
 def run(args):

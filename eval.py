@@ -14,11 +14,9 @@ parameters each projection holds.
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +148,7 @@ def parse_levels(text: str) -> list:
 
 
 def main(argv=None):
-    from generate import DEFAULT_CHECKPOINT, DTYPES, default_device
+    from generate import DEFAULT_CHECKPOINT, DTYPES, default_device, run_cli
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
@@ -169,11 +167,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(run, parser.parse_args(argv))
 
 
 def run(args):
@@ -236,7 +230,7 @@ def run(args):
 
 
 def print_table(rows):
-    print(f"\n| regime | mode | level | scored | perplexity | realized | attn_in | attn_out | mlp_in | mlp_mid |")
+    print("\n| regime | mode | level | scored | perplexity | realized | attn_in | attn_out | mlp_in | mlp_mid |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         states = r.get("realized_per_state") or {}

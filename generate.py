@@ -193,6 +193,14 @@ def configure_inductor():
     inductor_config.fx_graph_cache = True
 
 
+def run_cli(run, args):
+    """Run a CLI's body; bad input (missing file, wrong shapes, bad level) becomes one line."""
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -263,11 +271,7 @@ def main(argv=None):
     parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarking)")
     parser.add_argument("--seed", type=int, default=1234)
     add_model_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(run, parser.parse_args(argv))
 
 
 def run(args):

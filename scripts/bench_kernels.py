@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sparse_kernels import ops, silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref  # noqa: E402
+from sparse_kernels.reference import gap_threshold  # noqa: E402
 
 SHAPES = [  # name, op, K, N, splits
     ("8B qkv", "linear", 4096, 6144, [4096, 1024, 1024]),
@@ -50,20 +51,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def quantile_threshold(values: torch.Tensor, p: float) -> float:
     """The exact p-quantile of |values| (torch.quantile, linear interpolation)."""
     return torch.quantile(values.abs().float().flatten(), p).item()
-
-
-def gap_threshold(values, p):
-    """For the checks: near the p-quantile of |values|, in the widest gap between neighbouring
-    values (an ulp of difference between kernel and reference silu cannot flip an entry)."""
-    v = values.abs().float().flatten().sort().values
-    if p == 0.0:
-        return v[0].item() / 2
-    if p == 1.0:
-        return v[-1].item() * 1.01
-    i, w = round(p * (v.numel() - 1)), max(2, v.numel() // 100)
-    lo, hi = max(0, i - w), min(v.numel() - 1, i + w)
-    j = lo + int((v[lo + 1:hi + 1] - v[lo:hi]).argmax())
-    return (v[j].item() + v[j + 1].item()) / 2
 
 
 class Problem:

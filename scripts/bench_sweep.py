@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from calibrate import SparsityFile  # noqa: E402
 from eval import measure_sparsity  # noqa: E402
-from generate import (DTYPES, configure_inductor, decode_one_token, generate, load_model,  # noqa: E402
+from generate import (DTYPES, configure_inductor, decode_one_token, generate, load_model, run_cli,  # noqa: E402
                       random_model, synchronize, weight_bytes_per_token)
 from tp import broadcast_thresholds, init_distributed  # noqa: E402
 
@@ -127,11 +127,7 @@ def main(argv=None):
     parser.add_argument("--no_compile", action="store_true")
     parser.add_argument("--prefill_check", action="store_true", help="time prompt matmuls vs gpt-fast's layout")
     parser.add_argument("--out", type=Path, default=ROOT / "results/bench_sweep.json")
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(run, parser.parse_args(argv))
 
 
 def run(args):

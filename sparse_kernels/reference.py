@@ -64,3 +64,18 @@ def sparse_silu_down_ref(gate_up: Tensor, w_t: Tensor, threshold: Tensor) -> Ten
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
     h = silu_mul(gate_up)  # (B, I)
     return sparse_linear_ref(h, w_t, threshold[:1], [w_t.shape[1]])
+
+
+def gap_threshold(values, p):
+    """A threshold near the p-quantile of |values| in the widest gap between neighbouring values
+    (an ulp of difference between kernel and reference silu then cannot flip an entry); below
+    every |value| for p = 0, above every one for p = 1."""
+    v = values.abs().float().flatten().sort().values
+    if p == 0.0:
+        return v[0].item() / 2
+    if p == 1.0:
+        return v[-1].item() * 1.01
+    i, w = round(p * (v.numel() - 1)), max(2, v.numel() // 100)
+    lo, hi = max(0, i - w), min(v.numel() - 1, i + w)
+    j = lo + int((v[lo + 1:hi + 1] - v[lo:hi]).argmax())
+    return (v[j].item() + v[j + 1].item()) / 2

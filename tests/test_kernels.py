@@ -18,24 +18,10 @@ import pytest
 import torch
 
 from sparse_kernels import silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref
+from sparse_kernels.reference import gap_threshold
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-4}
-
-
-def gap_threshold(values, p):
-    """A threshold near the p-quantile of |values| in the widest gap between neighbouring values
-    (an ulp of difference between kernel and reference silu then cannot flip an entry); below
-    every |value| for p = 0, above every one for p = 1."""
-    v = values.abs().float().flatten().sort().values
-    if p == 0.0:
-        return v[0].item() / 2
-    if p == 1.0:
-        return v[-1].item() * 1.01
-    i, w = round(p * (v.numel() - 1)), max(2, v.numel() // 100)
-    lo, hi = max(0, i - w), min(v.numel() - 1, i + w)
-    j = lo + int((v[lo + 1:hi + 1] - v[lo:hi]).argmax())
-    return (v[j].item() + v[j + 1].item()) / 2
 
 
 def make_inputs(op, B, K, N, S, dtype, p, seed):
