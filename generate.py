@@ -323,8 +323,9 @@ def run(args):
             print(f"Compilation time: {elapsed:.2f} s", flush=True)
             continue
         new_tokens = seq.shape[1] - prompt.numel()
-        if tokenizer is not None:
-            print(tokenizer.decode(seq[0, prompt.numel():].tolist() if args.interactive else seq[0].tolist()))
+        if tokenizer is not None:  # chat shows the answer alone; a stop token is not text
+            ids = seq[0, prompt.numel() if (args.chat or args.interactive) else 0:].tolist()
+            print(tokenizer.decode(ids[:-1] if stop_ids and ids and ids[-1] in stop_ids else ids))
         realized = None
         if model.sparse_decode:
             from eval import measure_sparsity
