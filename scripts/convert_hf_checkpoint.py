@@ -127,10 +127,52 @@ def convert(src: Path, out: Path, dtype=None):
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     tmp.replace(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+    write_tokenizer(src, out)
+    print(f"Wrote {out}/model.safetensors and config.json", flush=True)
+
+
+def write_tokenizer(src: Path, out: Path):
+    """Copy the tokenizer files; a byte-level BPE that only has tokenizer.json (SmolLM2 on the hub)
+    is also written as tokenizer_bpe.json, the form tokenizer.py reads."""
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and not (out / Path(name).name).exists():
             shutil.copy(src / name, out / Path(name).name)
-    print(f"Wrote {out}/model.safetensors and config.json", flush=True)
+    has_model = (src / "tokenizer.model").is_file() or (src / "original/tokenizer.model").is_file()
+    if not has_model and (src / "tokenizer.json").is_file():
+        spec = bpe_spec_from_hf(src)
+        (out / "tokenizer_bpe.json").write_text(json.dumps(spec) + "\n")
+
+
+def bpe_spec_from_hf(src: Path) -> dict:
+    """HF tokenizer.json (+ tokenizer_config.json) of a GPT-2 byte-level BPE -> tokenizer_bpe.json:
+    tokens by id with their kind (3 = special, 1 = normal), merges, bos/eos, chat template."""
+    tok = json.loads((src / "tokenizer.json").read_text())
+    cfg_path = src / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    model, pre = tok.get("model") or {}, json.dumps(tok.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or '"ByteLevel"' not in pre:
+        raise ValueError(f"{src}/tokenizer.json is not a byte-level BPE tokenizer; convert from GGUF instead")
+    if '"Split"' in pre:  # a custom split regex (e.g. Llama-3's): only GGUF's named pre-tokenizers are known
+        raise ValueError(f"{src}/tokenizer.json splits with a custom regex; convert from GGUF instead")
+    pre_name = "smollm" if '"individual_digits": true' in pre else "gpt-2"
+    vocab = dict(model["vocab"])
+    special = {t["content"] for t in tok.get("added_tokens", []) if t.get("special")}
+    vocab.update({t["content"]: t["id"] for t in tok.get("added_tokens", [])})
+    tokens = [None] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        tokens[i] = token
+    if None in tokens:
+        raise ValueError(f"{src}/tokenizer.json leaves token id {tokens.index(None)} unassigned")
+
+    def token_id(entry):
+        name = entry.get("content") if isinstance(entry, dict) else entry
+        return vocab.get(name) if name else None
+
+    return dict(format="gguf-gpt2-bpe", pre=pre_name, tokens=tokens,
+                token_types=[3 if t in special else 1 for t in tokens],
+                merges=[m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])],
+                bos_id=token_id(cfg.get("bos_token")), eos_id=token_id(cfg.get("eos_token")),
+                add_bos=bool(cfg.get("add_bos_token", False)), chat_template=cfg.get("chat_template"))
 
 
 def main(argv=None):

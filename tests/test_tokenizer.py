@@ -312,3 +312,23 @@ def test_tokenizer_module_imports_light():
     """tokenizer.py must not pull in torch (data tools use it alone)."""
     code = "import sys, tokenizer; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hf_tokenizer_json_is_converted(smollm2_tok, smollm2_checkpoint, gguf_vocab, tmp_path):
+    """An HF snapshot of SmolLM2 has only tokenizer.json: convert_hf_checkpoint must turn it into a
+    tokenizer that encodes exactly like the one from the GGUF."""
+    from scripts.convert_hf_checkpoint import write_tokenizer
+
+    src, out = tmp_path / "hf", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    hf_reference(gguf_vocab, smollm_original=True).save(str(src / "tokenizer.json"))  # SmolLM2's own layout
+    template = json.loads((smollm2_checkpoint / "tokenizer_bpe.json").read_text())["chat_template"]
+    (src / "tokenizer_config.json").write_text(json.dumps(dict(
+        bos_token="<|im_start|>", eos_token="<|im_end|>", add_bos_token=False, chat_template=template)))
+    write_tokenizer(src, out)
+    ours = load_tokenizer(out)
+    for text in [SAMPLE, *random_texts(30)]:
+        assert ours.encode(text) == smollm2_tok.encode(text)
+    assert ours.encode_chat("Hi there") == smollm2_tok.encode_chat("Hi there")
+    assert ours.eos_id == smollm2_tok.special_id("<|im_end|>") and ours.eos_id in ours.stop_ids
