@@ -413,12 +413,6 @@ def dump_json(obj, indent: int = 0) -> str:
 
 # ---------------------------------------------------------------------------- calibration
 
-def fresh_caches(model: Transformer, batch: int, seq_len: int):
-    """Static caches of exactly (batch, seq_len): KVCache.update needs the batch size to match."""
-    model.max_batch_size = model.max_seq_length = -1
-    model.setup_caches(batch, seq_len)
-
-
 def equal_batches(n: int, batch_size: int) -> int:
     """The largest batch size <= batch_size that divides n (static KV caches want equal batches)."""
     return max(b for b in range(1, min(batch_size, n) + 1) if n % b == 0)
@@ -440,7 +434,7 @@ def calibrate(model: Transformer, tokens: Tensor, *, greedy_seqs: int = 8, greed
     device = model.tok_embeddings.weight.device
     tokens = tokens.to(device)
     bs = equal_batches(n_seq, batch_size)
-    fresh_caches(model, bs, L)
+    model.setup_caches(bs, L)
     pos = torch.arange(L, device=device)
     mask = torch.arange(model.max_seq_length, device=device)[None, :] <= pos[:, None]  # as Transformer.forward
     freqs_cis = model.freqs_cis[pos]

@@ -301,10 +301,6 @@ class Transformer(nn.Module):
         return torch.stack([block.thresholds for block in self.layers])  # (n_layer, 7)
 
 
-def find_multiple(n: int, k: int) -> int:
-    return n if n % k == 0 else n + k - n % k
-
-
 def apply_rope_scaling(freqs: Tensor, scaling: dict) -> Tensor:
     """Llama-3.1 frequency scaling: long wavelengths slowed by `factor`, short ones kept,
     a smooth blend in between."""

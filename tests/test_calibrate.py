@@ -86,7 +86,7 @@ def test_histogram_quantiles_match_exact_quantiles():
 
 def probe_for(model, layer=0, seed=0):
     tokens = random_tokens(model, n_seq=2, seq_len=48, seed=seed)
-    calibrate.fresh_caches(model, 2, 48)
+    model.setup_caches(2, 48)
     x = model.tok_embeddings(tokens)
     for block in model.layers[:layer]:
         pos = torch.arange(48)
@@ -180,7 +180,7 @@ def test_level_zero_is_exactly_dense(sparsity, model, mode):
     t0 = sparsity.thresholds(0.0, mode)
     assert torch.equal(t0, torch.zeros_like(t0))
     tokens = random_tokens(model, n_seq=2, seq_len=40, seed=3)
-    calibrate.fresh_caches(model, 2, 40)
+    model.setup_caches(2, 40)
     pos = torch.arange(40)
     dense = model(tokens, pos)
     try:
