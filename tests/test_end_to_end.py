@@ -74,3 +74,18 @@ def test_generate_cli_rejects_bad_sparsity(smollm2_checkpoint):
                         "--sparsity", "1.0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "[0, 1)" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("mode", ["uniform", "greedy"])
+def test_realized_sparsity_on_held_out_text(smollm2, smollm2_sparsity, mode):
+    """Thresholds from calibration text reach the requested model-wide level on evaluation text."""
+    from data import load_text, token_windows
+
+    model, tok = smollm2
+    windows = token_windows(tok.encode(load_text("wiki-eval")), 4, 512, seed=1)
+    model.set_thresholds(smollm2_sparsity.thresholds(0.4, mode))
+    try:
+        _, realized = perplexity(model, windows, scored=511, regime="all", sparse=True, batch_size=4)
+    finally:
+        model.set_thresholds(torch.zeros_like(model.get_thresholds()))
+    assert abs(realized.model_wide - 0.4) <= 0.02, realized.model_wide
