@@ -195,6 +195,9 @@ def run(args):
     if levels:
         path = args.sparsity_file or args.checkpoint_path / "sparsity.json"
         sparsity_file = SparsityFile.load(path, model, args.checkpoint_path)
+        for mode in modes:  # refuse a bad level or mode now, not after the dense pass
+            for level in levels:
+                sparsity_file.thresholds(level, mode)
 
     def scored_for(regime):
         if args.scored is not None:
@@ -212,12 +215,14 @@ def run(args):
         for mode in modes:
             for level in levels:
                 model.set_thresholds(sparsity_file.thresholds(level, mode).to(args.device))
-                ppl, realized = perplexity(model, windows, scored=scored, regime=regime, sparse=True,
+                # Level 0 is dense by definition: the dense path, exact in every dtype.
+                ppl, realized = perplexity(model, windows, scored=scored, regime=regime, sparse=level > 0,
                                            batch_size=args.batch_size, desc=f"{mode} {level:.2f} {regime}")
+                dropped = realized.model_wide if realized else 0.0
+                per_state = realized.per_state() if realized else {state: 0.0 for state in STATES}
                 rows.append(dict(regime=regime, mode=mode, level=level, scored=scored, perplexity=ppl,
-                                 realized=realized.model_wide, realized_per_state=realized.per_state()))
-                print(f"{regime:>6} {mode:>7} {level:.2f}   ppl {ppl:8.3f}   realized {realized.model_wide:.3f}",
-                      flush=True)
+                                 realized=dropped, realized_per_state=per_state))
+                print(f"{regime:>6} {mode:>7} {level:.2f}   ppl {ppl:8.3f}   realized {dropped:.3f}", flush=True)
     model.set_thresholds(torch.zeros_like(model.get_thresholds()))
     print(f"\nEvaluated in {time.perf_counter() - t0:.0f} s on {args.device} ({dtype})")
     print_table(rows)

@@ -18,6 +18,7 @@ from model import ModelArgs, Transformer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MAX_LEVEL = 0.9  # calibration (calibrate.py) covers model-wide levels 0 .. 0.9
 
 
 # ---------------------------------------------------------------------------- loading
@@ -193,9 +194,19 @@ def configure_inductor():
     inductor_config.fx_graph_cache = True
 
 
+def ask_prompt():
+    """One prompt from stdin; None (end of the loop) at end of input."""
+    try:
+        return input("What is your prompt? ")
+    except EOFError:
+        return None
+
+
 def run_cli(run, args):
     """Run a CLI's body; bad input (missing file, wrong shapes, bad level) becomes one line."""
     try:
+        if str(getattr(args, "device", "")).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine; use --device cpu")
         run(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -219,10 +230,12 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--precision", choices=sorted(DTYPES), default=None,
                         help="weights/activations dtype (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--sparsity", type=float, default=None,
-                        help="TEAL level: fraction of block linear weights skipped, in [0, 1); omit for dense")
+                        help=f"TEAL level: fraction of block linear weights skipped, 0 to {MAX_LEVEL} "
+                             "(the calibrated range); omit (or 0) for dense")
     parser.add_argument("--sparsity_file", type=Path, default=None,
                         help="default: <checkpoint>/sparsity.json (calibrated on random tokens for --random_weights)")
-    parser.add_argument("--sparsity_mode", choices=("greedy", "uniform"), default="greedy")
+    parser.add_argument("--sparsity_mode", choices=("greedy", "uniform"), default=None,
+                        help="default: greedy for a checkpoint, uniform for random weights")
     parser.add_argument("--sparse_prefill", action="store_true", help="sparsify the prompt too (default: dense prefill)")
 
 
@@ -236,8 +249,11 @@ def build_model(args, tp=None) -> Transformer:
     """Model from CLI args (checkpoint or random weights), sparsity applied if asked."""
     from tp import broadcast_thresholds
 
-    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.sparsity is not None and not 0.0 <= args.sparsity <= MAX_LEVEL:
+        raise ValueError(f"--sparsity must be in [0, 1) and at most {MAX_LEVEL}, the highest calibrated level; "
+                         f"got {args.sparsity}")
+    if getattr(args, "sparsity_mode", None) is None:  # random weights have no structure for greedy to find
+        args.sparsity_mode = "uniform" if args.random_weights else "greedy"
     dtype = resolve_dtype(args)
     if args.random_weights:
         model = random_model(args.random_weights, args.device, dtype, tp=tp)
@@ -251,8 +267,9 @@ def build_model(args, tp=None) -> Transformer:
             SparsityFile.for_random(model, greedy_seqs=4 if args.sparsity_mode == "greedy" else 0)
         model.set_thresholds(sparsity.thresholds(args.sparsity, args.sparsity_mode).to(args.device))
         broadcast_thresholds(model)  # random-token calibration may differ per rank: use rank 0's
-        model.sparse_decode = True
-        model.sparse_prefill = args.sparse_prefill
+        # Level 0 is dense by definition: take the dense path, exact in every dtype.
+        model.sparse_decode = args.sparsity > 0
+        model.sparse_prefill = args.sparse_prefill and args.sparsity > 0
     return model
 
 
@@ -279,8 +296,8 @@ def run(args):
     from tp import init_distributed
 
     torch.manual_seed(args.seed)
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise ValueError("--batch_size and --max_new_tokens must be at least 1")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.top_k is not None and args.top_k < 1):
+        raise ValueError("--batch_size, --max_new_tokens and --top_k must be at least 1")
     rank, world, args.device = init_distributed(args.device)
     t0 = time.perf_counter()
     model = build_model(args, tp=(rank, world) if world else None)
@@ -301,12 +318,14 @@ def run(args):
         if tokenizer is None:  # random weights: a fixed pseudo-prompt of the same length as gpt-fast's benchmark
             return torch.randint(0, model.args.vocab_size, (5,), generator=torch.Generator().manual_seed(0))
         ids = tokenizer.encode_chat(text) if (args.chat or args.interactive) else tokenizer.encode(text, bos=True)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
         return torch.tensor(ids, dtype=torch.int)
 
     stop_ids = None if (args.ignore_eos or tokenizer is None) else tokenizer.stop_ids
     weight_bytes = weight_bytes_per_token(model)
     level = "dense" if args.sparsity is None else f"{args.sparsity:.2f} {args.sparsity_mode}"
-    prompts = iter(lambda: input("What is your prompt? "), None) if args.interactive else \
+    prompts = iter(ask_prompt, None) if args.interactive else \
         ([args.prompt] * (args.num_samples + (1 if args.compile else 0)))
     stats = []
     for i, text in enumerate(prompts):

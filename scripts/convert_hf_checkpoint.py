@@ -1,9 +1,11 @@
 """Convert a Hugging Face Llama/Mistral checkpoint into a teal-fast checkpoint directory.
 
-    python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/meta-llama/Meta-Llama-3-8B
+    python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/meta-llama/Meta-Llama-3-8B/hf
 
 Reads config.json and the weights (*.safetensors, sharded or not; else pytorch_model*.bin
-through torch.load(weights_only=True)), and writes, into --out (default: the same dir):
+through torch.load(weights_only=True)) of an HF snapshot, and writes into --out (default: the
+snapshot's parent when the snapshot dir is named hf/, as scripts/download.py lays it out; the
+snapshot itself is never overwritten):
 model.safetensors (our names; block linears transposed to (K_in, N_out); q/k rows
 permuted from HF's rotate-half layout to gpt-fast's interleaved pairs), config.json
 (every ModelArgs field, all read from the HF config) and the tokenizer file(s).
@@ -113,6 +115,9 @@ def convert_state(hf: dict, args: ModelArgs) -> dict:
 def convert(src: Path, out: Path, dtype=None):
     from safetensors.torch import save_file
 
+    if Path(src).resolve() == Path(out).resolve():
+        raise ValueError(f"--out must differ from the HF snapshot {src}: converting in place would overwrite "
+                         f"its config.json and weights")
     config_path = src / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: download the model first (scripts/download.py)")
@@ -178,12 +183,16 @@ def bpe_spec_from_hf(src: Path) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", type=Path, required=True, help="HF snapshot directory")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: --checkpoint_dir)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: the parent of --checkpoint_dir if that is named hf)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="cast weights (default: keep)")
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
+    out = args.out or (args.checkpoint_dir.parent if args.checkpoint_dir.name == "hf" else None)
+    if out is None:
+        sys.exit("error: give --out, a directory other than the HF snapshot (or name the snapshot dir hf/)")
     try:
-        convert(args.checkpoint_dir, args.out or args.checkpoint_dir, dtype)
+        convert(args.checkpoint_dir, out, dtype)
     except (FileNotFoundError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
 

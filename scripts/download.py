@@ -3,8 +3,9 @@
     python scripts/download.py --repo_id meta-llama/Meta-Llama-3-8B --hf_token hf_...
 
 Fetches config, weights (safetensors preferred) and tokenizer files into
-checkpoints/<repo_id>/ with huggingface_hub.snapshot_download, then runs
-convert_hf_checkpoint on that directory.
+checkpoints/<repo_id>/hf/ with huggingface_hub.snapshot_download, then converts them into
+checkpoints/<repo_id>/ (model.safetensors, config.json, tokenizer), the directory the other
+scripts take as --checkpoint_path.
 """
 import argparse
 import os
@@ -35,12 +36,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = args.checkpoint_dir / args.repo_id
     try:
-        hf_download(args.repo_id, out, args.hf_token)
+        hf_download(args.repo_id, out / "hf", args.hf_token)
     except Exception as e:  # hub errors come in many classes; one line is what the user needs
         sys.exit(f"error: could not download {args.repo_id} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                  f"check the repo id, your network and --hf_token for gated models")
     try:
-        convert(out, out)
+        convert(out / "hf", out)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

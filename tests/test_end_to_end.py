@@ -89,3 +89,13 @@ def test_realized_sparsity_on_held_out_text(smollm2, smollm2_sparsity, mode):
     finally:
         model.set_thresholds(torch.zeros_like(model.get_thresholds()))
     assert abs(realized.model_wide - 0.4) <= 0.02, realized.model_wide
+
+
+@pytest.mark.parametrize("flags, message", [(["--prompt", ""], "no tokens"), (["--top_k", "0", "--temperature", "0.5"],
+                                                                            "at least 1")])
+def test_generate_cli_bad_input_is_one_line(smollm2_checkpoint, flags, message):
+    r = subprocess.run([sys.executable, "generate.py", "--device", "cpu", "--checkpoint_path", str(smollm2_checkpoint),
+                        "--num_samples", "1", "--max_new_tokens", "2", *flags],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr

@@ -147,3 +147,10 @@ def test_config_weight_mismatch_is_one_line_error(tmp_path):
     r = run_generate("--checkpoint_path", str(ckpt), "--device", "cpu")
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "does not match" in lines[0], r.stderr
+
+
+def test_convert_refuses_to_overwrite_the_snapshot(tmp_path):
+    make_hf_checkpoint(tmp_path, "tied")
+    with pytest.raises(ValueError, match="must differ"):
+        convert(tmp_path / "hf", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama"  # untouched
