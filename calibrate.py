@@ -287,6 +287,10 @@ class SparsityFile:
         self.quantiles = np.array([data["quantiles"][s] for s in STATE_NAMES]).transpose(1, 0, 2)  # (n_layer, 4, P)
         if list(data["quantile_p"]) != QUANTILE_P:
             raise ValueError("the file's quantile grid differs from this calibrate.py's: recalibrate")
+        n_layer = self.model["n_layer"]
+        if self.quantiles.shape != (n_layer, len(STATE_NAMES), len(QUANTILE_P)) or \
+                (data.get("greedy") and len(data["greedy"]["choices"]) != n_layer):
+            raise ValueError(f"its tables do not cover the {n_layer} layers it names (truncated or edited?)")
         self.modes = ("uniform", "greedy") if data.get("greedy") else ("uniform",)
         self.levels = list(data["levels"])
         self.paths = None
@@ -354,8 +358,9 @@ class SparsityFile:
             if data.get("format") != FORMAT:
                 raise KeyError("format")
             sf = cls(data)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path} is not a {FORMAT} ({type(e).__name__}: {e}): recalibrate with calibrate.py")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+            raise ValueError(f"{path} is not a {FORMAT} ({type(e).__name__}: {e}): recalibrate with "
+                             f"calibrate.py") from None
         sf.check_model(model, checkpoint_dir, path)
         return sf
 
@@ -525,6 +530,8 @@ def run(args):
 
     if args.tokens < args.seq_len or args.seq_len < 2:
         raise ValueError(f"--tokens ({args.tokens}) must be at least --seq_len ({args.seq_len}), which must be >= 2")
+    if args.batch_size < 1:
+        raise ValueError("--batch_size must be at least 1")
     if args.greedy_seqs < 1 or args.greedy_tokens < args.greedy_seqs:
         raise ValueError("--greedy_seqs must be >= 1 and --greedy_tokens >= --greedy_seqs")
     t0 = time.perf_counter()

@@ -271,3 +271,19 @@ def test_cli_error_is_one_line(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+
+
+def test_truncated_sparsity_file_is_refused(tmp_path):
+    """A file whose tables cover fewer layers than it names is refused in one line, not an IndexError."""
+    import json
+
+    src = Path(__file__).resolve().parent.parent / "sparsity" / "SmolLM2-135M-Instruct.json"
+    data = json.loads(src.read_text())
+    for state in data["quantiles"]:
+        data["quantiles"][state] = data["quantiles"][state][:-1]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_name("SmolLM2-135M"))
+    with pytest.raises(ValueError, match="not a teal-fast sparsity file.*layers"):
+        calibrate.SparsityFile.load(bad, model)
