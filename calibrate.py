@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import PROJECTIONS, STATES, Transformer, apply_rotary_emb, grouped_attention
+from model import PROJECTIONS, STATES, Transformer, apply_rotary_emb, grouped_attention, projection_params
 
 FORMAT = "teal-fast sparsity file v1"
 STATE_NAMES = tuple(STATES)  # attn_in, attn_out, mlp_in, mlp_mid
@@ -115,11 +115,7 @@ def keep(x: Tensor, t: float, magnitude: Optional[Tensor] = None) -> Tensor:
 
 def projection_shares(model: Transformer) -> np.ndarray:
     """(7,) each projection's fraction of a block's linear parameters, from the weight shapes."""
-    attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
-    d = attn.wqkv_t.shape[0]
-    n_q, n_kv, _ = attn.splits
-    params = np.array([d * n_q, d * n_kv, d * n_kv, attn.wo_t.numel(), d * ffn.hidden, d * ffn.hidden,
-                       ffn.w2_t.numel()], dtype=np.float64)
+    params = projection_params(model).numpy()
     return params / params.sum()
 
 

@@ -22,19 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import PROJECTIONS, STATES, Transformer
+from model import PROJECTIONS, STATES, Transformer, projection_params
 
 
 # ---------------------------------------------------------------------------- realized sparsity
-
-def projection_params(model: Transformer) -> Tensor:
-    """(7,) number of weights each projection holds in one block, PROJECTIONS order."""
-    attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
-    d_in = attn.wqkv_t.shape[0]
-    n_q, n_kv, _ = attn.splits
-    return torch.tensor([d_in * n_q, d_in * n_kv, d_in * n_kv, attn.wo_t.numel(),
-                         d_in * ffn.hidden, d_in * ffn.hidden, ffn.w2_t.numel()], dtype=torch.float64)
-
 
 @dataclass
 class RealizedSparsity:

@@ -94,22 +94,13 @@ def finish_model(model: Transformer, device) -> Transformer:
 def weight_bytes_per_token(model: Transformer, sparsity: Optional[Tensor] = None) -> float:
     """Bytes of weights one decode step reads: every block linear (times 1 - its input
     sparsity when given, (n_layer, 7)), the norms and the LM head; the embedding row is noise."""
-    from model import PROJECTIONS
+    from model import projection_params
 
-    total = 0.0
-    for i, block in enumerate(model.layers):
-        attn, ffn = block.attention, block.feed_forward
-        item = attn.wqkv_t.element_size()
-        n_q, n_kv, _ = attn.splits
-        sizes = {"q": n_q, "k": n_kv, "v": n_kv, "o": attn.wo_t.shape[1],
-                 "gate": ffn.hidden, "up": ffn.hidden, "down": ffn.w2_t.shape[1]}
-        fan_in = {"q": attn.wqkv_t.shape[0], "k": attn.wqkv_t.shape[0], "v": attn.wqkv_t.shape[0],
-                  "o": attn.wo_t.shape[0], "gate": ffn.w13_t.shape[0], "up": ffn.w13_t.shape[0],
-                  "down": ffn.w2_t.shape[0]}
-        for j, proj in enumerate(PROJECTIONS):
-            kept = 1.0 if sparsity is None else 1.0 - float(sparsity[i, j])
-            total += fan_in[proj] * sizes[proj] * item * kept
-        total += 2 * block.attention_norm.weight.numel() * block.attention_norm.weight.element_size()
+    n_layer = len(model.layers)
+    kept = torch.ones(n_layer, 7, dtype=torch.float64) if sparsity is None else 1.0 - sparsity.double().cpu()
+    total = float((kept * projection_params(model)).sum()) * model.layers[0].attention.wqkv_t.element_size()
+    norm = model.layers[0].attention_norm.weight
+    total += n_layer * 2 * norm.numel() * norm.element_size()
     head = model.tok_embeddings.weight if model.output is None else model.output.weight
     return total + head.numel() * head.element_size() + model.norm.weight.numel() * model.norm.weight.element_size()
 

@@ -245,6 +245,16 @@ class Block(nn.Module):
 Observer = Callable[[int, str, Tensor], None]
 
 
+def projection_params(model: "Transformer") -> Tensor:
+    """(7,) weights each projection holds in one block (this rank's under tensor parallelism),
+    PROJECTIONS order; every block has the same shapes."""
+    attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
+    d_in = attn.wqkv_t.shape[0]
+    n_q, n_kv, _ = attn.splits
+    return torch.tensor([d_in * n_q, d_in * n_kv, d_in * n_kv, attn.wo_t.numel(),
+                         d_in * ffn.hidden, d_in * ffn.hidden, ffn.w2_t.numel()], dtype=torch.float64)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
