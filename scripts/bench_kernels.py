@@ -168,6 +168,9 @@ def check_cases():
         cases.append(("silu_down", B, 1536, 1000, [1000], dname, 0.3, dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=1024, DEPTH=3, **D)))
         cases.append(("silu_down", B, 576, 1000, [1000], dname, 0.3, dict(BLOCK_N=64, BLOCK_K=64, K_CHUNK=1024, **D)))
         cases.append(("linear", B, 4096, 6144, [4096, 1024, 1024], dname, 0.5, dict(BLOCK_N=256, BLOCK_K=64, K_CHUNK=512, **D)))
+        if B == 1:
+            cases.append(("linear", B, 4096, 6144, [4096, 1024, 1024], dname, 0.5, dict(BLOCK_N=1024, BLOCK_K=8, K_CHUNK=128, **E)))
+            cases.append(("silu_down", B, 1536, 4096, [4096], dname, 0.5, dict(BLOCK_N=512, BLOCK_K=16, K_CHUNK=64, **E)))
     cases.append(("linear", 9, 576, 1536, [576, 480, 480], "bf16", 0.5, None))  # B > 8: reference fallback
     return cases
 
@@ -219,15 +222,21 @@ def check_compiled():
 
 # ---------------------------------------------------------------- tuning
 
-def candidate_configs(op, K, N, B, n_sm):
-    """Tile shapes x W tiles in flight x K chunks that give between one and ~16 programs per SM."""
+def candidate_configs(op, K, N, B, n_sm, narrow=True):
+    """Tile shapes x W tiles in flight x K chunks that give between one and ~16 programs per SM.
+    narrow=False: only the wide tiles (BLOCK_N >= 512) besides the config already in the table."""
     # (BLOCK_N, BLOCK_K, num_warps, num_stages, DOT, DEPTH)
-    if B == 1:
+    if B == 1 and narrow:
         variants = [(bn, bk, nw, 1, 0, d) for bn, bk in ((128, 32), (128, 64), (256, 32), (256, 64))
                     for nw in (4, 8) for d in (2, 3)]
         variants += [(bn, bk, nw, ns, 1, d) for bn, bk, nw, ns in ((128, 32, 4, 3), (256, 32, 4, 3), (256, 32, 8, 3),
                                                                    (128, 64, 8, 3), (256, 64, 8, 3)) for d in (2, 3)]
-        chunks = (512, 1024, 2048, 4096)
+    if B == 1:
+        variants = variants if narrow else []
+        # wide tiles: 1-2 KB of each gathered row per program (DRAM streams long segments better)
+        variants += [(512, 16, 4, 1, 0, 2), (512, 16, 8, 1, 0, 2), (512, 32, 8, 1, 0, 2), (1024, 8, 4, 1, 0, 2),
+                     (1024, 8, 8, 1, 0, 2), (1024, 16, 8, 1, 0, 2)]
+        chunks = (64, 128, 256, 512, 1024, 2048, 4096)
     else:  # the elementwise path exists for B == 1 only; batches read nearly every row (union)
         variants = [(256, 32, 4, 4, 1, 2), (256, 32, 8, 3, 1, 2), (128, 64, 4, 3, 1, 2), (128, 32, 4, 3, 1, 2),
                     (256, 64, 8, 3, 1, 2)]
@@ -239,7 +248,8 @@ def candidate_configs(op, K, N, B, n_sm):
         n_tiles = -(-N // bn)
         for kc in chunks:
             n_prog = n_tiles * -(-K // kc)
-            if n_sm <= n_prog <= 16 * n_sm and kc * max(1, B) <= 4096 * 2 and kc >= bk:
+            max_prog = (4 if bn >= 512 else 16) * n_sm
+            if n_sm <= n_prog <= max_prog and kc * max(1, B) <= 4096 * 2 and kc >= max(bk, 128 if bn < 512 else 64):
                 out.append(dict(BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=bool(dot), num_warps=nw,
                                 num_stages=ns))
     return out
@@ -259,9 +269,14 @@ def precompile(jobs):
     return [None]
 
 
-def tune(batches, workers, levels=(0.0, 0.5, 0.9)):
+def tune(batches, workers, levels=(0.0, 0.5, 0.9), narrow=True):
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    plan = {(name, B): candidate_configs(op, K, N, B, n_sm) for name, op, K, N, splits in SHAPES for B in batches}
+    plan = {(name, B): candidate_configs(op, K, N, B, n_sm, narrow) for name, op, K, N, splits in SHAPES for B in batches}
+    for name, op, K, N, splits in SHAPES:  # the config in the table competes too
+        for B in batches:
+            tabled = ops.tuned_configs().get(ops.config_key(op, K, N, torch.bfloat16, B))
+            if tabled is not None and tabled not in plan[(name, B)]:
+                plan[(name, B)].append(tabled)
     jobs = [(op, K, N, splits, B, cfg) for name, op, K, N, splits in SHAPES for B in batches for cfg in plan[(name, B)]]
     t0 = time.time()
     by_variant = {}
@@ -309,6 +324,8 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_kernels.json"), help="JSON results path")
     ap.add_argument("--tune", action="store_true", help="search configs and write --configs before benchmarking")
     ap.add_argument("--configs", default=str(ops.CONFIG_PATH), help="where --tune writes the config table")
+    ap.add_argument("--tune_wide", action="store_true",
+                    help="search only the wide tiles (BLOCK_N >= 512) and the config already in the table")
     ap.add_argument("--tune_batches", default="1,8", help="batch sizes to tune (comma separated)")
     ap.add_argument("--batches", default="1", help="batch sizes to benchmark (comma separated)")
     ap.add_argument("--rep", type=int, default=20, help="do_bench_cudagraph rep (ms)")
@@ -338,7 +355,10 @@ def main():
         result["checks"] = dict(cases=len(res), failed=[[str(c), e] for c, e in bad], compiled_max_err=errs)
         result["checks"]["ok"] = not bad and max(errs) <= TOL[torch.bfloat16]
     if args.tune:
-        table, record = tune([int(b) for b in args.tune_batches.split(",")], args.workers)
+        table, record = tune([int(b) for b in args.tune_batches.split(",")], args.workers, narrow=not args.tune_wide)
+        old = json.loads(Path(args.configs).read_text()) if Path(args.configs).exists() else {}
+        table = {**old.get("configs", {}), **table}  # shapes and batches not tuned now keep their configs
+        record = {**old.get("tuning", {}), **record}
         Path(args.configs).parent.mkdir(parents=True, exist_ok=True)
         Path(args.configs).write_text(json.dumps(dict(
             device=result["device"], torch=result["torch"], triton=result["triton"],

@@ -45,12 +45,21 @@ def sm_count(device: torch.device) -> int:
 
 
 def heuristic_config(K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> dict:
-    """For shapes nobody tuned: tl.dot tiles (cp.async pipelined), about three programs per SM."""
-    block_n = 256 if N > 8192 and dtype != torch.float32 else 128
-    n_tiles = -(-N // block_n)
-    k_chunk = 1 << max(7, min(11, round(math.log2(max(1.0, K * n_tiles / (3 * n_sm))))))
-    k_chunk = min(k_chunk, max(128, 4096 // next_pow2(B)))  # phase-1 registers: B * K_CHUNK
-    return dict(BLOCK_N=block_n, BLOCK_K=64, K_CHUNK=k_chunk, DOT=True, num_warps=8, num_stages=1)
+    """For shapes nobody tuned. B == 1 with large weights: wide elementwise tiles (1-2 KB of each
+    gathered row, which DRAM streams better than 256-byte pieces; the tuner's pick on every large
+    Llama shape). Otherwise tl.dot tiles (cp.async pipelined). About two to three programs per SM."""
+    if B == 1 and max(K, N) >= 8192 and dtype != torch.float32:
+        block_n, block_k = (1024, 8) if N >= 16384 else (512, 16)
+        cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, DEPTH=2, DOT=False, num_warps=4, num_stages=1)
+        per_sm = 2
+    else:
+        block_n = 256 if N > 8192 and dtype != torch.float32 else 128
+        cfg = dict(BLOCK_N=block_n, BLOCK_K=64, DOT=True, num_warps=8, num_stages=1)
+        per_sm = 3
+    n_tiles = -(-N // cfg["BLOCK_N"])
+    k_chunk = 1 << max(6, min(11, round(math.log2(max(1.0, K * n_tiles / (per_sm * n_sm))))))
+    k_chunk = max(cfg["BLOCK_K"], min(k_chunk, max(128, 4096 // next_pow2(B))))  # phase-1 registers: B * K_CHUNK
+    return dict(cfg, K_CHUNK=k_chunk)
 
 
 def next_pow2(v: int) -> int:

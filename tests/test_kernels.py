@@ -101,6 +101,8 @@ CASES = [
     ("silu_down", 3, 100, 1000, [1000], torch.float16, 0.0, dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=64, **D)),
     ("silu_down", 8, 576, 1000, [1000], torch.bfloat16, 0.3, dict(BLOCK_N=256, BLOCK_K=32, K_CHUNK=256, DEPTH=3, **D)),
     ("silu_down", 1, 64, 1000, [1000], torch.float16, 1.0, dict(BLOCK_N=256, BLOCK_K=16, K_CHUNK=32, **E)),
+    ("linear", 1, 500, 3072, [2048, 512, 512], torch.bfloat16, 0.5, dict(BLOCK_N=512, BLOCK_K=8, K_CHUNK=64, **E)),
+    ("silu_down", 1, 1000, 1536, [1536], torch.bfloat16, 0.5, dict(BLOCK_N=1024, BLOCK_K=8, K_CHUNK=128, **E)),
 ]
 
 
