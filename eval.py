@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -64,7 +65,15 @@ class SparsityMeter:
             self.total[layer, j] += magnitude.numel()
 
     def result(self) -> RealizedSparsity:
-        return RealizedSparsity(self.dropped / self.total.clamp(min=1), projection_params(self.model))
+        """Under tensor parallelism every rank must call this: a rank sees only its slice of the o
+        and down inputs and holds only its share of the weights, so both are summed over ranks."""
+        counts = torch.stack([self.dropped, self.total, projection_params(self.model).expand_as(self.total)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            summed = counts.to(self.model.tok_embeddings.weight.device)
+            dist.all_reduce(summed)
+            counts = summed.cpu()
+        dropped, total, params = counts
+        return RealizedSparsity(dropped / total.clamp(min=1), params[0])
 
 
 @torch.no_grad()

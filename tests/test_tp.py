@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
-from eval import forward_window
+from eval import forward_window, measure_sparsity
 from generate import load_model
 from model import ModelArgs, Transformer
 
@@ -44,7 +44,8 @@ def logits_pair(model: Transformer, tokens: torch.Tensor) -> dict:
     model.set_thresholds(thresholds_for(model))
     return {"dense": forward_window(model, tokens, 0, sparse_tail=False),
             "sparse": forward_window(model, tokens, 0, sparse_tail=True),
-            "decode": forward_window(model, tokens, 10, sparse_tail=True)}
+            "decode": forward_window(model, tokens, 10, sparse_tail=True),
+            "realized": measure_sparsity(model, tokens, 10).per_projection}  # every rank calls it
 
 
 def worker(rank: int, world: int, port: int, ckpt: str, out: str):
@@ -79,6 +80,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for kind in ("dense", "sparse", "decode"):
         # fp32; only the summation order differs (sharded matmuls + all-reduce)
         torch.testing.assert_close(sharded[kind], single[kind], rtol=1e-4, atol=1e-4, msg=kind)
+    # realized sparsity counts every rank's slice of the o and down inputs, not rank 0's alone
+    torch.testing.assert_close(sharded["realized"], single["realized"], rtol=0, atol=1e-3)
 
 
 def test_too_many_ranks_is_a_clear_error():
