@@ -235,7 +235,7 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True):
         variants = variants if narrow else []
         # wide tiles: 1-2 KB of each gathered row per program (DRAM streams long segments better)
         variants += [(512, 16, 4, 1, 0, 2), (512, 16, 8, 1, 0, 2), (512, 32, 8, 1, 0, 2), (1024, 8, 4, 1, 0, 2),
-                     (1024, 8, 8, 1, 0, 2), (1024, 16, 8, 1, 0, 2)]
+                     (1024, 8, 8, 1, 0, 2), (1024, 16, 8, 1, 0, 2), (512, 16, 8, 1, 0, 3), (1024, 8, 8, 1, 0, 3)]
         chunks = (64, 128, 256, 512, 1024, 2048, 4096)
     else:  # the elementwise path exists for B == 1 only; batches read nearly every row (union)
         variants = [(256, 32, 4, 4, 1, 2), (256, 32, 8, 3, 1, 2), (128, 64, 4, 3, 1, 2), (128, 32, 4, 3, 1, 2),

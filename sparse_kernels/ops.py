@@ -51,13 +51,13 @@ def heuristic_config(K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> d
     if B == 1 and max(K, N) >= 8192 and dtype != torch.float32:
         block_n, block_k = (1024, 8) if N >= 16384 else (512, 16)
         cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, DEPTH=2, DOT=False, num_warps=4, num_stages=1)
-        per_sm = 2
+        per_sm, min_log2 = 2, 6
     else:
         block_n = 256 if N > 8192 and dtype != torch.float32 else 128
         cfg = dict(BLOCK_N=block_n, BLOCK_K=64, DOT=True, num_warps=8, num_stages=1)
-        per_sm = 3
+        per_sm, min_log2 = 3, 7
     n_tiles = -(-N // cfg["BLOCK_N"])
-    k_chunk = 1 << max(6, min(11, round(math.log2(max(1.0, K * n_tiles / (per_sm * n_sm))))))
+    k_chunk = 1 << max(min_log2, min(11, round(math.log2(max(1.0, K * n_tiles / (per_sm * n_sm))))))
     k_chunk = max(cfg["BLOCK_K"], min(k_chunk, max(128, 4096 // next_pow2(B))))  # phase-1 registers: B * K_CHUNK
     return dict(cfg, K_CHUNK=k_chunk)
 
