@@ -259,10 +259,28 @@ def greedy_path(choices: list, shares: np.ndarray, step: float) -> np.ndarray:
 # ---------------------------------------------------------------------------- the sparsity file
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered beside it in <name>.sha256.json under its size and mtime, so
+    a 16 GB checkpoint is hashed once rather than on every start (about 10 s each time). A file
+    that changes gets another size or mtime and is hashed again; where the folder is read-only
+    nothing is remembered."""
+    path = Path(path)
+    stat = path.stat()
+    key = dict(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    sidecar = path.with_name(path.name + ".sha256.json")
+    try:
+        cached = json.loads(sidecar.read_text())
+        if {k: cached.get(k) for k in key} == key and len(str(cached.get("sha256"))) == 64:
+            return cached["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass  # no sidecar yet, or an unreadable one: hash the file
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
+    try:
+        sidecar.write_text(json.dumps(dict(key, sha256=h.hexdigest())) + "\n")
+    except OSError:
+        pass
     return h.hexdigest()
 
 

@@ -287,3 +287,22 @@ def test_truncated_sparsity_file_is_refused(tmp_path):
         model = Transformer(ModelArgs.from_name("SmolLM2-135M"))
     with pytest.raises(ValueError, match="not a teal-fast sparsity file.*layers"):
         calibrate.SparsityFile.load(bad, model)
+
+
+def test_weights_hash_is_remembered_until_the_file_changes(tmp_path):
+    import hashlib
+    import json
+    import os
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"first weights")
+    assert calibrate.file_sha256(weights) == hashlib.sha256(b"first weights").hexdigest()
+    sidecar = tmp_path / "model.safetensors.sha256.json"
+    entry = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps(dict(entry, sha256="f" * 64)))  # the remembered value is what comes back
+    assert calibrate.file_sha256(weights) == "f" * 64
+    weights.write_bytes(b"other weights!")  # new size and mtime: hashed again
+    os.utime(weights, ns=(entry["mtime_ns"] + 10**9, entry["mtime_ns"] + 10**9))
+    assert calibrate.file_sha256(weights) == hashlib.sha256(b"other weights!").hexdigest()
+    sidecar.write_text("{broken")
+    assert calibrate.file_sha256(weights) == hashlib.sha256(b"other weights!").hexdigest()
