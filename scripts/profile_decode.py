@@ -1,0 +1,94 @@
+"""Where a compiled decode step's time goes: CUDA kernels per generated token (GPU only).
+
+    python scripts/profile_decode.py                          # Llama-3-8B shapes, dense and level 0.5
+    python scripts/profile_decode.py --config Llama-3-70B --levels 0.4 --tokens 100
+
+Random weights with the config's shapes, thresholds from calibrate.py's code on random tokens
+(uniform levels), decode step compiled as in generate.py (reduce-overhead, fullgraph). For each
+path: one timed generation without the profiler (wall us/token), then one under torch.profiler:
+kernels per token, the sum of kernel times (busy) and first-to-last kernel (span), and a table of
+kernels by time per token. The prompt's eager prefill is inside every figure (once per
+generation), so use --tokens >= 100 for per-token numbers. JSON to --out.
+"""
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from calibrate import SparsityFile  # noqa: E402
+from generate import configure_inductor, decode_one_token, generate, random_model, run_cli, synchronize  # noqa: E402
+
+
+def profile_path(model, prompt, decode_fn, n_tokens: int, rows: int) -> dict:
+    generate(model, prompt, n_tokens, decode_fn=decode_fn)  # warm-up (compiles the path the first time)
+    generate(model, prompt, n_tokens, decode_fn=decode_fn)
+    synchronize("cuda")
+    t0 = time.perf_counter()
+    generate(model, prompt, n_tokens, decode_fn=decode_fn)
+    synchronize("cuda")
+    wall = (time.perf_counter() - t0) / n_tokens * 1e6
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        generate(model, prompt, n_tokens, decode_fn=decode_fn)
+        synchronize("cuda")
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    span = kernels[-1].time_range.end - kernels[0].time_range.start if kernels else 0
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        entry = by_name[e.name[:70]]
+        entry[0] += 1
+        entry[1] += e.time_range.elapsed_us()
+    table = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    return dict(wall_us=wall, kernels_per_token=len(kernels) / n_tokens, busy_us=busy / n_tokens,
+                span_us=span / n_tokens,
+                rows=[dict(name=k, per_token=n / n_tokens, us_per_token=t / n_tokens) for k, (n, t) in table][:rows])
+
+
+def run(args):
+    if not torch.cuda.is_available():
+        raise ValueError("no CUDA device: profile_decode.py times GPU kernels (run it on a GPU machine)")
+    levels = [float(x) for x in args.levels.split(",") if x]
+    model = random_model(args.config, "cuda", torch.bfloat16)
+    sparsity = SparsityFile.for_random(model, greedy_seqs=0)
+    prompt = torch.randint(0, model.args.vocab_size, (5,), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to("cuda", torch.int)
+    configure_inductor()
+    decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    out = dict(config=args.config, tokens=args.tokens, device=torch.cuda.get_device_name(0), paths={})
+    for level in [None] + levels:
+        model.sparse_decode = level is not None
+        if level is not None:
+            model.set_thresholds(sparsity.thresholds(level, "uniform").to("cuda"))
+        label = "dense" if level is None else f"sparse {level}"
+        r = out["paths"][label] = profile_path(model, prompt, decode_fn, args.tokens, args.rows)
+        print(f"\n== {label}: wall {r['wall_us']:.0f} us/token (no profiler); {r['kernels_per_token']:.0f} "
+              f"kernels/token, busy {r['busy_us']:.0f} us/token, span {r['span_us']:.0f} us/token")
+        print(f"{'us/tok':>7} {'n/tok':>6} {'us each':>7}  kernel")
+        for row in r["rows"]:
+            print(f"{row['us_per_token']:7.1f} {row['per_token']:6.1f} "
+                  f"{row['us_per_token'] / row['per_token']:7.2f}  {row['name']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="Llama-3-8B")
+    parser.add_argument("--levels", default="0.5", help="sparsity levels to profile after dense (comma separated)")
+    parser.add_argument("--tokens", type=int, default=100, help="tokens per generation")
+    parser.add_argument("--rows", type=int, default=28, help="kernels listed per path")
+    parser.add_argument("--out", type=Path, default=ROOT / "results/profile_decode.json")
+    run_cli(run, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
