@@ -16,7 +16,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-from .reference import check_args, keep_mask, masked_matmul, silu_mul
+from .reference import check_args, decode_attention_ref, keep_mask, masked_matmul, silu_mul
 
 MAX_B = 8  # larger batches take the reference math
 CONFIG_PATH = Path(__file__).with_name("configs.json")
@@ -203,3 +203,36 @@ def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Tensor) -> Tensor:
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
     check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [w_t.shape[1]])
     return _sparse_silu_down_op(gate_up, w_t, threshold)
+
+
+@torch.library.custom_op("teal::decode_attention", mutates_args=())
+def _decode_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    if not use_triton(q) or q.shape[-1] > 256:
+        return decode_attention_ref(q, k, v, mask)
+    from . import attention
+
+    B, KV, G, hd = q.shape
+    S = k.shape[2]
+    q3 = q.reshape(B * KV, G, hd).contiguous()
+    k3, v3 = (_contiguous_rows(t).reshape(B * KV, S, hd) for t in (k, v))
+    out = torch.empty_like(q3)
+    part, counts, _, _ = workspace(q.device, *attention.workspace_sizes(B * KV, G, hd, S), 0, 0)
+    attention.launch(q3, k3, v3, mask.contiguous(), out, part, counts)
+    return out.view(B, KV, G, hd)
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, mask):
+    return torch.empty_like(q)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """One query position per sequence with grouped heads: q (B, KV, G, hd), the cache k, v
+    (B, KV, S, hd), mask (S,) bool of the positions to attend to -> (B, KV, G, hd)."""
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"decode_attention: q (B, KV, G, hd) and k, v (B, KV, S, hd) expected; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if mask.shape != (k.shape[2],) or mask.dtype != torch.bool:
+        raise ValueError(f"decode_attention: mask must be ({k.shape[2]},) bool; got {tuple(mask.shape)} {mask.dtype}")
+    return _decode_attention_op(q, k, v, mask)
+

@@ -79,3 +79,12 @@ def gap_threshold(values, p):
     lo, hi = max(0, i - w), min(v.numel() - 1, i + w)
     j = lo + int((v[lo + 1:hi + 1] - v[lo:hi]).argmax())
     return (v[j].item() + v[j + 1].item()) / 2
+
+
+def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q (B, KV, G, hd), k/v (B, KV, S, hd), mask (S,) bool -> (B, KV, G, hd). Scores in fp32,
+    softmax over the masked-in positions, probabilities rounded to q.dtype for p @ v."""
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, KV, G, S)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
+    return probs @ v
+

@@ -1,0 +1,124 @@
+"""Triton decode attention (one query position, grouped heads), split over the cache length.
+
+Program (b * KV + kv, split) holds the G query heads that share kv head `kv` and walks its
+share of the cache positions, BLOCK_S at a time, with an online softmax in fp32: scores by
+tl.dot (the G rows padded to 16), masked positions are never loaded. It stores its running
+max, sum and (G, hd) accumulator as fp32 partials and increments the head's arrival counter;
+the last program to arrive merges the partials in split order (deterministic), writes the
+output and resets the counter to 0 for the next call (no memset, CUDA-graph safe).
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, count_ptr,
+    S, G, HD, per_split, n_split, scale,
+    stride_qh, stride_kh, stride_ks, stride_oh,  # q/out rows of one (b, kv): G x HD contiguous
+    G_PAD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    STATIC_STEPS: tl.constexpr, STATIC_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    # As in the matvec kernel: static loop bounds and fp32 dots under Triton's interpreter.
+    head = tl.program_id(0)  # b * KV + kv
+    split = tl.program_id(1)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, HD_PAD)
+    g_ok, d_ok = offs_g < G, offs_d < HD
+    q = tl.load(q_ptr + head * stride_qh + offs_g[:, None] * HD + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # (G_PAD, HD_PAD)
+    m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((G_PAD,), tl.float32)
+    acc = tl.zeros((G_PAD, HD_PAD), tl.float32)
+    start = split * per_split
+    end = tl.minimum(start + per_split, S)
+    offs_b = tl.arange(0, BLOCK_S)
+    for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else tl.cdiv(end - start, BLOCK_S)):
+        offs_s = start + i * BLOCK_S + offs_b
+        valid = (offs_s < end) & (tl.load(mask_ptr + offs_s, mask=offs_s < end, other=0) != 0)
+        kv_off = head * stride_kh + offs_s[:, None] * stride_ks + offs_d[None, :]
+        kv_ok = valid[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0.0)  # (BLOCK_S, HD_PAD)
+        v = tl.load(v_ptr + kv_off, mask=kv_ok, other=0.0)
+        if DOT_F32:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))  # (G_PAD, BLOCK_S) fp32
+        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep sums at 0
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DOT_F32:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    # Merge the splits: partials (m, l, acc) per split; the last to arrive combines them.
+    out_ptrs = out_ptr + head * stride_oh + offs_g[:, None] * HD + offs_d[None, :]
+    out_ok = g_ok[:, None] & d_ok[None, :]
+    if n_split == 1:
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        row = (head * n_split + split) * G_PAD + offs_g  # (G_PAD,) partial rows
+        tl.store(part_ptr + row * (HD_PAD + 2) + HD_PAD, m_i)
+        tl.store(part_ptr + row * (HD_PAD + 2) + HD_PAD + 1, l_i)
+        tl.store(part_ptr + row[:, None] * (HD_PAD + 2) + offs_d[None, :], acc)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is published
+        arrived = tl.atomic_add(count_ptr + head, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_split - 1:
+            m_all = tl.full((G_PAD,), float("-inf"), tl.float32)
+            for sp in range(0, STATIC_SPLIT if STATIC_SPLIT > 0 else n_split):
+                r = (head * n_split + sp) * G_PAD + offs_g
+                m_all = tl.maximum(m_all, tl.load(part_ptr + r * (HD_PAD + 2) + HD_PAD, cache_modifier=".cg"))
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+            l_all = tl.zeros((G_PAD,), tl.float32)
+            total = tl.zeros((G_PAD, HD_PAD), tl.float32)
+            for sp in range(0, STATIC_SPLIT if STATIC_SPLIT > 0 else n_split):
+                r = (head * n_split + sp) * G_PAD + offs_g
+                w = tl.exp(tl.load(part_ptr + r * (HD_PAD + 2) + HD_PAD, cache_modifier=".cg") - m_all)
+                l_all += w * tl.load(part_ptr + r * (HD_PAD + 2) + HD_PAD + 1, cache_modifier=".cg")
+                total += w[:, None] * tl.load(part_ptr + r[:, None] * (HD_PAD + 2) + offs_d[None, :],
+                                              cache_modifier=".cg")
+            tl.store(out_ptrs, (total / l_all[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+            tl.store(count_ptr + head, 0)  # ready for the next call
+
+
+def next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def plan(S: int, n_heads: int, block_s: int = 64, max_split: int = 32, n_sm: int = 132):
+    """(per_split, n_split): positions per program (a multiple of block_s) and programs per head,
+    about four programs per SM in all and at most max_split partials to merge."""
+    n_split = max(1, min(max_split, -(-S // block_s), -(-4 * n_sm // max(1, n_heads))))
+    per_split = -(-(-(-S // n_split)) // block_s) * block_s
+    return per_split, -(-S // per_split)
+
+
+def workspace_sizes(n_heads: int, G: int, hd: int, S: int, block_s: int = 64):
+    """fp32 partial words and int32 counters one call needs."""
+    _, n_split = plan(S, n_heads, block_s)
+    return n_heads * n_split * max(16, next_pow2(G)) * (next_pow2(hd) + 2), n_heads
+
+
+def launch(q, k, v, mask, out, part, counts, block_s: int = 64, num_warps: int = 4, kernel=None):
+    """q (H, G, hd) and out (H, G, hd) contiguous per head; k, v (H, S, hd) with unit stride in hd;
+    mask (S,) bool/uint8; H = B * KV heads of the cache. Workspaces: see workspace_sizes."""
+    kernel = decode_attention_kernel if kernel is None else kernel
+    interp = type(kernel).__name__ == "InterpretedFunction"
+    H, G, hd = q.shape
+    S = k.shape[1]
+    per_split, n_split = plan(S, H, block_s)
+    kernel[(H, n_split)](
+        q, k, v, mask.view(torch.uint8), out, part, counts,
+        S, G, hd, per_split, n_split, hd ** -0.5,
+        q.stride(0), k.stride(0), k.stride(1), out.stride(0),
+        G_PAD=max(16, next_pow2(G)), HD_PAD=max(16, next_pow2(hd)), BLOCK_S=block_s,
+        STATIC_STEPS=per_split // block_s if interp else 0, STATIC_SPLIT=n_split if interp else 0,
+        DOT_F32=q.dtype == torch.float32 or interp, num_warps=num_warps)  # fp32: exact (ieee) dots
+    return out
