@@ -31,6 +31,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -277,8 +278,10 @@ def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
-    try:
-        sidecar.write_text(json.dumps(dict(key, sha256=h.hexdigest())) + "\n")
+    try:  # written whole or not at all (several ranks may start together)
+        tmp = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(key, sha256=h.hexdigest())) + "\n")
+        os.replace(tmp, sidecar)
     except OSError:
         pass
     return h.hexdigest()

@@ -68,9 +68,10 @@ class SparsityMeter:
         """Under tensor parallelism every rank must call this: a rank sees only its slice of the o
         and down inputs and holds only its share of the weights, so both are summed over ranks."""
         counts = torch.stack([self.dropped, self.total, projection_params(self.model).expand_as(self.total)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        group = self.model.layers[0].attention.tp_group  # None unless sharded over several ranks
+        if group is not None:
             summed = counts.to(self.model.tok_embeddings.weight.device)
-            dist.all_reduce(summed)
+            dist.all_reduce(summed, group=group)
             counts = summed.cpu()
         dropped, total, params = counts
         return RealizedSparsity(dropped / total.clamp(min=1), params[0])

@@ -269,14 +269,14 @@ def precompile(jobs):
     return [None]
 
 
-def tune(batches, workers, levels=(0.0, 0.5, 0.9), narrow=True):
+def tune(batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=None):
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     plan = {(name, B): candidate_configs(op, K, N, B, n_sm, narrow) for name, op, K, N, splits in SHAPES for B in batches}
     for name, op, K, N, splits in SHAPES:  # the config in the table competes too
         for B in batches:
-            tabled = ops.tuned_configs().get(ops.config_key(op, K, N, torch.bfloat16, B))
-            if tabled is not None and tabled not in plan[(name, B)]:
-                plan[(name, B)].append(tabled)
+            cfg = (tabled or {}).get(ops.config_key(op, K, N, torch.bfloat16, B))
+            if cfg is not None and cfg not in plan[(name, B)]:
+                plan[(name, B)].append(cfg)
     jobs = [(op, K, N, splits, B, cfg) for name, op, K, N, splits in SHAPES for B in batches for cfg in plan[(name, B)]]
     t0 = time.time()
     by_variant = {}
@@ -325,7 +325,7 @@ def main():
     ap.add_argument("--tune", action="store_true", help="search configs and write --configs before benchmarking")
     ap.add_argument("--configs", default=str(ops.CONFIG_PATH), help="where --tune writes the config table")
     ap.add_argument("--tune_wide", action="store_true",
-                    help="search only the wide tiles (BLOCK_N >= 512) and the config already in the table")
+                    help="B=1: search only the wide tiles (BLOCK_N >= 512) and the config already in --configs")
     ap.add_argument("--tune_batches", default="1,8", help="batch sizes to tune (comma separated)")
     ap.add_argument("--batches", default="1", help="batch sizes to benchmark (comma separated)")
     ap.add_argument("--rep", type=int, default=20, help="do_bench_cudagraph rep (ms)")
@@ -355,15 +355,17 @@ def main():
         result["checks"] = dict(cases=len(res), failed=[[str(c), e] for c, e in bad], compiled_max_err=errs)
         result["checks"]["ok"] = not bad and max(errs) <= TOL[torch.bfloat16]
     if args.tune:
-        table, record = tune([int(b) for b in args.tune_batches.split(",")], args.workers, narrow=not args.tune_wide)
         old = json.loads(Path(args.configs).read_text()) if Path(args.configs).exists() else {}
+        table, record = tune([int(b) for b in args.tune_batches.split(",")], args.workers, narrow=not args.tune_wide,
+                             tabled=old.get("configs"))
         table = {**old.get("configs", {}), **table}  # shapes and batches not tuned now keep their configs
         record = {**old.get("tuning", {}), **record}
         Path(args.configs).parent.mkdir(parents=True, exist_ok=True)
         Path(args.configs).write_text(json.dumps(dict(
             device=result["device"], torch=result["torch"], triton=result["triton"],
             note="written by scripts/bench_kernels.py --tune; key op:KxN:dtype:B; chosen by the geometric mean "
-                 "over p in {0, 0.5, 0.9} of time / best time at that p (tuning: the chosen and the best per p)",
+                 "over p in {0, 0.5, 0.9} of time / best time at that p (tuning: the chosen and the best per p); "
+                 "entries not tuned in the latest run are kept from earlier runs",
             configs=table, tuning=record), indent=1) + "\n")
         ops._configs = table
         result["tuning"] = record

@@ -7,8 +7,9 @@ Random weights with the config's shapes, thresholds from calibrate.py's code on 
 (uniform levels), decode step compiled as in generate.py (reduce-overhead, fullgraph). For each
 path: one timed generation without the profiler (wall us/token), then one under torch.profiler:
 kernels per token, the sum of kernel times (busy) and first-to-last kernel (span), and a table of
-kernels by time per token. The prompt's eager prefill is inside every figure (once per
-generation), so use --tokens >= 100 for per-token numbers. JSON to --out.
+kernels by time per token, all divided by the tokens - 1 decode steps. The prompt's eager prefill
+(and any memcpy/memset) is inside every figure, once per generation, so use --tokens >= 100 for
+per-token numbers. JSON to --out.
 """
 import argparse
 import collections
@@ -33,7 +34,8 @@ def profile_path(model, prompt, decode_fn, n_tokens: int, rows: int) -> dict:
     t0 = time.perf_counter()
     generate(model, prompt, n_tokens, decode_fn=decode_fn)
     synchronize("cuda")
-    wall = (time.perf_counter() - t0) / n_tokens * 1e6
+    steps = n_tokens - 1  # decode steps; the first token comes from the prefill
+    wall = (time.perf_counter() - t0) / steps * 1e6
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         generate(model, prompt, n_tokens, decode_fn=decode_fn)
         synchronize("cuda")
@@ -47,14 +49,15 @@ def profile_path(model, prompt, decode_fn, n_tokens: int, rows: int) -> dict:
         entry[0] += 1
         entry[1] += e.time_range.elapsed_us()
     table = sorted(by_name.items(), key=lambda kv: -kv[1][1])
-    return dict(wall_us=wall, kernels_per_token=len(kernels) / n_tokens, busy_us=busy / n_tokens,
-                span_us=span / n_tokens,
-                rows=[dict(name=k, per_token=n / n_tokens, us_per_token=t / n_tokens) for k, (n, t) in table][:rows])
+    return dict(wall_us=wall, kernels_per_token=len(kernels) / steps, busy_us=busy / steps, span_us=span / steps,
+                rows=[dict(name=k, per_token=n / steps, us_per_token=t / steps) for k, (n, t) in table][:rows])
 
 
 def run(args):
     if not torch.cuda.is_available():
         raise ValueError("no CUDA device: profile_decode.py times GPU kernels (run it on a GPU machine)")
+    if args.tokens < 2:
+        raise ValueError("--tokens must be at least 2 (the first token comes from the prefill)")
     levels = [float(x) for x in args.levels.split(",") if x]
     model = random_model(args.config, "cuda", torch.bfloat16)
     sparsity = SparsityFile.for_random(model, greedy_seqs=0)

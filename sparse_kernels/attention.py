@@ -103,13 +103,15 @@ def plan(S: int, n_heads: int, block_s: int = 64, max_split: int = 32, n_sm: int
 def workspace_sizes(n_heads: int, G: int, hd: int, S: int, block_s: int = 64):
     """fp32 partial words and int32 counters one call needs."""
     _, n_split = plan(S, n_heads, block_s)
-    return n_heads * n_split * max(16, next_pow2(G)) * (next_pow2(hd) + 2), n_heads
+    return n_heads * n_split * max(16, next_pow2(G)) * (max(16, next_pow2(hd)) + 2), n_heads  # as launch pads
 
 
 def launch(q, k, v, mask, out, part, counts, block_s: int = 64, num_warps: int = 4, kernel=None):
     """q (H, G, hd) and out (H, G, hd) contiguous per head; k, v (H, S, hd) with unit stride in hd;
     mask (S,) bool/uint8; H = B * KV heads of the cache. Workspaces: see workspace_sizes."""
     kernel = decode_attention_kernel if kernel is None else kernel
+    if k.stride() != v.stride() or k.stride(2) != 1:
+        raise ValueError("decode attention: k and v must share one layout with unit stride along hd")
     interp = type(kernel).__name__ == "InterpretedFunction"
     H, G, hd = q.shape
     S = k.shape[1]

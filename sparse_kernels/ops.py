@@ -46,8 +46,8 @@ def sm_count(device: torch.device) -> int:
 
 def heuristic_config(K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> dict:
     """For shapes nobody tuned. B == 1 with large weights: wide elementwise tiles (1-2 KB of each
-    gathered row, which DRAM streams better than 256-byte pieces; the tuner's pick on every large
-    Llama shape). Otherwise tl.dot tiles (cp.async pipelined). About two to three programs per SM."""
+    gathered row, which DRAM streams better than 256-byte pieces; the tuner's picks on the 8B MLP
+    shapes, and the tile sizes it picked on 70B). Otherwise tl.dot tiles (cp.async pipelined). About two to three programs per SM."""
     if B == 1 and max(K, N) >= 8192 and dtype != torch.float32:
         block_n, block_k = (1024, 8) if N >= 16384 else (512, 16)
         cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, DEPTH=2, DOT=False, num_warps=4, num_stages=1)
@@ -215,6 +215,8 @@ def _decode_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tenso
     S = k.shape[2]
     q3 = q.reshape(B * KV, G, hd).contiguous()
     k3, v3 = (_contiguous_rows(t).reshape(B * KV, S, hd) for t in (k, v))
+    if k3.stride() != v3.stride():  # the kernel walks both caches with one set of strides
+        k3, v3 = k3.contiguous(), v3.contiguous()
     out = torch.empty_like(q3)
     part, counts, _, _ = workspace(q.device, *attention.workspace_sizes(B * KV, G, hd, S), 0, 0)
     attention.launch(q3, k3, v3, mask.contiguous(), out, part, counts)
@@ -223,7 +225,7 @@ def _decode_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tenso
 
 @_decode_attention_op.register_fake
 def _(q, k, v, mask):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, like both real paths
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -232,6 +234,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"decode_attention: q (B, KV, G, hd) and k, v (B, KV, S, hd) expected; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[2] == 0:
+        raise ValueError("decode_attention: the cache has no positions")
     if mask.shape != (k.shape[2],) or mask.dtype != torch.bool:
         raise ValueError(f"decode_attention: mask must be ({k.shape[2]},) bool; got {tuple(mask.shape)} {mask.dtype}")
     return _decode_attention_op(q, k, v, mask)

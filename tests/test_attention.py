@@ -22,6 +22,9 @@ CASES = [
     (1, 1, 8, 1000, 128, torch.float16, "prefix"),
     (1, 2, 1, 40, 32, torch.bfloat16, "all"),
     (1, 2, 2, 130, 80, torch.float32, "prefix"),
+    (1, 1, 2, 3000, 32, torch.float32, "prefix"),  # 32 splits of two blocks: the online rescale
+    (1, 2, 2, 50, 8, torch.bfloat16, "random"),  # hd below the 16-wide padding
+    (2, 2, 4, 150, 64, torch.float16, "slice"),  # k and v are views into longer caches
 ]
 
 
@@ -29,7 +32,9 @@ def make_inputs(B, KV, G, S, hd, dtype, pattern, seed):
     g = torch.Generator().manual_seed(seed)
     q = (torch.randn(B, KV, G, hd, generator=g) * 2).to(dtype)  # peaked softmax: the mask matters
     k, v = (torch.randn(B, KV, S, hd, generator=g).to(dtype) for _ in range(2))
-    if pattern == "prefix":
+    if pattern == "slice":
+        k, v = (torch.randn(B, KV, S + 37, hd, generator=g).to(dtype)[:, :, :S] for _ in range(2))
+    if pattern in ("prefix", "slice"):
         mask = torch.arange(S) <= int(S * 0.7)
     elif pattern == "random":
         mask = torch.rand(S, generator=g) < 0.5
@@ -52,6 +57,8 @@ def _child():
         part, counts = torch.full((n_part,), float("nan")), torch.zeros(n_count, dtype=torch.int32)
         attention.launch(q.reshape(B * KV, G, hd), k.reshape(B * KV, S, hd), v.reshape(B * KV, S, hd), mask, y,
                          part, counts)
+        if pattern == "slice":
+            assert k.reshape(B * KV, S, hd).stride(0) == (S + 37) * hd  # a real strided view reached the kernel
         ref = decode_attention_ref(q, k, v, mask).reshape(B * KV, G, hd).float()
         wrong = decode_attention_ref(q, k, v, torch.ones_like(mask)).reshape(B * KV, G, hd).float()
         err = (y.float() - ref).abs()
@@ -81,6 +88,16 @@ def test_decode_attention_matches_reference(interpreted, i):
     assert r["n_bad"] == 0, f"{r['n_bad']} outputs off; max error {r['max_err']:.3g}"
     if CASES[i][6] != "all":  # the check has teeth: ignoring the mask is a different result
         assert r["differs_from_unmasked"] > 10 * TOL[CASES[i][5]]
+
+
+def test_decode_attention_op_registration():
+    """Fake and real implementations agree on shapes and strides (also for a non-contiguous q)."""
+    from sparse_kernels.ops import _decode_attention_op
+
+    q, k, v, mask = make_inputs(1, 2, 4, 33, 16, torch.float32, "prefix", seed=8)
+    torch.library.opcheck(_decode_attention_op, (q, k, v, mask))
+    q_t = q.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    torch.library.opcheck(_decode_attention_op, (q_t, k, v, mask))
 
 
 def test_decode_attention_op_on_cpu_is_the_reference():

@@ -301,8 +301,9 @@ def test_weights_hash_is_remembered_until_the_file_changes(tmp_path):
     entry = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps(dict(entry, sha256="f" * 64)))  # the remembered value is what comes back
     assert calibrate.file_sha256(weights) == "f" * 64
-    weights.write_bytes(b"other weights!")  # new size and mtime: hashed again
+    weights.write_bytes(b"other weights")  # same size, new mtime: hashed again
     os.utime(weights, ns=(entry["mtime_ns"] + 10**9, entry["mtime_ns"] + 10**9))
-    assert calibrate.file_sha256(weights) == hashlib.sha256(b"other weights!").hexdigest()
+    assert calibrate.file_sha256(weights) == hashlib.sha256(b"other weights").hexdigest()
     sidecar.write_text("{broken")
-    assert calibrate.file_sha256(weights) == hashlib.sha256(b"other weights!").hexdigest()
+    assert calibrate.file_sha256(weights) == hashlib.sha256(b"other weights").hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.safetensors", sidecar.name])  # no temp file left

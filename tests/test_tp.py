@@ -45,7 +45,12 @@ def logits_pair(model: Transformer, tokens: torch.Tensor) -> dict:
     return {"dense": forward_window(model, tokens, 0, sparse_tail=False),
             "sparse": forward_window(model, tokens, 0, sparse_tail=True),
             "decode": forward_window(model, tokens, 10, sparse_tail=True),
-            "realized": measure_sparsity(model, tokens, 10).per_projection}  # every rank calls it
+            "realized": realized_of(measure_sparsity(model, tokens, 10))}  # every rank calls it
+
+
+def realized_of(r) -> torch.Tensor:
+    """(n_layer + 2, 7): per-projection sparsity, the parameter weights, the model-wide figure."""
+    return torch.cat([r.per_projection, r.weights[None], torch.full((1, 7), r.model_wide, dtype=torch.float64)])
 
 
 def worker(rank: int, world: int, port: int, ckpt: str, out: str):
