@@ -226,13 +226,13 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True):
     """Tile shapes x W tiles in flight x K chunks that give between one and ~16 programs per SM.
     narrow=False: only the wide tiles (BLOCK_N >= 512) besides the config already in the table."""
     # (BLOCK_N, BLOCK_K, num_warps, num_stages, DOT, DEPTH)
-    if B == 1 and narrow:
-        variants = [(bn, bk, nw, 1, 0, d) for bn, bk in ((128, 32), (128, 64), (256, 32), (256, 64))
-                    for nw in (4, 8) for d in (2, 3)]
-        variants += [(bn, bk, nw, ns, 1, d) for bn, bk, nw, ns in ((128, 32, 4, 3), (256, 32, 4, 3), (256, 32, 8, 3),
-                                                                   (128, 64, 8, 3), (256, 64, 8, 3)) for d in (2, 3)]
     if B == 1:
-        variants = variants if narrow else []
+        variants = []
+        if narrow:
+            variants += [(bn, bk, nw, 1, 0, d) for bn, bk in ((128, 32), (128, 64), (256, 32), (256, 64))
+                         for nw in (4, 8) for d in (2, 3)]
+            variants += [(bn, bk, nw, ns, 1, d) for bn, bk, nw, ns in ((128, 32, 4, 3), (256, 32, 4, 3), (256, 32, 8, 3),
+                                                                       (128, 64, 8, 3), (256, 64, 8, 3)) for d in (2, 3)]
         # wide tiles: 1-2 KB of each gathered row per program (DRAM streams long segments better)
         variants += [(512, 16, 4, 1, 0, 2), (512, 16, 8, 1, 0, 2), (512, 32, 8, 1, 0, 2), (1024, 8, 4, 1, 0, 2),
                      (1024, 8, 8, 1, 0, 2), (1024, 16, 8, 1, 0, 2), (512, 16, 8, 1, 0, 3), (1024, 8, 8, 1, 0, 3)]
