@@ -4,16 +4,14 @@
 fp32 1e-4 (summation order only)."""
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from sparse_kernels import decode_attention, decode_attention_ref
+from tests.interpreted import compare, run_child
 
-ROOT = Path(__file__).resolve().parent.parent
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 # (B, KV, G, S, hd, dtype, mask): several splits, one split, G of 1 to 8, hd not a power of two
 CASES = [
@@ -61,22 +59,14 @@ def _child():
             assert k.reshape(B * KV, S, hd).stride(0) == (S + 37) * hd  # a real strided view reached the kernel
         ref = decode_attention_ref(q, k, v, mask).reshape(B * KV, G, hd).float()
         wrong = decode_attention_ref(q, k, v, torch.ones_like(mask)).reshape(B * KV, G, hd).float()
-        err = (y.float() - ref).abs()
-        tol = TOL[dtype]
-        out[str(i)] = dict(nan=bool(y.isnan().any()), counters=int(counts.abs().sum()),
-                           n_bad=int((err > tol + tol * ref.abs()).sum()), max_err=float(err.nan_to_num(1e9).max()),
+        out[str(i)] = dict(compare(y, ref, TOL[dtype]), counters=int(counts.abs().sum()),
                            differs_from_unmasked=float((ref - wrong).abs().max()))
     print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", "from tests.test_attention import _child; _child()"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child("tests.test_attention", timeout=900)
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[f"B{c[0]}-KV{c[1]}-G{c[2]}-S{c[3]}-hd{c[4]}-{str(c[5])[6:]}-{c[6]}"

@@ -1,26 +1,22 @@
 """The sparse matvec kernels against the torch reference.
 
-The Triton kernel runs under Triton's interpreter on the CPU. TRITON_INTERPRET=1 must be set
-before triton is first imported (its own library functions are compiled at import), so the
-kernel cases run in one child process that has it; this process, other test modules and
-their subprocesses never see the variable.
+The Triton kernel runs under Triton's interpreter on the CPU, in one child process
+(tests/interpreted.py says why).
 
 Tolerances (outputs are O(1): x ~ N(0, 1), w ~ N(0, 1/K)), atol = rtol per dtype:
 bf16 2e-2 (1-2 ulps of the rounded output), fp16 4e-3, fp32 2e-4 (summation order only).
 """
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from sparse_kernels import silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref
 from sparse_kernels.reference import gap_threshold
+from tests.interpreted import compare, run_child
 
-ROOT = Path(__file__).resolve().parent.parent
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-4}
 
 
@@ -45,13 +41,6 @@ def run_kernel(tk, op, x, w, thr, splits, cfg):
     return y, int(counts.abs().sum())
 
 
-def compare(y, ref, dtype):
-    tol = TOL[dtype]
-    y, ref = y.float(), ref.float()
-    return dict(nan=bool(y.isnan().any()), n_bad=int(((y - ref).abs() > tol + tol * ref.abs()).sum()),
-                max_err=float((y - ref).abs().nan_to_num(float("inf")).max()), all_zero=bool((y == 0).all()))
-
-
 def _child():
     """Run in a process with TRITON_INTERPRET=1: every case, results as one JSON line."""
     assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
@@ -63,22 +52,17 @@ def _child():
         x, w, thr = make_inputs(op, B, K, N, len(splits), dtype, p, seed=i)
         y, counters = run_kernel(tk, op, x, w, thr, splits, cfg)
         ref = sparse_silu_down_ref(x, w, thr) if op == "silu_down" else sparse_linear_ref(x, w, thr, splits)
-        out[case_id(CASES[i])] = dict(compare(y, ref, dtype), counters=counters)
+        out[case_id(CASES[i])] = dict(compare(y, ref, TOL[dtype]), counters=counters)
     # the comparison has teeth: a slightly lower threshold is a different result
     x, w, thr = make_inputs("linear", 1, 256, 512, 1, torch.float32, 0.5, seed=99)
     y, _ = run_kernel(tk, "linear", x, w, thr, [512], dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=128, **E))
-    out["wrong_threshold"] = compare(y, sparse_linear_ref(x, w, thr * 0.9, [512]), torch.float32)
+    out["wrong_threshold"] = compare(y, sparse_linear_ref(x, w, thr * 0.9, [512]), TOL[torch.float32])
     print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", "from tests.test_kernels import _child; _child()"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child("tests.test_kernels", timeout=1200)
 
 
 E = dict(DOT=False, num_warps=4, num_stages=1)  # the B == 1 elementwise path
