@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_kernels import next_pow2
+
 
 @triton.jit
 def decode_attention_kernel(
@@ -86,10 +88,6 @@ def decode_attention_kernel(
                                               cache_modifier=".cg")
             tl.store(out_ptrs, (total / l_all[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
             tl.store(count_ptr + head, 0)  # ready for the next call
-
-
-def next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
 
 
 def plan(S: int, n_heads: int, block_s: int = 64, max_split: int = 32, n_sm: int = 132):

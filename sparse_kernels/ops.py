@@ -48,6 +48,8 @@ def heuristic_config(K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> d
     """For shapes nobody tuned. B == 1 with large weights: wide elementwise tiles (1-2 KB of each
     gathered row, which DRAM streams better than 256-byte pieces; the tuner's picks on the 8B MLP
     shapes, and the tile sizes it picked on 70B). Otherwise tl.dot tiles (cp.async pipelined). About two to three programs per SM."""
+    from .triton_kernels import next_pow2  # only reached where Triton runs the op
+
     if B == 1 and max(K, N) >= 8192 and dtype != torch.float32:
         block_n, block_k = (1024, 8) if N >= 16384 else (512, 16)
         cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, DEPTH=2, DOT=False, num_warps=4, num_stages=1)
@@ -60,10 +62,6 @@ def heuristic_config(K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> d
     k_chunk = 1 << max(min_log2, min(11, round(math.log2(max(1.0, K * n_tiles / (per_sm * n_sm))))))
     k_chunk = max(cfg["BLOCK_K"], min(k_chunk, max(128, 4096 // next_pow2(B))))  # phase-1 registers: B * K_CHUNK
     return dict(cfg, K_CHUNK=k_chunk)
-
-
-def next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
 
 
 def pick_config(op: str, K: int, N: int, dtype: torch.dtype, B: int, device: torch.device) -> dict:
