@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparse_kernels import silu_mul, sparse_linear, sparse_silu_down
+from sparse_kernels import decode_attention, silu_mul, sparse_linear, sparse_silu_down
+from sparse_kernels.reference import rms_norm
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 # The four hidden states TEAL sparsifies and the projections each one feeds.
@@ -128,18 +129,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
-def linear_t(x: Tensor, w_t: Tensor, thresholds: Tensor, splits: list, sparse: bool) -> Tensor:
-    """x (..., K) @ w_t (K, N); if sparse, input entries with |x| <= threshold of the
-    output segment are dropped first (TEAL). One semantics: sparse_kernels.sparse_linear."""
+def linear_t(x: Tensor, w_t: Tensor, thresholds: Tensor, splits: list, sparse: bool,
+             norm: Optional[RMSNorm] = None, residual: Optional[Tensor] = None) -> Tensor:
+    """[residual +] norm(x) (..., K) @ w_t (K, N); if sparse, input entries with |norm(x)| <=
+    threshold of the output segment are dropped first (TEAL), in one fused kernel with the norm
+    and the residual add. One semantics: sparse_kernels.sparse_linear."""
     if not sparse:
-        return x @ w_t
-    y = sparse_linear(x.reshape(-1, x.shape[-1]), w_t, thresholds, splits)
-    return y.view(*x.shape[:-1], w_t.shape[1])
+        y = (x if norm is None else norm(x)) @ w_t
+        return y if residual is None else residual + y
+    lead = x.shape[:-1]
+    y = sparse_linear(x.reshape(-1, x.shape[-1]), w_t, thresholds, splits,
+                      norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.eps,
+                      residual=None if residual is None else residual.reshape(-1, w_t.shape[1]))
+    return y.view(*lead, w_t.shape[1])
 
 
 def all_reduce_if_sharded(x: Tensor, group) -> Tensor:
@@ -163,9 +168,11 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.tp_group = None  # set by tp.shard_model: wo_t then holds this rank's input rows
 
-    def forward(self, x, freqs_cis, mask, input_pos, thresholds, sparse, observe=None):
+    def forward(self, x, norm, freqs_cis, mask, input_pos, thresholds, sparse, observe=None):
+        """x + attention(norm(x)): the norm is fused into the q/k/v and the residual into the o
+        projection (except under tensor parallelism, where o's output is a partial sum)."""
         B, T, _ = x.shape  # (B, T, D)
-        qkv = linear_t(x, self.wqkv_t, thresholds[0:3], self.splits, sparse)
+        qkv = linear_t(x, self.wqkv_t, thresholds[0:3], self.splits, sparse, norm=norm)
         q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
@@ -178,8 +185,10 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         if observe is not None:
             observe("attn_out", y)
-        return all_reduce_if_sharded(linear_t(y, self.wo_t, thresholds[3:4], [self.wo_t.shape[1]], sparse),
-                                     self.tp_group)
+        o_splits = [self.wo_t.shape[1]]
+        if self.tp_group is None:
+            return linear_t(y, self.wo_t, thresholds[3:4], o_splits, sparse, residual=x)
+        return x + all_reduce_if_sharded(linear_t(y, self.wo_t, thresholds[3:4], o_splits, sparse), self.tp_group)
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -190,11 +199,9 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     group = H // n_kv
     q = q.reshape(B, n_kv, group * T, hd)  # heads h = kv * G + g, rows ordered (g, t)
     if T == 1:
-        # Decode: a (G, S) score matrix per kv head. Plain matmuls + softmax, which the compiler
-        # turns into small kernels; on an H200 this ran 4x faster than SDPA's kernels at S = 2048.
-        scores = (q @ k.transpose(-1, -2)).float() * hd ** -0.5  # (B, KV, G, S)
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
-        return (probs @ v).view(B, H, T, hd)  # (B, KV, G, hd) -> (B, H, 1, hd)
+        # Decode: one launch of the split-S Triton kernel on CUDA (masked positions never read);
+        # elsewhere its reference, plain matmuls + softmax over a (G, S) score matrix per kv head.
+        return decode_attention(q, k, v, mask[0]).view(B, H, T, hd)  # (B, KV, G, hd) -> (B, H, 1, hd)
     mask = mask.unsqueeze(0).expand(group, T, S).reshape(group * T, S)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, KV, G*T, hd)
     return y.view(B, H, T, hd)
@@ -208,15 +215,21 @@ class FeedForward(nn.Module):
         self.w2_t = nn.Parameter(torch.empty(args.intermediate_size, args.dim))  # (I, D)
         self.tp_group = None  # set by tp.shard_model: w2_t then holds this rank's input rows
 
-    def forward(self, x, thresholds, sparse, observe=None):
-        gate_up = linear_t(x, self.w13_t, thresholds[0:2], [self.hidden, self.hidden], sparse)  # (B, T, 2I)
+    def forward(self, x, norm, thresholds, sparse, observe=None):
+        """x + mlp(norm(x)), fused like Attention.forward."""
+        gate_up = linear_t(x, self.w13_t, thresholds[0:2], [self.hidden, self.hidden], sparse, norm=norm)  # (B, T, 2I)
         if observe is not None:
             observe("mlp_mid", silu_mul(gate_up))
+        residual = x if self.tp_group is None else None
         if not sparse:
-            return all_reduce_if_sharded(silu_mul(gate_up) @ self.w2_t, self.tp_group)
-        lead = gate_up.shape[:-1]
-        y = sparse_silu_down(gate_up.reshape(-1, 2 * self.hidden), self.w2_t, thresholds[2:3])
-        return all_reduce_if_sharded(y.view(*lead, self.w2_t.shape[1]), self.tp_group)
+            y = silu_mul(gate_up) @ self.w2_t
+            y = y if residual is None else residual + y
+        else:
+            lead = gate_up.shape[:-1]
+            y = sparse_silu_down(gate_up.reshape(-1, 2 * self.hidden), self.w2_t, thresholds[2:3],
+                                 residual=None if residual is None else residual.reshape(-1, x.shape[-1]))
+            y = y.view(*lead, self.w2_t.shape[1])
+        return y if self.tp_group is None else x + all_reduce_if_sharded(y, self.tp_group)
 
 
 class Block(nn.Module):
@@ -232,14 +245,12 @@ class Block(nn.Module):
 
     def forward(self, x, freqs_cis, mask, input_pos, sparse, observer=None):
         observe = None if observer is None else (lambda state, t: observer(self.layer_id, state, t))
-        h_in = self.attention_norm(x)
+        if observe is not None:  # the normed inputs are formed inside the projections' kernels
+            observe("attn_in", self.attention_norm(x))
+        h = self.attention(x, self.attention_norm, freqs_cis, mask, input_pos, self.thresholds[:4], sparse, observe)
         if observe is not None:
-            observe("attn_in", h_in)
-        h = x + self.attention(h_in, freqs_cis, mask, input_pos, self.thresholds[:4], sparse, observe)
-        m_in = self.ffn_norm(h)
-        if observe is not None:
-            observe("mlp_in", m_in)
-        return h + self.feed_forward(m_in, self.thresholds[4:], sparse, observe)
+            observe("mlp_in", self.ffn_norm(h))
+        return self.feed_forward(h, self.ffn_norm, self.thresholds[4:], sparse, observe)
 
 
 Observer = Callable[[int, str, Tensor], None]

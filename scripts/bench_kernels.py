@@ -4,8 +4,9 @@
     python scripts/bench_kernels.py --tune             # also search configs first, write sparse_kernels/configs.json
 
 Shapes: Llama-3-8B qkv 4096->6144 (splits 4096/1024/1024), o 4096->4096, gate+up 4096->2x14336,
-down 14336->4096 (sparse_silu_down), Llama-3-70B up 8192->28672 and down 28672->8192; bf16; p in
-0, 0.1, .., 0.9; x random, thresholds the exact p-quantile of |x| (of |silu(g)*up| for down).
+down 14336->4096 (sparse_silu_down), Llama-3-70B up 8192->28672 and down 28672->8192, and the
+8B shapes with the block fusions the model uses (RMSNorm into qkv and gate+up, the residual add
+into o and down; their cuBLAS and ideal columns are the unfused ones); bf16; p in 0, 0.1, .., 0.9; x random, thresholds the exact p-quantile of |x| (of |silu(g)*up| for down).
 Times: triton.testing.do_bench_cudagraph, median, cycling through enough weight buffers (>= 1 GiB)
 that the 60 MB L2 holds none of them. Columns: cuBLAS dense (F.linear on an (N, K) weight; for
 down, on the ready h = silu(g)*up), ideal (cuBLAS over a contiguous (1-p)K slice), ours, the
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sparse_kernels import ops, silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref  # noqa: E402
-from sparse_kernels.reference import gap_threshold  # noqa: E402
+from sparse_kernels.reference import gap_threshold, rms_norm  # noqa: E402
 
 SHAPES = [  # name, op, K, N, splits
     ("8B qkv", "linear", 4096, 6144, [4096, 1024, 1024]),
@@ -39,7 +40,13 @@ SHAPES = [  # name, op, K, N, splits
     ("8B down", "silu_down", 14336, 4096, [4096]),
     ("70B up", "linear", 8192, 28672, [28672]),
     ("70B down", "silu_down", 28672, 8192, [8192]),
+    ("8B qkv+norm", "linear+norm", 4096, 6144, [4096, 1024, 1024]),
+    ("8B o+res", "linear+res", 4096, 4096, [4096]),
+    ("8B g+u+norm", "linear+norm", 4096, 28672, [14336, 14336]),
+    ("8B down+res", "silu_down+res", 14336, 4096, [4096]),
 ]
+TUNED_SHAPES = [shape for shape in SHAPES if "+" not in shape[1]]  # a fusion runs its base op's config
+EPS = 1e-5
 LEVELS = [round(0.1 * i, 1) for i in range(10)]
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-4}  # atol = rtol, outputs of size ~1
 COPY_GBPS = 4300  # DESIGN.md section 7: device-to-device copy on our H200
@@ -61,8 +68,8 @@ class Problem:
         g = torch.Generator(device="cuda").manual_seed(seed)
         n_buf = max(2, math.ceil(min_bytes / (K * N * dtype.itemsize)))
         self.bufs = [torch.randn(K, N, device="cuda", generator=g).mul_(K ** -0.5).to(dtype) for _ in range(n_buf)]
-        self.x = torch.randn(B, 2 * K if op == "silu_down" else K, device="cuda", generator=g).to(dtype)
-        self.src = silu_mul(self.x) if op == "silu_down" else self.x  # (B, K): what the thresholds apply to
+        self.x, self.norm_w, self.residual = fused_inputs(op, B, K, N, dtype, g)
+        self.src = kernel_input(op, self.x, self.norm_w)  # (B, K): what the thresholds apply to
         self.step = itertools.count()
 
     def thresholds(self, p):
@@ -72,10 +79,9 @@ class Problem:
         def fn():
             w = self.bufs[next(self.step) % len(self.bufs)]
             if cfg is not None:
-                return ops.run_triton(self.op, self.x, w, thr, self.splits, cfg)
-            if self.op == "silu_down":
-                return sparse_silu_down(self.x, w, thr)
-            return sparse_linear(self.x, w, thr, self.splits)
+                return ops.run_triton(self.op.split("+")[0], self.x, w, thr, self.splits, cfg,
+                                      norm_weight=self.norm_w, eps=EPS, residual=self.residual)
+            return run_op(self.op, self.x, w, thr, self.splits, self.norm_w, self.residual)
         return fn
 
     def cublas(self, k=None):
@@ -90,6 +96,33 @@ class Problem:
             rows += int((self.src.abs().float() > thr[s]).any(0).sum()) * width
             start += width
         return rows * self.dtype.itemsize + (self.x.numel() + self.B * self.N) * self.dtype.itemsize
+
+
+def fused_inputs(op, B, K, N, dtype, g):
+    """x, and the RMSNorm weight / residual that op's "+norm" / "+res" suffixes ask for (else None)."""
+    x = torch.randn(B, 2 * K if op.startswith("silu_down") else K, device="cuda", generator=g).to(dtype)
+    norm_w = (0.5 + torch.rand(K, device="cuda", generator=g)).to(dtype) if "+norm" in op else None
+    residual = torch.randn(B, N, device="cuda", generator=g).to(dtype) if "+res" in op else None
+    return x, norm_w, residual
+
+
+def kernel_input(op, x, norm_w):
+    """What the thresholds apply to: silu(gate) * up, rms_norm(x), or x."""
+    if op.startswith("silu_down"):
+        return silu_mul(x)
+    return x if norm_w is None else rms_norm(x, norm_w, EPS)
+
+
+def run_op(op, x, w, thr, splits, norm_w, residual):
+    if op.startswith("silu_down"):
+        return sparse_silu_down(x, w, thr, residual=residual)
+    return sparse_linear(x, w, thr, splits, norm_weight=norm_w, eps=EPS, residual=residual)
+
+
+def reference_op(op, x, w, thr, splits, norm_w, residual):
+    if op.startswith("silu_down"):
+        return sparse_silu_down_ref(x, w, thr, residual=residual)
+    return sparse_linear_ref(x, w, thr, splits, norm_weight=norm_w, eps=EPS, residual=residual)
 
 
 def graph_time_us(fn, calls=24, replays=5):
@@ -127,21 +160,21 @@ def check_case(op, B, K, N, splits, dtype, p, cfg=None, seed=0):
     from sparse_kernels import triton_kernels as tk
 
     g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(B, 2 * K if op == "silu_down" else K, device="cuda", generator=g).to(dtype)
+    x, norm_w, residual = fused_inputs(op, B, K, N, dtype, g)
     w = torch.randn(K, N, device="cuda", generator=g).mul_(K ** -0.5).to(dtype)
-    src = silu_mul(x) if op == "silu_down" else x
-    thr = torch.full((len(splits),), gap_threshold(src, p), device="cuda")
-    ref = sparse_silu_down_ref(x, w, thr) if op == "silu_down" else sparse_linear_ref(x, w, thr, splits)
+    thr = torch.full((len(splits),), gap_threshold(kernel_input(op, x, norm_w), p), device="cuda")
+    ref = reference_op(op, x, w, thr, splits, norm_w, residual)
     if cfg is None:
-        y = sparse_silu_down(x, w, thr) if op == "silu_down" else sparse_linear(x, w, thr, splits)
+        y = run_op(op, x, w, thr, splits, norm_w, residual)
     else:
         y = torch.full((B, N), float("nan"), device="cuda", dtype=dtype)
         ws = ops.workspace(x.device, *tk.workspace_sizes(B, K, N, cfg))
         counts = ws[1]
         bounds = [sum(splits[:i]) for i in range(1, len(splits))]
-        tk.launch(x, w, thr, bounds, y, *ws, cfg, silu=op == "silu_down")
+        fused = dict(silu=op.startswith("silu_down"), norm_weight=norm_w, eps=EPS, residual=residual)
+        tk.launch(x, w, thr, bounds, y, *ws, cfg, **fused)
         y2 = y.clone()
-        tk.launch(x, w, thr, bounds, y, *ws, cfg, silu=op == "silu_down")  # counters were reset
+        tk.launch(x, w, thr, bounds, y, *ws, cfg, **fused)  # counters were reset
         if not torch.equal(y, y2):
             return "second call differs (counters not reset or not deterministic)"
         if int(counts[: N].abs().sum()) != 0:
@@ -171,7 +204,13 @@ def check_cases():
         if B == 1:
             cases.append(("linear", B, 4096, 6144, [4096, 1024, 1024], dname, 0.5, dict(BLOCK_N=1024, BLOCK_K=8, K_CHUNK=128, **E)))
             cases.append(("silu_down", B, 1536, 4096, [4096], dname, 0.5, dict(BLOCK_N=512, BLOCK_K=16, K_CHUNK=64, **E)))
+        for p in (0.0, 0.5, 0.9):  # the block fusions, tabled and explicit configs
+            cases.append(("linear+norm", B, 576, 1536, [576, 480, 480], dname, p, None))
+            cases.append(("silu_down+res", B, 1536, 576, [576], dname, p, None))
+        cases.append(("linear+norm+res", B, 4096, 4096, [4096], dname, 0.5, dict(BLOCK_N=128, BLOCK_K=64, K_CHUNK=512, **E)))
+        cases.append(("linear+res", B, 4096, 6144, [4096, 1024, 1024], dname, 0.5, dict(BLOCK_N=256, BLOCK_K=64, K_CHUNK=512, **D)))
     cases.append(("linear", 9, 576, 1536, [576, 480, 480], "bf16", 0.5, None))  # B > 8: reference fallback
+    cases.append(("linear+norm+res", 9, 576, 1536, [576, 480, 480], "bf16", 0.5, None))
     return cases
 
 
@@ -195,26 +234,27 @@ def check_compiled():
     torch._dynamo.config.error_on_recompile = True
     K, I, N = 576, 1536, 576
 
-    def block(x, w_qkv, thr, w13, w2):
-        qkv = sparse_linear(x, w_qkv, thr[0:3], [576, 192, 192])
+    def block(x, w_qkv, thr, w13, w2, norm_w):  # fused as in model.Block: norm into qkv, residual into down
+        qkv = sparse_linear(x, w_qkv, thr[0:3], [576, 192, 192], norm_weight=norm_w, eps=EPS)
         gate_up = sparse_linear(x, w13, thr[4:6], [I, I])
-        return qkv, sparse_silu_down(gate_up, w2, thr[6:7])
+        return qkv, sparse_silu_down(gate_up, w2, thr[6:7], residual=x)
 
     f = torch.compile(block, fullgraph=True, mode="reduce-overhead")
     g = torch.Generator(device="cuda").manual_seed(1)
     w_qkv = torch.randn(K, 960, device="cuda", generator=g).div_(K ** 0.5).bfloat16()
     w13 = torch.randn(K, 2 * I, device="cuda", generator=g).div_(K ** 0.5).bfloat16()
     w2 = torch.randn(I, N, device="cuda", generator=g).div_(I ** 0.5).bfloat16()
+    norm_w = (0.5 + torch.rand(K, device="cuda", generator=g)).bfloat16()
     thr = torch.zeros(7, device="cuda")
     errs = []
     for step, p in enumerate((0.0, 0.5, 0.9, 0.5, 0.3)):
         x = torch.randn(1, K, device="cuda", generator=g).bfloat16()
         thr.copy_(torch.full((7,), gap_threshold(x, p)))
-        qkv, y = f(x, w_qkv, thr, w13, w2)
+        qkv, y = f(x, w_qkv, thr, w13, w2, norm_w)
         qkv, y = qkv.clone(), y.clone()
-        rq = sparse_linear_ref(x, w_qkv, thr[0:3], [576, 192, 192])
+        rq = sparse_linear_ref(x, w_qkv, thr[0:3], [576, 192, 192], norm_weight=norm_w, eps=EPS)
         gu = sparse_linear_ref(x, w13, thr[4:6], [I, I])
-        ry = sparse_silu_down_ref(gu, w2, thr[6:7])
+        ry = sparse_silu_down_ref(gu, w2, thr[6:7], residual=x)
         errs.append(max((qkv.float() - rq.float()).abs().max().item(), (y.float() - ry.float()).abs().max().item()))
     torch._dynamo.config.error_on_recompile = False
     return errs
@@ -271,13 +311,15 @@ def precompile(jobs):
 
 def tune(batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=None):
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    plan = {(name, B): candidate_configs(op, K, N, B, n_sm, narrow) for name, op, K, N, splits in SHAPES for B in batches}
-    for name, op, K, N, splits in SHAPES:  # the config in the table competes too
+    plan = {(name, B): candidate_configs(op, K, N, B, n_sm, narrow) for name, op, K, N, splits in TUNED_SHAPES
+            for B in batches}
+    for name, op, K, N, splits in TUNED_SHAPES:  # the config in the table competes too
         for B in batches:
             cfg = (tabled or {}).get(ops.config_key(op, K, N, torch.bfloat16, B))
             if cfg is not None and cfg not in plan[(name, B)]:
                 plan[(name, B)].append(cfg)
-    jobs = [(op, K, N, splits, B, cfg) for name, op, K, N, splits in SHAPES for B in batches for cfg in plan[(name, B)]]
+    jobs = [(op, K, N, splits, B, cfg) for name, op, K, N, splits in TUNED_SHAPES for B in batches
+            for cfg in plan[(name, B)]]
     t0 = time.time()
     by_variant = {}
     for j in jobs:  # one worker compiles all launches of a kernel variant
@@ -287,7 +329,7 @@ def tune(batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=None):
     parallel(precompile, [c for c in chunks if c], workers)
     print(f"tune: compiled {len(by_variant)} variants ({len(jobs)} launches) in {time.time() - t0:.0f} s", flush=True)
     table, record = {}, {}
-    for name, op, K, N, splits in SHAPES:
+    for name, op, K, N, splits in TUNED_SHAPES:
         for B in batches:
             prob = Problem(op, K, N, splits, B, torch.bfloat16)
             cands = plan[(name, B)]
@@ -373,20 +415,23 @@ def main():
 
     bw = copy_bandwidth()
     result["copy_GBps"] = bw
-    rows = []
+    rows, dense = [], {}  # dense: cuBLAS and ideal times per (K, N, B, p), reused by the fused rows
     for name, op, K, N, splits in SHAPES:
         for B in [int(b) for b in args.batches.split(",")]:
             prob = Problem(op, K, N, splits, B, torch.bfloat16)
-            t_dense = bench_us(prob.cublas(), args.rep)
             for p in LEVELS:
                 thr = prob.thresholds(p)
                 t_ours = bench_us(prob.ours(thr), args.rep)
-                t_ideal = bench_us(prob.cublas(max(1, round((1 - p) * K))), args.rep)
+                if (K, N, B, p) not in dense:
+                    dense[(K, N, B, p)] = (bench_us(prob.cublas(), args.rep),
+                                           bench_us(prob.cublas(max(1, round((1 - p) * K))), args.rep))
+                t_dense, t_ideal = dense[(K, N, B, p)]
                 nbytes = prob.bytes_touched(thr)
                 rows.append(dict(shape=name, op=op, K=K, N=N, B=B, p=p, cublas_us=t_dense, ideal_us=t_ideal,
                                  ours_us=t_ours, speedup=t_dense / t_ours, ideal_speedup=t_dense / t_ideal,
                                  bytes=nbytes, GBps=nbytes / t_ours / 1e3,
-                                 config=ops.pick_config(op, K, N, torch.bfloat16, B, torch.device("cuda"))))
+                                 config=ops.pick_config(op.split("+")[0], K, N, torch.bfloat16, B,
+                                                        torch.device("cuda"))))
             del prob
             torch.cuda.empty_cache()
     result["rows"] = rows

@@ -4,8 +4,9 @@ Program (b * KV + kv, split) holds the G query heads that share kv head `kv` and
 share of the cache positions, BLOCK_S at a time, with an online softmax in fp32: scores by
 tl.dot (the G rows padded to 16), masked positions are never loaded. It stores its running
 max, sum and (G, hd) accumulator as fp32 partials and increments the head's arrival counter;
-the last program to arrive merges the partials in split order (deterministic), writes the
-output and resets the counter to 0 for the next call (no memset, CUDA-graph safe).
+the last program to arrive merges the partials (all splits' m and l in one load, the
+accumulators a few splits per load, summed in split order: deterministic), writes the output
+and resets the counter to 0 for the next call (no memset, CUDA-graph safe).
 """
 import torch
 import triton
@@ -16,11 +17,12 @@ from .triton_kernels import next_pow2
 
 @triton.jit
 def decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, count_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, ml_ptr, count_ptr,
     S, G, HD, per_split, n_split, scale,
     stride_qh, stride_kh, stride_ks, stride_oh,  # q/out rows of one (b, kv): G x HD contiguous
-    G_PAD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-    STATIC_STEPS: tl.constexpr, STATIC_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    G_PAD: tl.constexpr, G_M: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_PAD: tl.constexpr,
+    RS: tl.constexpr,
+    STATIC_STEPS: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     # As in the matvec kernel: static loop bounds and fp32 dots under Triton's interpreter.
     head = tl.program_id(0)  # b * KV + kv
@@ -60,65 +62,90 @@ def decode_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    # Merge the splits: partials (m, l, acc) per split; the last to arrive combines them.
+    # Merge the splits: partials (m, l, acc) per split; the last to arrive combines them, reading
+    # every split's m and l in one load and the accumulators RS splits per load (unrolled, so all
+    # the loads are in flight together).
     out_ptrs = out_ptr + head * stride_oh + offs_g[:, None] * HD + offs_d[None, :]
     out_ok = g_ok[:, None] & d_ok[None, :]
     if n_split == 1:
         tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
     else:
         row = (head * n_split + split) * G_PAD + offs_g  # (G_PAD,) partial rows
-        tl.store(part_ptr + row * (HD_PAD + 2) + HD_PAD, m_i)
-        tl.store(part_ptr + row * (HD_PAD + 2) + HD_PAD + 1, l_i)
-        tl.store(part_ptr + row[:, None] * (HD_PAD + 2) + offs_d[None, :], acc)
+        tl.store(ml_ptr + row * 2, m_i)
+        tl.store(ml_ptr + row * 2 + 1, l_i)
+        tl.store(part_ptr + row[:, None] * HD_PAD + offs_d[None, :], acc)
         tl.debug_barrier()  # every thread's partial is written before the arrival is published
         arrived = tl.atomic_add(count_ptr + head, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_split - 1:
-            m_all = tl.full((G_PAD,), float("-inf"), tl.float32)
-            for sp in range(0, STATIC_SPLIT if STATIC_SPLIT > 0 else n_split):
-                r = (head * n_split + sp) * G_PAD + offs_g
-                m_all = tl.maximum(m_all, tl.load(part_ptr + r * (HD_PAD + 2) + HD_PAD, cache_modifier=".cg"))
+        if arrived == n_split - 1:  # only the G real rows now (G_M of them, not the 16 of tl.dot)
+            offs_gm = tl.arange(0, G_M)
+            gm_ok = offs_gm < G
+            offs_sp = tl.arange(0, SPLIT_PAD)
+            rows = (head * n_split + offs_sp[:, None]) * G_PAD + offs_gm[None, :]  # (SPLIT_PAD, G_M)
+            sp_ok = (offs_sp < n_split)[:, None] & gm_ok[None, :]
+            m_s = tl.load(ml_ptr + rows * 2, mask=sp_ok, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(ml_ptr + rows * 2 + 1, mask=sp_ok, other=0.0, cache_modifier=".cg")
+            m_all = tl.max(m_s, axis=0)  # (G_M,)
             m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-            l_all = tl.zeros((G_PAD,), tl.float32)
-            total = tl.zeros((G_PAD, HD_PAD), tl.float32)
-            for sp in range(0, STATIC_SPLIT if STATIC_SPLIT > 0 else n_split):
-                r = (head * n_split + sp) * G_PAD + offs_g
-                w = tl.exp(tl.load(part_ptr + r * (HD_PAD + 2) + HD_PAD, cache_modifier=".cg") - m_all)
-                l_all += w * tl.load(part_ptr + r * (HD_PAD + 2) + HD_PAD + 1, cache_modifier=".cg")
-                total += w[:, None] * tl.load(part_ptr + r[:, None] * (HD_PAD + 2) + offs_d[None, :],
-                                              cache_modifier=".cg")
-            tl.store(out_ptrs, (total / l_all[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
+            l_all = tl.sum(tl.exp(m_s - m_all[None, :]) * l_s, axis=0)
+            total = tl.zeros((G_M, HD_PAD), tl.float32)
+            offs_r = tl.arange(0, RS)
+            for c in tl.static_range(0, SPLIT_PAD, RS):
+                sp = c + offs_r
+                rc = (head * n_split + sp[:, None]) * G_PAD + offs_gm[None, :]  # (RS, G_M)
+                rc_ok = (sp < n_split)[:, None] & gm_ok[None, :]
+                m_c = tl.load(ml_ptr + rc * 2, mask=rc_ok, other=float("-inf"), cache_modifier=".cg")
+                a = tl.load(part_ptr + rc[:, :, None] * HD_PAD + offs_d[None, None, :],
+                            mask=rc_ok[:, :, None], other=0.0, cache_modifier=".cg")  # (RS, G_M, HD_PAD)
+                total += tl.sum(tl.exp(m_c - m_all[None, :])[:, :, None] * a, axis=0)
+            merged_ptrs = out_ptr + head * stride_oh + offs_gm[:, None] * HD + offs_d[None, :]
+            tl.store(merged_ptrs, (total / l_all[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=gm_ok[:, None] & d_ok[None, :])
             tl.store(count_ptr + head, 0)  # ready for the next call
 
 
-def plan(S: int, n_heads: int, block_s: int = 64, max_split: int = 32, n_sm: int = 132):
+def default_block_s(S: int) -> int:
+    """Cache positions per step. On the H200 (scripts/bench_attention.py, 2 warps, Llama-3-8B heads)
+    32 was fastest up to S = 512 (5.9 us at S = 205 against 6.8 for 64), 64 from S = 1024 on."""
+    return 32 if S <= 512 else 64
+
+
+def plan(S: int, n_heads: int, block_s: int, n_sm: int = 132, max_split: int = 32):
     """(per_split, n_split): positions per program (a multiple of block_s) and programs per head,
-    about four programs per SM in all and at most max_split partials to merge."""
+    about four programs per SM of the device in all and at most max_split partials to merge."""
     n_split = max(1, min(max_split, -(-S // block_s), -(-4 * n_sm // max(1, n_heads))))
     per_split = -(-(-(-S // n_split)) // block_s) * block_s
     return per_split, -(-S // per_split)
 
 
-def workspace_sizes(n_heads: int, G: int, hd: int, S: int, block_s: int = 64):
-    """fp32 partial words and int32 counters one call needs."""
-    _, n_split = plan(S, n_heads, block_s)
-    return n_heads * n_split * max(16, next_pow2(G)) * (max(16, next_pow2(hd)) + 2), n_heads  # as launch pads
+def workspace_sizes(n_heads: int, G: int, hd: int, S: int, block_s: int = 0, n_sm: int = 132):
+    """fp32 partial words (accumulators, then m and l) and int32 counters one call needs."""
+    _, n_split = plan(S, n_heads, block_s or default_block_s(S), n_sm)
+    rows = n_heads * n_split * max(16, next_pow2(G))  # as launch pads G
+    return rows * (max(16, next_pow2(hd)) + 2), n_heads
 
 
-def launch(q, k, v, mask, out, part, counts, block_s: int = 64, num_warps: int = 4, kernel=None):
+def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 2, n_sm: int = 132, kernel=None):
     """q (H, G, hd) and out (H, G, hd) contiguous per head; k, v (H, S, hd) with unit stride in hd;
-    mask (S,) bool/uint8; H = B * KV heads of the cache. Workspaces: see workspace_sizes."""
+    mask (S,) bool/uint8; H = B * KV heads of the cache; n_sm: the device's SM count; block_s 0:
+    default_block_s(S). Workspaces: see workspace_sizes (same block_s and n_sm)."""
     kernel = decode_attention_kernel if kernel is None else kernel
     if k.stride() != v.stride() or k.stride(2) != 1:
         raise ValueError("decode attention: k and v must share one layout with unit stride along hd")
     interp = type(kernel).__name__ == "InterpretedFunction"
     H, G, hd = q.shape
     S = k.shape[1]
-    per_split, n_split = plan(S, H, block_s)
+    block_s = block_s or default_block_s(S)
+    per_split, n_split = plan(S, H, block_s, n_sm)
+    g_pad, hd_pad = max(16, next_pow2(G)), max(16, next_pow2(hd))
+    rows = H * n_split * g_pad
+    split_pad = next_pow2(n_split)
+    g_m = next_pow2(G)
+    rs = min(split_pad, max(1, 4096 // (g_m * hd_pad)))  # splits per merge load: 16 KB of fp32
     kernel[(H, n_split)](
-        q, k, v, mask.view(torch.uint8), out, part, counts,
+        q, k, v, mask.view(torch.uint8), out, part, part[rows * hd_pad:], counts,
         S, G, hd, per_split, n_split, hd ** -0.5,
         q.stride(0), k.stride(0), k.stride(1), out.stride(0),
-        G_PAD=max(16, next_pow2(G)), HD_PAD=max(16, next_pow2(hd)), BLOCK_S=block_s,
-        STATIC_STEPS=per_split // block_s if interp else 0, STATIC_SPLIT=n_split if interp else 0,
+        G_PAD=g_pad, G_M=g_m, HD_PAD=hd_pad, BLOCK_S=block_s, SPLIT_PAD=split_pad, RS=rs,
+        STATIC_STEPS=per_split // block_s if interp else 0,
         DOT_F32=q.dtype == torch.float32 or interp, num_warps=num_warps)  # fp32: exact (ieee) dots
     return out

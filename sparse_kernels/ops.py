@@ -1,4 +1,4 @@
-"""torch.library ops "teal::sparse_linear" and "teal::sparse_silu_down".
+"""torch.library ops "teal::sparse_linear", "teal::sparse_silu_down" and "teal::decode_attention".
 
 CUDA with Triton and B <= 8: the Triton kernel, configured from configs.json (tuned per
 op, shape, dtype and batch by scripts/bench_kernels.py --tune) or a heuristic for unknown
@@ -11,12 +11,12 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
-from .reference import check_args, decode_attention_ref, keep_mask, masked_matmul, silu_mul
+from .reference import check_args, decode_attention_ref, keep_mask, masked_matmul, rms_norm, silu_mul
 
 MAX_B = 8  # larger batches take the reference math
 CONFIG_PATH = Path(__file__).with_name("configs.json")
@@ -120,7 +120,8 @@ def use_triton(x: Tensor) -> bool:
     return True
 
 
-def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List[int], cfg=None) -> Tensor:
+def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List[int], cfg=None,
+               norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None) -> Tensor:
     from . import triton_kernels as tk
 
     B, (K, N) = x.shape[0], w_t.shape
@@ -135,14 +136,15 @@ def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List
     cfg["BLOCK_N"] = block_n
     silu = op == "silu_down"
     if len(bounds) <= 3 and not any(b % block_n for b in bounds):
-        pieces = [(x, w_t, thresholds, bounds, y)]
+        pieces = [(w_t, thresholds, bounds, y, residual)]
     else:  # odd splits: one launch per segment on column views
         starts = [0] + bounds
-        pieces = [(x, w_t[:, a:a + n], thresholds[s:s + 1], [], y[:, a:a + n]) for s, (a, n) in
-                  enumerate(zip(starts, splits))]
-    for xp, wp, tp, bp, yp in pieces:
+        pieces = [(w_t[:, a:a + n], thresholds[s:s + 1], [], y[:, a:a + n], None if residual is None else
+                   residual[:, a:a + n]) for s, (a, n) in enumerate(zip(starts, splits))]
+    for wp, tp, bp, yp, rp in pieces:
         sizes = tk.workspace_sizes(B, K, wp.shape[1], cfg)
-        tk.launch(xp, wp, tp, bp, yp, *workspace(x.device, *sizes), cfg, silu=silu)
+        tk.launch(x, wp, tp, bp, yp, *workspace(x.device, *sizes), cfg, silu=silu, norm_weight=norm_weight,
+                  eps=eps, residual=rp)
     return y
 
 
@@ -151,56 +153,67 @@ def _contiguous_rows(t: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("teal::sparse_linear", mutates_args=())
-def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List[int]) -> Tensor:
+def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List[int],
+                      norm_weight: Optional[Tensor] = None, eps: float = 0.0,
+                      residual: Optional[Tensor] = None) -> Tensor:
     x, w_t = _contiguous_rows(x), _contiguous_rows(w_t)
+    residual = None if residual is None else _contiguous_rows(residual)
     if use_triton(x):
-        return run_triton("linear", x, w_t, thresholds, splits)
+        return run_triton("linear", x, w_t, thresholds, splits, norm_weight=norm_weight, eps=eps, residual=residual)
     if not x.is_cuda:
         from .reference import sparse_linear_ref
-        return sparse_linear_ref(x, w_t, thresholds, splits)
-    outs, start = [], 0  # CUDA fallback (B > 8): same math, no fp32 copy of the weights
+        return sparse_linear_ref(x, w_t, thresholds, splits, norm_weight, eps, residual)
+    if norm_weight is not None:  # CUDA fallback (B > 8): same math, no fp32 copy of the weights
+        x = rms_norm(x, norm_weight, eps)
+    outs, start = [], 0
     for s, width in enumerate(splits):
         xm = torch.where(keep_mask(x, thresholds[s]), x, torch.zeros_like(x))
         outs.append(masked_matmul(xm, w_t[:, start:start + width]))
         start += width
-    return torch.cat(outs, dim=1)
+    y = torch.cat(outs, dim=1)
+    return y if residual is None else residual + y
 
 
 @_sparse_linear_op.register_fake
-def _(x, w_t, thresholds, splits):
+def _(x, w_t, thresholds, splits, norm_weight=None, eps=0.0, residual=None):
     return x.new_empty(x.shape[0], w_t.shape[1])
 
 
 @torch.library.custom_op("teal::sparse_silu_down", mutates_args=())
-def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Tensor) -> Tensor:
+def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Tensor, residual: Optional[Tensor] = None) -> Tensor:
     gate_up, w_t = _contiguous_rows(gate_up), _contiguous_rows(w_t)
+    residual = None if residual is None else _contiguous_rows(residual)
     if use_triton(gate_up):
-        return run_triton("silu_down", gate_up, w_t, threshold, [w_t.shape[1]])
+        return run_triton("silu_down", gate_up, w_t, threshold, [w_t.shape[1]], residual=residual)
     h = silu_mul(gate_up)
     if not gate_up.is_cuda:
         from .reference import sparse_linear_ref
-        return sparse_linear_ref(h, w_t, threshold[:1], [w_t.shape[1]])
-    return masked_matmul(torch.where(keep_mask(h, threshold[0]), h, torch.zeros_like(h)), w_t)
+        return sparse_linear_ref(h, w_t, threshold[:1], [w_t.shape[1]], residual=residual)
+    y = masked_matmul(torch.where(keep_mask(h, threshold[0]), h, torch.zeros_like(h)), w_t)
+    return y if residual is None else residual + y
 
 
 @_sparse_silu_down_op.register_fake
-def _(gate_up, w_t, threshold):
+def _(gate_up, w_t, threshold, residual=None):
     return gate_up.new_empty(gate_up.shape[0], w_t.shape[1])
 
 
-def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Tensor, splits) -> Tensor:
-    """x (B, K) @ w_t (K, N) keeping only |x| > thresholds[s] for the columns of segment s."""
+def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weight: Optional[Tensor] = None,
+                  eps: float = 0.0, residual: Optional[Tensor] = None) -> Tensor:
+    """x (B, K) @ w_t (K, N) keeping only |x| > thresholds[s] for the columns of segment s.
+    Fused on request: x := rms_norm(x, norm_weight, eps) first; residual (B, N) added to the output."""
     splits = [int(s) for s in splits]
-    check_args(x, w_t, thresholds, splits)
-    return _sparse_linear_op(x, w_t, thresholds, splits)
+    check_args(x, w_t, thresholds, splits, norm_weight, residual)
+    return _sparse_linear_op(x, w_t, thresholds, splits, norm_weight, float(eps), residual)
 
 
-def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Tensor) -> Tensor:
-    """h = silu(gate) * up from gate_up (B, 2I); h (kept iff |h| > threshold[0]) @ w_t (I, N)."""
+def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    """h = silu(gate) * up from gate_up (B, 2I); h (kept iff |h| > threshold[0]) @ w_t (I, N);
+    residual (B, N), if given, added to the output."""
     if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
-    check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [w_t.shape[1]])
-    return _sparse_silu_down_op(gate_up, w_t, threshold)
+    check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [w_t.shape[1]], residual=residual)
+    return _sparse_silu_down_op(gate_up, w_t, threshold, residual)
 
 
 @torch.library.custom_op("teal::decode_attention", mutates_args=())
@@ -216,8 +229,9 @@ def _decode_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tenso
     if k3.stride() != v3.stride():  # the kernel walks both caches with one set of strides
         k3, v3 = k3.contiguous(), v3.contiguous()
     out = torch.empty_like(q3)
-    part, counts, _, _ = workspace(q.device, *attention.workspace_sizes(B * KV, G, hd, S), 0, 0)
-    attention.launch(q3, k3, v3, mask.contiguous(), out, part, counts)
+    n_sm = sm_count(q.device)
+    part, counts, _, _ = workspace(q.device, *attention.workspace_sizes(B * KV, G, hd, S, n_sm=n_sm), 0, 0)
+    attention.launch(q3, k3, v3, mask.contiguous(), out, part, counts, n_sm=n_sm)
     return out.view(B, KV, G, hd)
 
 

@@ -3,10 +3,14 @@
 sparse_linear:   y[b, n] = sum_k x[b, k] * (|x[b, k]| > t_s(n)) * w_t[k, n]
                  where column n lies in segment s of `splits` and t_s = thresholds[s].
 sparse_silu_down: h = silu_mul(gate_up), then sparse_linear(h, w_t, threshold[:1], [N]).
+Optional fusions of a decoder block: norm_weight -> the input is rms_norm(x, norm_weight, eps)
+(sparse_linear); residual -> the output is residual + y (both ops).
 
 Rounding: |x| is compared with the float32 threshold exactly (|x| widened to fp32); products
 are summed in fp32 and the sum is rounded once to x.dtype. silu_mul computes
 silu(gate) * up in fp32 and rounds once to the input dtype, as the fused kernel does.
+rms_norm rounds the normalised x to x.dtype, then multiplies by the weight in that dtype (Llama's
+order); the residual add rounds y first, then the sum (as `residual + y` in the model).
 """
 import torch
 import torch.nn.functional as F
@@ -19,12 +23,19 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     return (F.silu(gate) * up).to(gate_up.dtype)
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama's RMSNorm over the last axis: x * rsqrt(mean(x^2) + eps) in fp32, rounded to x.dtype, times weight."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.type_as(x) * weight
+
+
 def keep_mask(x: Tensor, threshold: Tensor) -> Tensor:
     """|x| > t with |x| widened to fp32 (a 0-dim fp32 threshold would otherwise be rounded to x.dtype)."""
     return x.abs().float() > threshold.float()
 
 
-def check_args(x: Tensor, w_t: Tensor, thresholds: Tensor, splits) -> None:
+def check_args(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weight=None, residual=None) -> None:
     if x.dim() != 2 or w_t.dim() != 2:
         raise ValueError(f"x must be (B, K) and w_t (K, N); got {tuple(x.shape)} and {tuple(w_t.shape)}")
     if x.shape[1] != w_t.shape[0]:
@@ -36,6 +47,12 @@ def check_args(x: Tensor, w_t: Tensor, thresholds: Tensor, splits) -> None:
     if thresholds.dim() != 1 or thresholds.shape[0] < len(splits):
         raise ValueError(f"thresholds must be 1-D with one entry per split ({len(splits)}); "
                          f"got shape {tuple(thresholds.shape)}")
+    if norm_weight is not None and (norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype):
+        raise ValueError(f"norm_weight must be ({x.shape[1]},) {x.dtype}; got {tuple(norm_weight.shape)} "
+                         f"{norm_weight.dtype}")
+    if residual is not None and (residual.shape != (x.shape[0], w_t.shape[1]) or residual.dtype != x.dtype):
+        raise ValueError(f"residual must be ({x.shape[0]}, {w_t.shape[1]}) {x.dtype}; got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
 
 
 def masked_matmul(xm: Tensor, w_t: Tensor) -> Tensor:
@@ -46,24 +63,29 @@ def masked_matmul(xm: Tensor, w_t: Tensor) -> Tensor:
     return (xm.float() @ w_t.float()).to(xm.dtype)
 
 
-def sparse_linear_ref(x: Tensor, w_t: Tensor, thresholds: Tensor, splits) -> Tensor:
-    """x (B, K), w_t (K, N), thresholds (S,) fp32, splits S ints summing to N -> (B, N)."""
-    check_args(x, w_t, thresholds, splits)
+def sparse_linear_ref(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weight=None, eps: float = 0.0,
+                      residual=None) -> Tensor:
+    """x (B, K), w_t (K, N), thresholds (S,) fp32, splits S ints summing to N -> (B, N);
+    norm_weight (K,) and residual (B, N) optional (see the module docstring)."""
+    check_args(x, w_t, thresholds, splits, norm_weight, residual)
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps)
     outs, start = [], 0
     for s, width in enumerate(splits):
         xm = torch.where(keep_mask(x, thresholds[s]), x, torch.zeros_like(x))  # (B, K)
         w = w_t[:, start:start + width]
         outs.append((xm.float() @ w.float()).to(x.dtype))
         start += width
-    return torch.cat(outs, dim=1)  # (B, N)
+    y = torch.cat(outs, dim=1)  # (B, N)
+    return y if residual is None else residual + y
 
 
-def sparse_silu_down_ref(gate_up: Tensor, w_t: Tensor, threshold: Tensor) -> Tensor:
-    """gate_up (B, 2I) = [gate | up], w_t (I, N), threshold (>=1,) fp32 -> (B, N)."""
+def sparse_silu_down_ref(gate_up: Tensor, w_t: Tensor, threshold: Tensor, residual=None) -> Tensor:
+    """gate_up (B, 2I) = [gate | up], w_t (I, N), threshold (>=1,) fp32, residual (B, N) optional -> (B, N)."""
     if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
     h = silu_mul(gate_up)  # (B, I)
-    return sparse_linear_ref(h, w_t, threshold[:1], [w_t.shape[1]])
+    return sparse_linear_ref(h, w_t, threshold[:1], [w_t.shape[1]], residual=residual)
 
 
 def gap_threshold(values, p):

@@ -8,6 +8,10 @@ contiguous BLOCK_N slice), so both bytes and steps scale with 1 - p. Products ar
 accumulated in fp32 (tl.dot for batches, FMAs for B == 1). With SILU the input is
 silu(gate) * up, formed from gate_up while loading (fp32, rounded once to the dtype).
 
+Fusions that save a launch each in a decoder block: with NORM the input is RMSNorm(h) * weight,
+computed from h in the load (every program sums the squares of the whole row, which sits in
+L2); with RESIDUAL the output is residual + product (the residual add of the block).
+
 Split-K reduction without a memset: each program stores its fp32 partial tile to a
 persistent workspace (SPLIT, B, N) and increments the tile's arrival counter; the last
 to arrive sums the partials in split order (deterministic), writes y and resets the
@@ -20,19 +24,23 @@ import triton.language as tl
 
 @triton.jit
 def sparse_matvec_kernel(
-    x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, idx_ptr, xs_ptr,
-    B, K, N, stride_x, stride_w, stride_y,
+    x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, idx_ptr, xs_ptr, nw_ptr, res_ptr,
+    B, K, N, stride_x, stride_w, stride_y, stride_r, eps,
     bound1, bound2, bound3,  # first columns of segments 1..3 (multiples of BLOCK_N; N if absent)
     n_split,  # K chunks: the grid's second axis
     B_X: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, DOT: tl.constexpr, SILU: tl.constexpr, RED_R: tl.constexpr,
     EVEN_N: tl.constexpr, STATIC_ITERS: tl.constexpr, STATIC_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr, RESIDUAL: tl.constexpr,
+    RTNE_BY_BITS: tl.constexpr,
 ):
     # Loop bounds are runtime values on GPUs. Triton's interpreter cannot take a runtime range
     # bound with numpy >= 2.4 (int() of a 1-element array; it also turns every assigned value
     # into a tensor), so there the launcher passes static bounds, used inline in range(), and
     # the extra iterations are fully masked. Its bf16 tl.dot is wrong (triton 3.6), so there
-    # DOT_F32 widens the operands first: the same products (exact in fp32) and fp32 sums.
+    # DOT_F32 widens the operands first: the same products (exact in fp32) and fp32 sums. It also
+    # truncates fp32 -> bf16, so there RTNE_BY_BITS rounds the inputs the kernel forms itself
+    # (silu, norm) to nearest even by integer arithmetic, as the GPU's conversion does.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n0 = pid_n * BLOCK_N
@@ -46,7 +54,11 @@ def sparse_matvec_kernel(
     offs_c = pid_k * K_CHUNK + tl.arange(0, K_CHUNK)
     offs_bx = tl.arange(0, B_X)
     bc_ok = (offs_bx < B)[:, None] & (offs_c < K)[None, :]
-    xc = _input(x_ptr, offs_bx[:, None] * stride_x + offs_c[None, :], bc_ok, K, SILU, w_ptr.dtype.element_ty)
+    xc = _input(x_ptr, offs_bx[:, None] * stride_x + offs_c[None, :], bc_ok, K, SILU, w_ptr.dtype.element_ty,
+                RTNE_BY_BITS)
+    if NORM:  # x is RMSNorm(h) * weight: the row's rstd from all of h (every program; K values from L2)
+        xc = _rms_normed(x_ptr, nw_ptr, xc, offs_bx, offs_c, B, K, stride_x, eps, B_X, NORM_BLOCK, NORM_STEPS,
+                         RTNE_BY_BITS)
     keep = (tl.abs(xc.to(tl.float32)) > t) & bc_ok  # (B_X, K_CHUNK)
     need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
     count = tl.sum(need, axis=0)
@@ -100,8 +112,9 @@ def sparse_matvec_kernel(
     # 3. Split-K reduction: partials to the workspace, the last program to arrive sums them.
     out_ok = b_ok[:, None] & n_ok[None, :]
     y_ptrs = y_ptr + offs_b[:, None] * stride_y + offs_n[None, :]
+    r_ptrs = res_ptr + offs_b[:, None] * stride_r + offs_n[None, :]
     if n_split == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        _store_out(y_ptrs, r_ptrs, acc, out_ok, y_ptr.dtype.element_ty, RESIDUAL)
     else:
         tile = offs_b[:, None] * N + offs_n[None, :]  # (B_PAD, BLOCK_N) offsets inside one split's (B, N)
         tl.store(part_ptr + pid_k * B * N + tile, acc, mask=out_ok)
@@ -115,7 +128,7 @@ def sparse_matvec_kernel(
                 ptrs = part_ptr + s[:, None, None] * (B * N) + tile[None, :, :]
                 ok = (s < n_split)[:, None, None] & out_ok[None, :, :]
                 total += tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+            _store_out(y_ptrs, r_ptrs, total, out_ok, y_ptr.dtype.element_ty, RESIDUAL)
             tl.store(count_ptr + pid_n, 0)  # ready for the next call
 
 
@@ -136,25 +149,66 @@ def _kept(xs_base, offs_b, b_ok, j, count, K_CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _input(x_ptr, offs, mask, K, SILU: tl.constexpr, dtype: tl.constexpr):
+def _input(x_ptr, offs, mask, K, SILU: tl.constexpr, dtype: tl.constexpr, RTNE_BY_BITS: tl.constexpr):
     """x at offs; with SILU, h = silu(gate) * up from gate_up rows, in fp32, rounded to dtype."""
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
     if SILU:
         g = xv.to(tl.float32)
         u = tl.load(x_ptr + offs + K, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        xv = (g / (1.0 + tl.exp(-g)) * u).to(dtype)
+        xv = _round(g / (1.0 + tl.exp(-g)) * u, dtype, RTNE_BY_BITS)
     return xv
+
+
+@triton.jit
+def _round(v, dtype: tl.constexpr, RTNE_BY_BITS: tl.constexpr):
+    """fp32 v rounded to dtype (nearest even). RTNE_BY_BITS: bf16 only, by integer arithmetic."""
+    if RTNE_BY_BITS:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)  # the low half is zero: exact
+    return v.to(dtype)
+
+
+@triton.jit
+def _rms_normed(x_ptr, nw_ptr, xc, offs_bx, offs_c, B, K, stride_x, eps,
+                B_X: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr, RTNE_BY_BITS: tl.constexpr):
+    """RMSNorm of the chunk xc (B_X, K_CHUNK) of rows h: (h * rstd) rounded to the dtype, times
+    the norm weight, rounded again (reference.rms_norm); rstd from the sum of squares of all K."""
+    dtype = xc.dtype
+    ss = tl.zeros((B_X,), dtype=tl.float32)
+    b_ok = offs_bx < B
+    for j in tl.static_range(NORM_STEPS):  # unrolled: all of the row's loads in flight at once
+        offs = j * NORM_BLOCK + tl.arange(0, NORM_BLOCK)
+        h = tl.load(x_ptr + offs_bx[:, None] * stride_x + offs[None, :], mask=b_ok[:, None] & (offs < K)[None, :],
+                    other=0.0, eviction_policy="evict_last").to(tl.float32)
+        ss += tl.sum(h * h, axis=1)
+    rstd = tl.math.rsqrt(ss / K + eps)  # (B_X,)
+    nw = tl.load(nw_ptr + offs_c, mask=offs_c < K, other=0.0).to(tl.float32)
+    normed = _round(xc.to(tl.float32) * rstd[:, None], dtype, RTNE_BY_BITS).to(tl.float32)
+    return _round(normed * nw[None, :], dtype, RTNE_BY_BITS)
+
+
+@triton.jit
+def _store_out(y_ptrs, r_ptrs, acc, ok, dtype: tl.constexpr, RESIDUAL: tl.constexpr):
+    """y = acc rounded to the dtype; with RESIDUAL, plus the residual (fp32 sum, rounded once more)."""
+    y = acc.to(dtype)
+    if RESIDUAL:
+        y = (y.to(tl.float32) + tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)).to(dtype)
+    tl.store(y_ptrs, y, mask=ok)
 
 
 def next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False, kernel=None):
+def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False, norm_weight=None, eps=0.0,
+           residual=None, kernel=None):
     """Run the kernel: x (B, K) [or gate_up (B, 2K) if silu], w_t (K, N) row stride free,
     y (B, N) row stride free; bounds: first columns of segments 1.. (multiples of BLOCK_N);
     workspaces (see workspace_sizes): part fp32, counts int32 zeros, idx int32, xs fp32 (holds x.dtype).
-    cfg: dict BLOCK_N, BLOCK_K, K_CHUNK, DEPTH (2 or 3 W tiles in flight), DOT, num_warps, num_stages."""
+    norm_weight (K,): the input is rms_norm(x, norm_weight, eps); residual (B, N), unit column
+    stride: y = residual + the product. cfg: dict BLOCK_N, BLOCK_K, K_CHUNK, DEPTH (2 or 3 W tiles
+    in flight), DOT, num_warps, num_stages."""
     kernel = sparse_matvec_kernel if kernel is None else kernel
     interp = type(kernel).__name__ == "InterpretedFunction"
     B = x.shape[0]
@@ -169,13 +223,19 @@ def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False
     split, n_tiles = triton.cdiv(K, kc), triton.cdiv(N, bn)
     red_r = prev_pow2(max(1, min(8, split, (1024 * cfg["num_warps"]) // (b_pad * bn))))  # partials per load
     b = list(bounds) + [N] * (3 - len(bounds))
+    if silu and norm_weight is not None:
+        raise ValueError("sparse_kernels: silu and a fused norm do not combine")
+    norm_block = min(next_pow2(K), max(64, 4096 // next_pow2(B)))
     kernel[(n_tiles, split)](
         x, w_t, thresholds, y, part, counts, idx, xs.view(x.dtype),
-        B, K, N, x.stride(0), w_t.stride(0), y.stride(0), b[0], b[1], b[2], split,
+        x if norm_weight is None else norm_weight, y if residual is None else residual,
+        B, K, N, x.stride(0), w_t.stride(0), y.stride(0), y.stride(0) if residual is None else residual.stride(0),
+        float(eps), b[0], b[1], b[2], split,
         B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=cfg.get("DEPTH", 2), DOT=dot, SILU=silu, RED_R=red_r,
         EVEN_N=(N % bn == 0), STATIC_ITERS=kc // bk if interp else 0, STATIC_SPLIT=split if interp else 0,
         DOT_F32=interp and dot and x.dtype == torch.bfloat16,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        NORM=norm_weight is not None, NORM_BLOCK=norm_block, NORM_STEPS=triton.cdiv(K, norm_block),
+        RESIDUAL=residual is not None, RTNE_BY_BITS=interp and x.dtype == torch.bfloat16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 

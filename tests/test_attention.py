@@ -23,6 +23,7 @@ CASES = [
     (1, 1, 2, 3000, 32, torch.float32, "prefix"),  # 32 splits of two blocks: the online rescale
     (1, 2, 2, 50, 8, torch.bfloat16, "random"),  # hd below the 16-wide padding
     (2, 2, 4, 150, 64, torch.float16, "slice"),  # k and v are views into longer caches
+    (1, 2, 1, 700, 64, torch.float32, "random"),  # one query row per kv head, several splits
 ]
 
 

@@ -14,22 +14,42 @@ import pytest
 import torch
 
 from sparse_kernels import silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref
-from sparse_kernels.reference import gap_threshold
+from sparse_kernels.reference import gap_threshold, rms_norm
 from tests.interpreted import compare, run_child
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-4}
 
 
+EPS = 1e-5
+
+
 def make_inputs(op, B, K, N, S, dtype, p, seed):
+    """x, w, thresholds, and the fusion inputs the op names (None otherwise): the RMSNorm weight
+    ("+norm": x is then the raw hidden state, 3x larger than unit scale) and a residual ("+res")."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, 2 * K if op == "silu_down" else K, generator=g).to(dtype)
+    x = torch.randn(B, 2 * K if op.startswith("silu_down") else K, generator=g).to(dtype)
     w = (torch.randn(K, N, generator=g) / K ** 0.5).to(dtype)
-    src = silu_mul(x) if op == "silu_down" else x
-    thr = torch.full((S,), gap_threshold(src, p)) * (1 + torch.arange(S) * 0.1 * (p not in (0.0, 1.0)))
-    return x, w, thr.float()
+    norm_w = residual = None
+    if "+norm" in op:
+        x = x * 3
+        norm_w = (0.5 + torch.rand(K, generator=g)).to(dtype)
+    if "+res" in op:
+        residual = torch.randn(B, N, generator=g).to(dtype)
+    src = silu_mul(x) if op.startswith("silu_down") else x if norm_w is None else rms_norm(x, norm_w, EPS)
+    # one threshold per segment, each in a gap of |src|: Triton's interpreter rounds fp32 -> bf16
+    # by truncation, so a kernel-formed input (silu, norm) can be an ulp off the reference's
+    levels = [p if p in (0.0, 1.0) else min(0.95, p + 0.05 * s) for s in range(S)]
+    thr = torch.tensor([gap_threshold(src, q) for q in levels])
+    return x, w, thr.float(), norm_w, residual
 
 
-def run_kernel(tk, op, x, w, thr, splits, cfg):
+def reference(op, x, w, thr, splits, norm_w, residual):
+    if op.startswith("silu_down"):
+        return sparse_silu_down_ref(x, w, thr, residual=residual)
+    return sparse_linear_ref(x, w, thr, splits, norm_weight=norm_w, eps=EPS, residual=residual)
+
+
+def run_kernel(tk, op, x, w, thr, splits, cfg, norm_w=None, residual=None):
     B, (K, N) = x.shape[0], w.shape
     y = torch.full((B, N), float("nan"), dtype=x.dtype)  # poisoned: every entry must be written
     n_part, n_count, n_idx, n_xs = tk.workspace_sizes(B, K, N, cfg)
@@ -37,7 +57,8 @@ def run_kernel(tk, op, x, w, thr, splits, cfg):
     counts = torch.zeros(n_count, dtype=torch.int32)
     idx, xs = torch.full((n_idx,), -1, dtype=torch.int32), torch.full((n_xs,), float("nan"))
     bounds = [sum(splits[:i]) for i in range(1, len(splits))]
-    tk.launch(x, w, thr, bounds, y, part, counts, idx, xs, cfg, silu=op == "silu_down")
+    tk.launch(x, w, thr, bounds, y, part, counts, idx, xs, cfg, silu=op.startswith("silu_down"), norm_weight=norm_w,
+              eps=EPS, residual=residual)
     return y, int(counts.abs().sum())
 
 
@@ -49,14 +70,20 @@ def _child():
     torch.set_num_threads(1)
     out = {}
     for i, (op, B, K, N, splits, dtype, p, cfg) in enumerate(CASES):
-        x, w, thr = make_inputs(op, B, K, N, len(splits), dtype, p, seed=i)
-        y, counters = run_kernel(tk, op, x, w, thr, splits, cfg)
-        ref = sparse_silu_down_ref(x, w, thr) if op == "silu_down" else sparse_linear_ref(x, w, thr, splits)
+        x, w, thr, norm_w, residual = make_inputs(op, B, K, N, len(splits), dtype, p, seed=i)
+        y, counters = run_kernel(tk, op, x, w, thr, splits, cfg, norm_w, residual)
+        ref = reference(op, x, w, thr, splits, norm_w, residual)
         out[case_id(CASES[i])] = dict(compare(y, ref, TOL[dtype]), counters=counters)
-    # the comparison has teeth: a slightly lower threshold is a different result
-    x, w, thr = make_inputs("linear", 1, 256, 512, 1, torch.float32, 0.5, seed=99)
+    # the comparison has teeth: a slightly lower threshold is a different result, and so is a
+    # fused norm without its weight or a missing residual
+    x, w, thr, _, _ = make_inputs("linear", 1, 256, 512, 1, torch.float32, 0.5, seed=99)
     y, _ = run_kernel(tk, "linear", x, w, thr, [512], dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=128, **E))
     out["wrong_threshold"] = compare(y, sparse_linear_ref(x, w, thr * 0.9, [512]), TOL[torch.float32])
+    x, w, thr, norm_w, residual = make_inputs("linear+norm+res", 2, 256, 512, 1, torch.float32, 0.5, seed=98)
+    y, _ = run_kernel(tk, "linear", x, w, thr, [512], dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=128, **D), norm_w, residual)
+    out["unweighted_norm"] = compare(y, reference("linear", x, w, thr, [512], torch.ones_like(norm_w), residual),
+                                     TOL[torch.float32])
+    out["no_residual"] = compare(y, reference("linear", x, w, thr, [512], norm_w, None), TOL[torch.float32])
     print(json.dumps(out))
 
 
@@ -87,6 +114,15 @@ CASES = [
     ("silu_down", 1, 64, 1000, [1000], torch.float16, 1.0, dict(BLOCK_N=256, BLOCK_K=16, K_CHUNK=32, **E)),
     ("linear", 1, 500, 3072, [2048, 512, 512], torch.bfloat16, 0.5, dict(BLOCK_N=512, BLOCK_K=8, K_CHUNK=64, **E)),
     ("silu_down", 1, 1000, 1536, [1536], torch.bfloat16, 0.5, dict(BLOCK_N=1024, BLOCK_K=8, K_CHUNK=128, **E)),
+    # the block fusions: RMSNorm in the input (q/k/v, gate/up), the residual add in the output (o, down)
+    ("linear+norm", 1, 576, 1536, [576, 480, 480], torch.bfloat16, 0.5, dict(BLOCK_N=32, BLOCK_K=32, K_CHUNK=256, **E)),
+    ("linear+norm", 3, 1000, 512, [256, 256], torch.float32, 0.3, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=256, **D)),
+    ("linear+norm", 8, 576, 1000, [1000], torch.float16, 0.9, dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=128, **D)),
+    ("linear+res", 1, 576, 576, [576], torch.bfloat16, 0.5, dict(BLOCK_N=64, BLOCK_K=32, K_CHUNK=128, **E)),
+    ("linear+res", 2, 300, 1000, [1000], torch.float32, 0.0, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=512, **D)),
+    ("silu_down+res", 1, 1536, 576, [576], torch.bfloat16, 0.5, dict(BLOCK_N=64, BLOCK_K=64, K_CHUNK=512, **E)),
+    ("silu_down+res", 8, 200, 1000, [1000], torch.float16, 1.0, dict(BLOCK_N=256, BLOCK_K=32, K_CHUNK=64, **D)),
+    ("linear+norm+res", 1, 300, 1000, [1000], torch.float16, 0.5, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **E)),
 ]
 
 
@@ -101,12 +137,14 @@ def test_kernel_matches_reference(interpreted, case):
     assert not r["nan"], "output not fully written (poison left)"
     assert r["counters"] == 0, "arrival counters must be left at zero for the next call"
     assert r["n_bad"] == 0, f"{r['n_bad']} outputs beyond atol=rtol={TOL[dtype]}; max error {r['max_err']:.3g}"
-    if p == 1.0:
+    if p == 1.0 and "+res" not in case[0]:
         assert r["all_zero"], "every input dropped: the output must be exactly 0"
 
 
 def test_kernel_comparison_can_fail(interpreted):
     assert interpreted["wrong_threshold"]["n_bad"] > 0
+    assert interpreted["unweighted_norm"]["n_bad"] > 0
+    assert interpreted["no_residual"]["n_bad"] > 0
 
 
 def test_reference_semantics():
@@ -130,11 +168,12 @@ def test_ops_compile_on_cpu(dtype):
     w_qkv = (torch.randn(K, 128, generator=g) / 8).to(dtype)
     w13 = (torch.randn(K, 2 * I, generator=g) / 8).to(dtype)
     w2 = (torch.randn(I, K, generator=g) / 10).to(dtype)
+    norm_w = (0.5 + torch.rand(K, generator=g)).to(dtype)
 
-    def block(x, thr):
-        qkv = sparse_linear(x, w_qkv, thr[0:3], [64, 32, 32])
+    def block(x, thr):  # the fused norm on q/k/v and the fused residual on down, as in model.Block
+        qkv = sparse_linear(x, w_qkv, thr[0:3], [64, 32, 32], norm_weight=norm_w, eps=1e-5)
         gate_up = sparse_linear(x, w13, thr[4:6], [I, I])
-        return qkv, sparse_silu_down(gate_up, w2, thr[6:7])
+        return qkv, sparse_silu_down(gate_up, w2, thr[6:7], residual=x)
 
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True)
@@ -143,8 +182,8 @@ def test_ops_compile_on_cpu(dtype):
         x = torch.randn(2, K, generator=g).to(dtype)
         thr.copy_(torch.rand(7, generator=g) * level * 2)
         qkv, y = compiled(x, thr)
-        rq = sparse_linear_ref(x, w_qkv, thr[0:3], [64, 32, 32])
-        ry = sparse_silu_down_ref(sparse_linear_ref(x, w13, thr[4:6], [I, I]), w2, thr[6:7])
+        rq = sparse_linear_ref(x, w_qkv, thr[0:3], [64, 32, 32], norm_weight=norm_w, eps=1e-5)
+        ry = sparse_silu_down_ref(sparse_linear_ref(x, w13, thr[4:6], [I, I]), w2, thr[6:7], residual=x)
         torch.testing.assert_close(qkv, rq, atol=TOL[dtype], rtol=TOL[dtype])
         torch.testing.assert_close(y, ry, atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -177,3 +216,7 @@ def test_bad_arguments():
         sparse_linear(torch.randn(1, 7), w, torch.zeros(1), [6])
     with pytest.raises(ValueError, match="cast"):
         sparse_linear(x.double(), w, torch.zeros(1), [6])
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        sparse_linear(x, w, torch.zeros(1), [6], norm_weight=torch.ones(7))
+    with pytest.raises(ValueError, match="residual must be"):
+        sparse_linear(x, w, torch.zeros(1), [6], residual=torch.zeros(1, 5))

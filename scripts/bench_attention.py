@@ -1,0 +1,162 @@
+"""Check and time the decode attention kernel (teal::decode_attention) on a GPU.
+
+    python scripts/bench_attention.py          # checks, then the table; JSON to results/bench_attention.json
+
+Checks: the op against decode_attention_ref (7 shapes, bf16/fp16/fp32, partial masks, two calls
+equal), and inside torch.compile(fullgraph, reduce-overhead) with new masks per call. Timing:
+Llama-3-8B heads (8 kv x 4 q heads, hd 128), bf16, one CUDA graph over 32 layers' caches (as in a
+decode step), median per call, for cache lengths S with the first `valid` fraction attended:
+the compiled reference (bmm + softmax + bmm, what inductor makes of it) against the kernel at
+each (BLOCK_S, num_warps, programs per SM) tried; the op uses the defaults of attention.launch.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sparse_kernels import decode_attention, decode_attention_ref, ops  # noqa: E402
+
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+CHECKS = [  # B, KV, G, S, hd, dtype, attended fraction
+    (1, 8, 4, 205, 128, torch.bfloat16, 0.5), (1, 8, 4, 2048, 128, torch.bfloat16, 0.99),
+    (1, 8, 4, 8192, 128, torch.bfloat16, 0.3), (2, 3, 3, 300, 64, torch.float16, 0.7),
+    (1, 8, 8, 1000, 128, torch.float32, 0.6), (8, 8, 4, 205, 128, torch.bfloat16, 1.0),
+    (1, 2, 2, 130, 80, torch.bfloat16, 0.5),
+]
+# (BLOCK_S, num_warps, programs per SM that plan() aims at; the op's plan aims at 4)
+CONFIGS = [(32, 2, 4), (64, 2, 4), (64, 2, 2), (64, 4, 4), (128, 4, 4), (128, 8, 4), (128, 8, 2), (128, 4, 1)]
+
+
+def check_op() -> list:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    failures = []
+    for B, KV, G, S, hd, dtype, frac in CHECKS:
+        q = (torch.randn(B, KV, G, hd, device="cuda", generator=g) * 2).to(dtype)
+        k, v = (torch.randn(B, KV, S, hd, device="cuda", generator=g).to(dtype) for _ in range(2))
+        mask = torch.arange(S, device="cuda") <= int(S * frac)
+        ref = decode_attention_ref(q, k, v, mask).float()
+        y1, y2 = decode_attention(q, k, v, mask), decode_attention(q, k, v, mask)
+        err = (y1.float() - ref).abs().max().item()
+        if not (err <= TOL[dtype] and torch.equal(y1, y2)):
+            failures.append(dict(shape=[B, KV, G, S, hd, str(dtype), frac], max_err=err, same=torch.equal(y1, y2)))
+    return failures
+
+
+def check_compiled() -> list:
+    """Two layers' attention in one compiled CUDA graph, a new mask each call, no recompiles."""
+    torch._dynamo.config.error_on_recompile = True
+
+    def two_layers(q, k1, v1, k2, v2, mask):
+        return decode_attention(q, k1, v1, mask) + decode_attention(q, k2, v2, mask)
+
+    f = torch.compile(two_layers, fullgraph=True, mode="reduce-overhead")
+    S = 205
+    g = torch.Generator(device="cuda").manual_seed(1)
+    caches = [torch.randn(1, 8, S, 128, device="cuda", generator=g).bfloat16() for _ in range(4)]
+    errs = []
+    for step in range(4):
+        q = (torch.randn(1, 8, 4, 128, device="cuda", generator=g) * 2).bfloat16()
+        mask = torch.arange(S, device="cuda") <= 10 + 40 * step
+        y = f(q, *caches, mask).clone()
+        r = decode_attention_ref(q, caches[0], caches[1], mask) + decode_attention_ref(q, caches[2], caches[3], mask)
+        errs.append((y.float() - r.float()).abs().max().item())
+    torch._dynamo.config.error_on_recompile = False
+    return errs
+
+
+def graph_us(fn, calls: int) -> float:
+    """One CUDA graph of `calls` calls (fn(i) for call i): median replay time per call."""
+    fn(0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(9):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        graph.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def time_kernel(q, caches, mask, block_s, num_warps, per_sm):
+    from sparse_kernels import attention
+
+    import triton
+
+    H, G, hd = q.shape[1], q.shape[2], q.shape[3]
+    S = caches[0][0].shape[2]
+    n_sm = max(1, ops.sm_count(q.device) * per_sm // 4)  # plan() aims at 4 programs per n_sm
+    part, counts, _, _ = ops.workspace(q.device, *attention.workspace_sizes(H, G, hd, S, block_s, n_sm), 0, 0)
+    q3, out = q.reshape(H, G, hd), torch.empty(H, G, hd, device="cuda", dtype=q.dtype)
+    kv3 = [(k.reshape(H, S, hd), v.reshape(H, S, hd)) for k, v in caches]
+    try:
+        return graph_us(lambda i: attention.launch(q3, *kv3[i], mask, out, part, counts, block_s, num_warps, n_sm),
+                        len(caches))
+    except triton.runtime.errors.OutOfResources:
+        return float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "results" / "bench_attention.json"), help="JSON results path")
+    ap.add_argument("--lengths", default="205,1024,2048,8192", help="cache lengths S (comma separated)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device; the attention benchmark needs a GPU (CPU tests: tests/test_attention.py)")
+    import triton
+
+    t0 = time.time()
+    result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
+                  command=" ".join(sys.argv))
+    failures, errs = check_op(), check_compiled()
+    result["checks"] = dict(failures=failures, compiled_max_err=errs,  # a sum of two outputs: twice the tolerance
+                            ok=not failures and max(errs) <= 2 * TOL[torch.bfloat16])
+    print(f"checks: {len(CHECKS) - len(failures)}/{len(CHECKS)} shapes pass {failures or ''}; compiled "
+          f"reduce-overhead max errors {['%.3g' % e for e in errs]} ({time.time() - t0:.0f} s)", flush=True)
+
+    ref_compiled = torch.compile(decode_attention_ref, fullgraph=True)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    rows = []
+    for S in [int(s) for s in args.lengths.split(",")]:
+        q = (torch.randn(1, 8, 4, 128, device="cuda", generator=g) * 2).bfloat16()
+        caches = [tuple(torch.randn(1, 8, S, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
+                  for _ in range(32)]
+        for frac in (0.5, 1.0):
+            mask = torch.arange(S, device="cuda") < max(1, int(S * frac))
+            row = dict(S=S, valid=frac, compiled_ref_us=graph_us(lambda i: ref_compiled(q, *caches[i], mask), 32),
+                       op_us=graph_us(lambda i: decode_attention(q, *caches[i], mask), 32),
+                       kernel_us={f"{bs}/{nw}/{ps}": time_kernel(q, caches, mask, bs, nw, ps) for bs, nw, ps in CONFIGS})
+            rows.append(row)
+            print(f"S={S} valid={frac}: ref {row['compiled_ref_us']:.1f} op {row['op_us']:.1f} " +
+                  " ".join(f"{k}:{v:.1f}" for k, v in row["kernel_us"].items()), flush=True)
+        del caches
+    result["rows"] = rows
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}; bf16, Llama-3-8B heads, "
+          f"32 caches per CUDA graph, median us per call; checks {'pass' if result['checks']['ok'] else 'FAILED'}; "
+          f"JSON: {args.out}")
+    names = [f"{bs}/{nw}/{ps}" for bs, nw, ps in CONFIGS]
+    print(f"{'S':>5} {'valid':>5} {'compiled':>8} {'op':>6} " + " ".join(f"{n:>8}" for n in names) +
+          "  (BLOCK_S/warps/programs per SM)")
+    for r in rows:
+        print(f"{r['S']:5d} {r['valid']:5.2f} {r['compiled_ref_us']:8.1f} {r['op_us']:6.1f} " +
+              " ".join(f"{r['kernel_us'][n]:8.1f}" for n in names))
+
+
+if __name__ == "__main__":
+    main()
