@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparse_kernels import decode_attention, silu_mul, sparse_linear, sparse_silu_down
-from sparse_kernels.reference import rms_norm
+from sparse_kernels import (decode_attention, decode_attention_step, rms_norm, rope, silu_mul, sparse_linear,
+                            sparse_silu_down)
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 # The four hidden states TEAL sparsifies and the projections each one feeds.
@@ -174,15 +174,22 @@ class Attention(nn.Module):
         B, T, _ = x.shape  # (B, T, D)
         qkv = linear_t(x, self.wqkv_t, thresholds[0:3], self.splits, sparse, norm=norm)
         q, k, v = qkv.split(self.splits, dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, KV, S, hd)
-        y = grouped_attention(q, k, v, mask)  # (B, H, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        if T == 1 and self.kv_cache is not None:  # decode: RoPE, the cache write and attention in one kernel
+            KV, hd = self.n_kv_head, self.head_dim
+            cache = self.kv_cache
+            y = decode_attention_step(q.view(B, KV, self.n_head // KV, hd), k.view(B, KV, hd), v.view(B, KV, hd),
+                                      cache.k_cache, cache.v_cache, freqs_cis[0], input_pos, mask[0])
+            y = y.view(B, T, self.n_head * hd)  # heads h = kv * G + g, as q was laid out
+        else:
+            q = q.view(B, T, self.n_head, self.head_dim)
+            k = k.view(B, T, self.n_kv_head, self.head_dim)
+            v = v.view(B, T, self.n_kv_head, self.head_dim)
+            q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+            if self.kv_cache is not None:
+                k, v = self.kv_cache.update(input_pos, k, v)  # (B, KV, S, hd)
+            y = grouped_attention(q, k, v, mask)  # (B, H, T, hd)
+            y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         if observe is not None:
             observe("attn_out", y)
         o_splits = [self.wo_t.shape[1]]
@@ -347,8 +354,4 @@ def precompute_freqs_cis(seq_len: int, head_dim: int, base: float, rope_scaling:
 
 def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
     # x (B, T, heads, hd) with rotation pairs in adjacent channels; freqs_cis (T, hd/2, 2)
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, heads, hd/2, 2)
-    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
-    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
-                       xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
-    return out.flatten(3).type_as(x)
+    return rope(x, freqs_cis.view(1, x.shape[1], 1, x.shape[3] // 2, 2))

@@ -3,7 +3,9 @@
     python scripts/bench_attention.py          # checks, then the table; JSON to results/bench_attention.json
 
 Checks: the op against decode_attention_ref (7 shapes, bf16/fp16/fp32, partial masks, two calls
-equal), and inside torch.compile(fullgraph, reduce-overhead) with new masks per call. Timing:
+equal), the decode step op (RoPE + cache write + attention) against decode_attention_step_ref
+(output and caches), both inside torch.compile(fullgraph, reduce-overhead) with new inputs per
+call. Timing:
 Llama-3-8B heads (8 kv x 4 q heads, hd 128), bf16, one CUDA graph over 32 layers' caches (as in a
 decode step), median per call, for cache lengths S with the first `valid` fraction attended:
 the compiled reference (bmm + softmax + bmm, what inductor makes of it) against the kernel at
@@ -21,7 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sparse_kernels import decode_attention, decode_attention_ref, ops  # noqa: E402
+from sparse_kernels import (decode_attention, decode_attention_ref, decode_attention_step,  # noqa: E402
+                            decode_attention_step_ref, ops)
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 CHECKS = [  # B, KV, G, S, hd, dtype, attended fraction
@@ -49,6 +52,34 @@ def check_op() -> list:
     return failures
 
 
+def step_inputs(B, KV, G, S, hd, dtype, pos, g):
+    qkv = torch.randn(B, (KV * G + 2 * KV) * hd, device="cuda", generator=g).to(dtype)
+    q = qkv[:, :KV * G * hd].view(B, KV, G, hd)  # views of one projected row, as the model passes them
+    k = qkv[:, KV * G * hd:(KV * G + KV) * hd].view(B, KV, hd)
+    v = qkv[:, (KV * G + KV) * hd:].view(B, KV, hd)
+    caches = [torch.randn(B, KV, S, hd, device="cuda", generator=g).to(dtype) for _ in range(2)]
+    angles = torch.rand(hd // 2, device="cuda", generator=g) * 6.0
+    freqs = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    return q, k, v, caches, freqs, torch.tensor([pos], device="cuda"), torch.arange(S, device="cuda") <= pos
+
+
+def check_step() -> list:
+    """The decode step op: output and the written cache entries against the reference."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    failures = []
+    for B, KV, G, S, hd, dtype, pos in [(1, 8, 4, 205, 128, torch.bfloat16, 140), (2, 3, 3, 100, 64, torch.float16, 0),
+                                        (1, 8, 4, 8192, 128, torch.bfloat16, 8191), (2, 2, 1, 130, 80, torch.float32, 64)]:
+        q, k, v, (kc, vc), freqs, input_pos, mask = step_inputs(B, KV, G, S, hd, dtype, pos, g)
+        kr, vr = kc.clone(), vc.clone()
+        ref = decode_attention_step_ref(q, k, v, kr, vr, freqs, input_pos, mask).float()
+        y = decode_attention_step(q, k, v, kc, vc, freqs, input_pos, mask)
+        err = (y.float() - ref).abs().max().item()
+        cache_err = max((kc.float() - kr.float()).abs().max().item(), (vc.float() - vr.float()).abs().max().item())
+        if not (err <= TOL[dtype] and cache_err <= 4 * TOL[dtype]):
+            failures.append(dict(shape=[B, KV, G, S, hd, str(dtype), pos], max_err=err, cache_err=cache_err))
+    return failures
+
+
 def check_compiled() -> list:
     """Two layers' attention in one compiled CUDA graph, a new mask each call, no recompiles."""
     torch._dynamo.config.error_on_recompile = True
@@ -67,6 +98,27 @@ def check_compiled() -> list:
         y = f(q, *caches, mask).clone()
         r = decode_attention_ref(q, caches[0], caches[1], mask) + decode_attention_ref(q, caches[2], caches[3], mask)
         errs.append((y.float() - r.float()).abs().max().item())
+    # the decode step with caches as module buffers, as in the model: written in place, no copies
+    class Step(torch.nn.Module):
+        def __init__(self, kc, vc):
+            super().__init__()
+            self.register_buffer("kc", kc)
+            self.register_buffer("vc", vc)
+
+        def forward(self, q, k, v, freqs, pos, mask):
+            return decode_attention_step(q, k, v, self.kc, self.vc, freqs, pos, mask)
+
+    q, k, v, (kc, vc), freqs, _, _ = step_inputs(1, 8, 4, S, 128, torch.bfloat16, 0, g)
+    step = Step(kc, vc)
+    f_step = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    kr, vr = kc.clone(), vc.clone()
+    for pos in (3, 4, 5, 6):
+        q2, k2, v2 = (torch.randn_like(t) for t in (q, k, v))
+        input_pos = torch.tensor([pos], device="cuda")
+        mask = torch.arange(S, device="cuda") <= pos
+        y = f_step(q2, k2, v2, freqs, input_pos, mask).clone()
+        r = decode_attention_step_ref(q2, k2, v2, kr, vr, freqs, input_pos, mask)
+        errs.append(max((y.float() - r.float()).abs().max().item(), (step.kc.float() - kr.float()).abs().max().item()))
     torch._dynamo.config.error_on_recompile = False
     return errs
 
@@ -122,10 +174,10 @@ def main():
     t0 = time.time()
     result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
                   command=" ".join(sys.argv))
-    failures, errs = check_op(), check_compiled()
+    failures, errs = check_op() + check_step(), check_compiled()
     result["checks"] = dict(failures=failures, compiled_max_err=errs,  # a sum of two outputs: twice the tolerance
                             ok=not failures and max(errs) <= 2 * TOL[torch.bfloat16])
-    print(f"checks: {len(CHECKS) - len(failures)}/{len(CHECKS)} shapes pass {failures or ''}; compiled "
+    print(f"checks: {len(CHECKS) + 4 - len(failures)}/{len(CHECKS) + 4} shapes pass {failures or ''}; compiled "
           f"reduce-overhead max errors {['%.3g' % e for e in errs]} ({time.time() - t0:.0f} s)", flush=True)
 
     ref_compiled = torch.compile(decode_attention_ref, fullgraph=True)
@@ -145,6 +197,20 @@ def main():
                   " ".join(f"{k}:{v:.1f}" for k, v in row["kernel_us"].items()), flush=True)
         del caches
     result["rows"] = rows
+    step_rows = []  # the decode step: rope + cache write + attention, compiled reference vs the op
+    ref_step = torch.compile(decode_attention_step_ref, fullgraph=True)
+    for S in [int(s) for s in args.lengths.split(",")]:
+        q, k, v, _, freqs, _, _ = step_inputs(1, 8, 4, 8, 128, torch.bfloat16, 0, g)
+        caches = [tuple(torch.randn(1, 8, S, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
+                  for _ in range(32)]
+        pos = torch.tensor([S // 2], device="cuda")
+        mask = torch.arange(S, device="cuda") <= S // 2
+        row = dict(S=S, valid=0.5,
+                   compiled_ref_us=graph_us(lambda i: ref_step(q, k, v, *caches[i], freqs, pos, mask), 32),
+                   op_us=graph_us(lambda i: decode_attention_step(q, k, v, *caches[i], freqs, pos, mask), 32))
+        step_rows.append(row)
+        del caches
+    result["step_rows"] = step_rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}; bf16, Llama-3-8B heads, "
@@ -156,6 +222,10 @@ def main():
     for r in rows:
         print(f"{r['S']:5d} {r['valid']:5.2f} {r['compiled_ref_us']:8.1f} {r['op_us']:6.1f} " +
               " ".join(f"{r['kernel_us'][n]:8.1f}" for n in names))
+    print("decode step (RoPE + cache write + attention), half the cache attended:")
+    print(f"{'S':>5} {'compiled':>8} {'op':>6}")
+    for r in step_rows:
+        print(f"{r['S']:5d} {r['compiled_ref_us']:8.1f} {r['op_us']:6.1f}")
 
 
 if __name__ == "__main__":

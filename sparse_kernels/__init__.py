@@ -4,11 +4,14 @@
     y = sparse_silu_down(gate_up, w_t, threshold)      # gate_up (B, 2I), w_t (I, N) -> (B, N)
 
     out = decode_attention(q, k, v, mask)               # q (B, KV, G, hd), cache (B, KV, S, hd)
+    out = decode_attention_step(q, k, v, k_cache, v_cache, freqs, input_pos, mask)
+                                                        # + RoPE of q, k and the cache write at input_pos
 
 All are torch.library custom ops (teal::...), so torch.compile captures them whole.
 """
-from .ops import decode_attention, sparse_linear, sparse_silu_down
-from .reference import decode_attention_ref, silu_mul, sparse_linear_ref, sparse_silu_down_ref
+from .ops import decode_attention, decode_attention_step, sparse_linear, sparse_silu_down
+from .reference import (decode_attention_ref, decode_attention_step_ref, rms_norm, rope, silu_mul, sparse_linear_ref,
+                        sparse_silu_down_ref)
 
-__all__ = ["sparse_linear", "sparse_silu_down", "sparse_linear_ref", "sparse_silu_down_ref", "silu_mul",
-           "decode_attention", "decode_attention_ref"]
+__all__ = ["sparse_linear", "sparse_silu_down", "sparse_linear_ref", "sparse_silu_down_ref", "silu_mul", "rms_norm",
+           "rope", "decode_attention", "decode_attention_ref", "decode_attention_step", "decode_attention_step_ref"]

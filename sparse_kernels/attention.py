@@ -1,5 +1,10 @@
 """Triton decode attention (one query position, grouped heads), split over the cache length.
 
+With ROPE (the decode step, teal::decode_attention_step) the kernel also does the work around
+it: q and the new k are rotated (RoPE, fp32, rounded once), the new k and v are written into
+the cache at the step's position by the one program whose positions contain it, and every
+program uses the new k/v for that position from registers (no ordering between programs).
+
 Program (b * KV + kv, split) holds the G query heads that share kv head `kv` and walks its
 share of the cache positions, BLOCK_S at a time, with an online softmax in fp32: scores by
 tl.dot (the G rows padded to 16), masked positions are never loaded. It stores its running
@@ -12,31 +17,51 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import next_pow2
+from .triton_kernels import _round, next_pow2
 
 
 @triton.jit
 def decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, ml_ptr, count_ptr,
-    S, G, HD, per_split, n_split, scale,
-    stride_qh, stride_kh, stride_ks, stride_oh,  # q/out rows of one (b, kv): G x HD contiguous
+    kn_ptr, vn_ptr, freqs_ptr, pos_ptr,  # ROPE only: the new k and v (B, KV, HD), (HD/2, 2) cos/sin, position
+    S, G, HD, KV, per_split, n_split, scale,
+    stride_qb, stride_qkv, stride_qg,  # q[b, kv, g, :] at b * stride_qb + kv * stride_qkv + g * stride_qg
+    stride_nb, stride_nkv,  # the new k/v [b, kv, :]
+    stride_kh, stride_ks, stride_oh,  # cache rows of head b * KV + kv; out rows: G x HD contiguous per head
     G_PAD: tl.constexpr, G_M: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_PAD: tl.constexpr,
-    RS: tl.constexpr,
-    STATIC_STEPS: tl.constexpr, DOT_F32: tl.constexpr,
+    RS: tl.constexpr, ROPE: tl.constexpr,
+    STATIC_STEPS: tl.constexpr, DOT_F32: tl.constexpr, RTNE_BY_BITS: tl.constexpr,
 ):
-    # As in the matvec kernel: static loop bounds and fp32 dots under Triton's interpreter.
+    # As in the matvec kernel: static loop bounds, fp32 dots and bit-exact bf16 rounding under
+    # Triton's interpreter.
     head = tl.program_id(0)  # b * KV + kv
     split = tl.program_id(1)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, HD_PAD)
     g_ok, d_ok = offs_g < G, offs_d < HD
-    q = tl.load(q_ptr + head * stride_qh + offs_g[:, None] * HD + offs_d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # (G_PAD, HD_PAD)
+    b = head // KV
+    q_ptrs = q_ptr + b * stride_qb + (head % KV) * stride_qkv + offs_g[:, None] * stride_qg
+    q_ok = g_ok[:, None] & d_ok[None, :]
+    start = split * per_split
+    end = tl.minimum(start + per_split, S)
+    if ROPE:  # rotate adjacent channel pairs (2j, 2j+1) by the position's angle j
+        cos = tl.load(freqs_ptr + (offs_d // 2) * 2, mask=d_ok, other=0.0)
+        sin = tl.load(freqs_ptr + (offs_d // 2) * 2 + 1, mask=d_ok, other=0.0)
+        sin = tl.where(offs_d % 2 == 0, -sin, sin)
+        partner = offs_d ^ 1
+        q = _rotate(q_ptrs + offs_d[None, :], q_ptrs + partner[None, :], q_ok, cos[None, :], sin[None, :], RTNE_BY_BITS)
+        n_off = b * stride_nb + (head % KV) * stride_nkv
+        k_new = _rotate(kn_ptr + n_off + offs_d, kn_ptr + n_off + partner, d_ok, cos, sin, RTNE_BY_BITS)
+        v_new = tl.load(vn_ptr + n_off + offs_d, mask=d_ok, other=0.0)
+        pos = tl.load(pos_ptr).to(tl.int32)
+        mine = d_ok & (pos >= start) & (pos < end)  # the one program whose positions hold pos writes the cache
+        tl.store(k_ptr + head * stride_kh + pos * stride_ks + offs_d, k_new, mask=mine)
+        tl.store(v_ptr + head * stride_kh + pos * stride_ks + offs_d, v_new, mask=mine)
+    else:
+        q = tl.load(q_ptrs + offs_d[None, :], mask=q_ok, other=0.0)  # (G_PAD, HD_PAD)
     m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((G_PAD,), tl.float32)
     acc = tl.zeros((G_PAD, HD_PAD), tl.float32)
-    start = split * per_split
-    end = tl.minimum(start + per_split, S)
     offs_b = tl.arange(0, BLOCK_S)
     for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else tl.cdiv(end - start, BLOCK_S)):
         offs_s = start + i * BLOCK_S + offs_b
@@ -45,6 +70,10 @@ def decode_attention_kernel(
         kv_ok = valid[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0.0)  # (BLOCK_S, HD_PAD)
         v = tl.load(v_ptr + kv_off, mask=kv_ok, other=0.0)
+        if ROPE:  # this step's position, if here, from registers (the cache write may still be in flight)
+            here = (offs_s == pos)[:, None]
+            k = tl.where(here, k_new[None, :], k)
+            v = tl.where(here, v_new[None, :], v)
         if DOT_F32:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -103,6 +132,14 @@ def decode_attention_kernel(
             tl.store(count_ptr + head, 0)  # ready for the next call
 
 
+@triton.jit
+def _rotate(x_ptrs, partner_ptrs, ok, cos, sin, RTNE_BY_BITS: tl.constexpr):
+    """RoPE of x: x * cos + partner * sin (sin negated on even channels) in fp32, rounded to x's dtype."""
+    x = tl.load(x_ptrs, mask=ok, other=0.0)
+    partner = tl.load(partner_ptrs, mask=ok, other=0.0).to(tl.float32)
+    return _round(x.to(tl.float32) * cos + partner * sin, x.dtype, RTNE_BY_BITS)
+
+
 def default_block_s(S: int) -> int:
     """Cache positions per step. On the H200 (scripts/bench_attention.py, 2 warps, Llama-3-8B heads)
     32 was fastest up to S = 512 (5.9 us at S = 205 against 6.8 for 64), 64 from S = 1024 on."""
@@ -124,16 +161,21 @@ def workspace_sizes(n_heads: int, G: int, hd: int, S: int, block_s: int = 0, n_s
     return rows * (max(16, next_pow2(hd)) + 2), n_heads
 
 
-def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 2, n_sm: int = 132, kernel=None):
-    """q (H, G, hd) and out (H, G, hd) contiguous per head; k, v (H, S, hd) with unit stride in hd;
-    mask (S,) bool/uint8; H = B * KV heads of the cache; n_sm: the device's SM count; block_s 0:
-    default_block_s(S). Workspaces: see workspace_sizes (same block_s and n_sm)."""
+def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 2, n_sm: int = 132,
+           rope=None, kernel=None):
+    """q (B, KV, G, hd) with unit stride in hd, out (B * KV, G, hd) contiguous; k, v: the caches
+    (B, KV, S, hd), contiguous per (b, kv) head with unit stride in hd; mask (S,) bool/uint8;
+    n_sm: the device's SM count; block_s 0: default_block_s(S). rope: None, or (k_new, v_new
+    (B, KV, hd) with unit stride in hd, freqs (hd/2, 2) fp32 cos/sin, pos (1,) int) for the
+    decode step (q and k_new unrotated; k_new, v_new written to the caches at pos).
+    Workspaces: see workspace_sizes (same block_s and n_sm)."""
     kernel = decode_attention_kernel if kernel is None else kernel
-    if k.stride() != v.stride() or k.stride(2) != 1:
-        raise ValueError("decode attention: k and v must share one layout with unit stride along hd")
+    B, KV, G, hd = q.shape
+    S = k.shape[2]
+    if k.stride() != v.stride() or k.stride(3) != 1 or q.stride(3) != 1:
+        raise ValueError("decode attention: k and v must share one layout; k, v and q need unit stride along hd")
     interp = type(kernel).__name__ == "InterpretedFunction"
-    H, G, hd = q.shape
-    S = k.shape[1]
+    H = B * KV
     block_s = block_s or default_block_s(S)
     per_split, n_split = plan(S, H, block_s, n_sm)
     g_pad, hd_pad = max(16, next_pow2(G)), max(16, next_pow2(hd))
@@ -141,11 +183,18 @@ def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 
     split_pad = next_pow2(n_split)
     g_m = next_pow2(G)
     rs = min(split_pad, max(1, 4096 // (g_m * hd_pad)))  # splits per merge load: 16 KB of fp32
+    if k.shape[0] > 1 and k.stride(0) != KV * k.stride(1):
+        raise ValueError("decode attention: the caches' batch rows must follow each other")
+    k_new, v_new, freqs, pos = rope if rope is not None else (q, q, q, q)  # unused without rope
+    if rope is not None and (k_new.stride() != v_new.stride() or k_new.stride(2) != 1):
+        raise ValueError("decode attention: the new k and v must share one layout with unit stride along hd")
     kernel[(H, n_split)](
-        q, k, v, mask.view(torch.uint8), out, part, part[rows * hd_pad:], counts,
-        S, G, hd, per_split, n_split, hd ** -0.5,
-        q.stride(0), k.stride(0), k.stride(1), out.stride(0),
-        G_PAD=g_pad, G_M=g_m, HD_PAD=hd_pad, BLOCK_S=block_s, SPLIT_PAD=split_pad, RS=rs,
+        q, k, v, mask.view(torch.uint8), out, part, part[rows * hd_pad:], counts, k_new, v_new, freqs, pos,
+        S, G, hd, KV, per_split, n_split, hd ** -0.5,
+        q.stride(0), q.stride(1), q.stride(2), k_new.stride(0), k_new.stride(1) if rope is not None else 0,
+        k.stride(1), k.stride(2), out.stride(0),
+        G_PAD=g_pad, G_M=g_m, HD_PAD=hd_pad, BLOCK_S=block_s, SPLIT_PAD=split_pad, RS=rs, ROPE=rope is not None,
         STATIC_STEPS=per_split // block_s if interp else 0,
-        DOT_F32=q.dtype == torch.float32 or interp, num_warps=num_warps)  # fp32: exact (ieee) dots
+        DOT_F32=q.dtype == torch.float32 or interp, RTNE_BY_BITS=interp and q.dtype == torch.bfloat16,
+        num_warps=num_warps)  # fp32: exact (ieee) dots
     return out

@@ -1,4 +1,5 @@
-"""torch.library ops "teal::sparse_linear", "teal::sparse_silu_down" and "teal::decode_attention".
+"""torch.library ops "teal::sparse_linear", "teal::sparse_silu_down", "teal::decode_attention" and
+"teal::decode_attention_step".
 
 CUDA with Triton and B <= 8: the Triton kernel, configured from configs.json (tuned per
 op, shape, dtype and batch by scripts/bench_kernels.py --tune) or a heuristic for unknown
@@ -16,7 +17,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .reference import check_args, decode_attention_ref, keep_mask, masked_matmul, rms_norm, silu_mul
+from .reference import (check_args, decode_attention_ref, decode_attention_step_ref, keep_mask, masked_matmul,
+                        rms_norm, silu_mul)
 
 MAX_B = 8  # larger batches take the reference math
 CONFIG_PATH = Path(__file__).with_name("configs.json")
@@ -216,28 +218,51 @@ def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Tensor, residual: 
     return _sparse_silu_down_op(gate_up, w_t, threshold, residual)
 
 
-@torch.library.custom_op("teal::decode_attention", mutates_args=())
-def _decode_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    if not use_triton(q) or q.shape[-1] > 256:
-        return decode_attention_ref(q, k, v, mask)
+def _attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rope=None) -> Tensor:
     from . import attention
 
     B, KV, G, hd = q.shape
-    S = k.shape[2]
-    q3 = q.reshape(B * KV, G, hd).contiguous()
-    k3, v3 = (_contiguous_rows(t).reshape(B * KV, S, hd) for t in (k, v))
-    if k3.stride() != v3.stride():  # the kernel walks both caches with one set of strides
-        k3, v3 = k3.contiguous(), v3.contiguous()
-    out = torch.empty_like(q3)
+    k, v = _contiguous_rows(k), _contiguous_rows(v)
+    if k.stride() != v.stride() or (B > 1 and k.stride(0) != KV * k.stride(1)):
+        k, v = k.contiguous(), v.contiguous()  # the kernel walks both caches with one set of strides
+    out = torch.empty(B * KV, G, hd, dtype=q.dtype, device=q.device)
     n_sm = sm_count(q.device)
-    part, counts, _, _ = workspace(q.device, *attention.workspace_sizes(B * KV, G, hd, S, n_sm=n_sm), 0, 0)
-    attention.launch(q3, k3, v3, mask.contiguous(), out, part, counts, n_sm=n_sm)
+    part, counts, _, _ = workspace(q.device, *attention.workspace_sizes(B * KV, G, hd, k.shape[2], n_sm=n_sm), 0, 0)
+    attention.launch(_contiguous_rows(q), k, v, mask.contiguous(), out, part, counts, n_sm=n_sm, rope=rope)
     return out.view(B, KV, G, hd)
+
+
+def _use_attention_kernel(q: Tensor) -> bool:
+    return use_triton(q) and q.shape[-1] <= 256 and q.shape[-1] % 2 == 0
+
+
+@torch.library.custom_op("teal::decode_attention", mutates_args=())
+def _decode_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    if not _use_attention_kernel(q):
+        return decode_attention_ref(q, k, v, mask)
+    return _attention_triton(q, k, v, mask)
 
 
 @_decode_attention_op.register_fake
 def _(q, k, v, mask):
     return q.new_empty(q.shape)  # contiguous, like both real paths
+
+
+@torch.library.custom_op("teal::decode_attention_step", mutates_args=("k_cache", "v_cache"))
+def _decode_attention_step_op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, freqs: Tensor,
+                              input_pos: Tensor, mask: Tensor) -> Tensor:
+    if not _use_attention_kernel(q) or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or (
+            q.shape[0] > 1 and k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1)):
+        return decode_attention_step_ref(q, k, v, k_cache, v_cache, freqs, input_pos, mask)
+    k, v = (_contiguous_rows(t) for t in (k, v))
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return _attention_triton(q, k_cache, v_cache, mask, rope=(k, v, freqs.contiguous(), input_pos))
+
+
+@_decode_attention_step_op.register_fake
+def _(q, k, v, k_cache, v_cache, freqs, input_pos, mask):
+    return q.new_empty(q.shape)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -252,3 +277,22 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         raise ValueError(f"decode_attention: mask must be ({k.shape[2]},) bool; got {tuple(mask.shape)} {mask.dtype}")
     return _decode_attention_op(q, k, v, mask)
 
+
+def decode_attention_step(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, freqs: Tensor,
+                          input_pos: Tensor, mask: Tensor) -> Tensor:
+    """A decode step's attention with its RoPE and cache write: q (B, KV, G, hd) and the new
+    k, v (B, KV, hd) as projected (q, k not yet rotated), freqs (hd/2, 2) the position's
+    cos/sin, input_pos (1,) the position; k, v go into the caches (B, KV, S, hd) at input_pos
+    (in place), then the rotated q attends to the cache positions in mask (S,) bool -> (B, KV, G, hd)."""
+    B, KV, G, hd = q.shape if q.dim() == 4 else (0, 0, 0, 0)
+    if q.dim() != 4 or k.shape != (B, KV, hd) or v.shape != k.shape or k_cache.shape != v_cache.shape or \
+            k_cache.dim() != 4 or k_cache.shape[:2] != (B, KV) or k_cache.shape[3] != hd:
+        raise ValueError(f"decode_attention_step: q (B, KV, G, hd), k and v (B, KV, hd), caches (B, KV, S, hd) "
+                         f"expected; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(k_cache.shape)}")
+    if hd % 2 or freqs.shape != (hd // 2, 2) or input_pos.numel() != 1:
+        raise ValueError(f"decode_attention_step: freqs ({hd // 2}, 2) and one position expected; got "
+                         f"{tuple(freqs.shape)} and {input_pos.numel()} positions")
+    if mask.shape != (k_cache.shape[2],) or mask.dtype != torch.bool:
+        raise ValueError(f"decode_attention_step: mask must be ({k_cache.shape[2]},) bool; got {tuple(mask.shape)} "
+                         f"{mask.dtype}")
+    return _decode_attention_step_op(q, k, v, k_cache, v_cache, freqs.float(), input_pos.reshape(1), mask)

@@ -110,3 +110,21 @@ def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tenso
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
     return probs @ v
 
+
+
+def rope(x: Tensor, freqs: Tensor) -> Tensor:
+    """Rotary embedding of adjacent channel pairs: x (..., hd), freqs (..., hd/2, 2) [cos, sin]
+    broadcastable to x's pairs; fp32 math, rounded once to x.dtype."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (..., hd/2, 2)
+    cos, sin = freqs[..., 0], freqs[..., 1]
+    out = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def decode_attention_step_ref(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, freqs: Tensor,
+                              input_pos: Tensor, mask: Tensor) -> Tensor:
+    """q (B, KV, G, hd), k/v (B, KV, hd) unrotated, freqs (hd/2, 2), input_pos (1,), caches
+    (B, KV, S, hd) written in place at input_pos, mask (S,) -> decode_attention_ref of the rotated q."""
+    k_cache.index_copy_(2, input_pos.reshape(1), rope(k, freqs).unsqueeze(2))
+    v_cache.index_copy_(2, input_pos.reshape(1), v.unsqueeze(2))
+    return decode_attention_ref(rope(q, freqs), k_cache, v_cache, mask)

@@ -1,7 +1,9 @@
 """The decode attention kernel against its torch reference, under Triton's interpreter on the CPU
-(in a child process, as in test_kernels.py). Tolerances (atol = rtol; outputs are O(1)): bf16
-2e-2 and fp16 4e-3 (the kernel rounds unnormalised probabilities, the reference normalised ones),
-fp32 1e-4 (summation order only)."""
+(in a child process, as in test_kernels.py), plain and as the fused decode step (RoPE of q and
+the new k, their cache write, attention). Tolerances (atol = rtol; outputs are O(1)): bf16 2e-2
+and fp16 4e-3 (the kernel rounds unnormalised probabilities, the reference normalised ones),
+fp32 1e-4 (summation order only); the written cache entries: one ulp of the dtype (2^-7, 2^-10
+and 1e-6 relative: the rotation's fp32 arithmetic may be fused differently)."""
 import json
 import os
 import sys
@@ -9,10 +11,12 @@ import sys
 import pytest
 import torch
 
-from sparse_kernels import decode_attention, decode_attention_ref
+from sparse_kernels import (decode_attention, decode_attention_ref, decode_attention_step, decode_attention_step_ref,
+                            rope)
 from tests.interpreted import compare, run_child
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+CACHE_TOL = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 1e-6}
 # (B, KV, G, S, hd, dtype, mask): several splits, one split, G of 1 to 8, hd not a power of two
 CASES = [
     (1, 2, 4, 205, 128, torch.bfloat16, "prefix"),
@@ -24,6 +28,13 @@ CASES = [
     (1, 2, 2, 50, 8, torch.bfloat16, "random"),  # hd below the 16-wide padding
     (2, 2, 4, 150, 64, torch.float16, "slice"),  # k and v are views into longer caches
     (1, 2, 1, 700, 64, torch.float32, "random"),  # one query row per kv head, several splits
+]
+# the fused decode step: (B, KV, G, S, hd, dtype, position); the mask is positions <= position
+STEP_CASES = [
+    (1, 2, 4, 205, 128, torch.bfloat16, 140),
+    (2, 3, 3, 100, 64, torch.float16, 0),  # the first position: only the new k/v attend
+    (1, 2, 2, 3000, 32, torch.float32, 2999),  # the last position of the last of 32 splits
+    (2, 2, 1, 130, 80, torch.bfloat16, 64),  # hd not a power of two; the position starts a split
 ]
 
 
@@ -54,15 +65,48 @@ def _child():
         y = torch.full((B * KV, G, hd), float("nan"), dtype=dtype)  # poisoned
         n_part, n_count = attention.workspace_sizes(B * KV, G, hd, S)
         part, counts = torch.full((n_part,), float("nan")), torch.zeros(n_count, dtype=torch.int32)
-        attention.launch(q.reshape(B * KV, G, hd), k.reshape(B * KV, S, hd), v.reshape(B * KV, S, hd), mask, y,
-                         part, counts)
+        attention.launch(q, k, v, mask, y, part, counts)
         if pattern == "slice":
-            assert k.reshape(B * KV, S, hd).stride(0) == (S + 37) * hd  # a real strided view reached the kernel
+            assert k.stride(1) == (S + 37) * hd  # a real strided view reached the kernel
         ref = decode_attention_ref(q, k, v, mask).reshape(B * KV, G, hd).float()
         wrong = decode_attention_ref(q, k, v, torch.ones_like(mask)).reshape(B * KV, G, hd).float()
         out[str(i)] = dict(compare(y, ref, TOL[dtype]), counters=int(counts.abs().sum()),
                            differs_from_unmasked=float((ref - wrong).abs().max()))
+    for i, case in enumerate(STEP_CASES):
+        out[f"step{i}"] = run_step(attention, *case, seed=100 + i)
     print(json.dumps(out))
+
+
+def make_step_inputs(B, KV, G, S, hd, dtype, pos, seed):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, (KV * G + 2 * KV) * hd, generator=g).to(dtype)  # one projected row per sequence
+    q = qkv[:, :KV * G * hd].view(B, KV, G, hd)  # views with the row's stride, as the model passes them
+    k = qkv[:, KV * G * hd:(KV * G + KV) * hd].view(B, KV, hd)
+    v = qkv[:, (KV * G + KV) * hd:].view(B, KV, hd)
+    caches = [torch.randn(B, KV, S, hd, generator=g).to(dtype) for _ in range(2)]
+    angles = torch.rand(hd // 2, generator=g) * 6.0
+    freqs = torch.stack([angles.cos(), angles.sin()], dim=-1)  # (hd/2, 2)
+    return q * 2, k, v, caches, freqs, torch.tensor([pos]), torch.arange(S) <= pos
+
+
+def run_step(attention, B, KV, G, S, hd, dtype, pos, seed):
+    q, k, v, (k_cache, v_cache), freqs, input_pos, mask = make_step_inputs(B, KV, G, S, hd, dtype, pos, seed)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    ref = decode_attention_step_ref(q, k, v, k_ref, v_ref, freqs, input_pos, mask).reshape(B * KV, G, hd)
+    unrotated = decode_attention_ref(q, k_ref, v_ref, mask).reshape(B * KV, G, hd)
+    y = torch.full((B * KV, G, hd), float("nan"), dtype=dtype)
+    n_part, n_count = attention.workspace_sizes(B * KV, G, hd, S)
+    part, counts = torch.full((n_part,), float("nan")), torch.zeros(n_count, dtype=torch.int32)
+    before = k_cache.clone()
+    attention.launch(q, k_cache, v_cache, mask, y, part, counts, rope=(k, v, freqs, input_pos))
+    others = torch.ones(S, dtype=torch.bool)
+    others[pos] = False
+    cache_err = max(float(((c - r).abs().float() / r.abs().float().clamp_min(1e-3))[:, :, pos].max())
+                    for c, r in ((k_cache, k_ref), (v_cache, v_ref)))
+    return dict(compare(y, ref, TOL[dtype]), counters=int(counts.abs().sum()), cache_rel_err=cache_err,
+                others_untouched=bool(torch.equal(k_cache[:, :, others], before[:, :, others])),
+                cache_changed=bool((k_cache[:, :, pos] != before[:, :, pos]).any()),
+                differs_unrotated=float((ref.float() - unrotated.float()).abs().max()))
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +123,38 @@ def test_decode_attention_matches_reference(interpreted, i):
     assert r["n_bad"] == 0, f"{r['n_bad']} outputs off; max error {r['max_err']:.3g}"
     if CASES[i][6] != "all":  # the check has teeth: ignoring the mask is a different result
         assert r["differs_from_unmasked"] > 10 * TOL[CASES[i][5]]
+
+
+@pytest.mark.parametrize("i", range(len(STEP_CASES)), ids=[f"B{c[0]}-KV{c[1]}-G{c[2]}-S{c[3]}-hd{c[4]}-"
+                                                           f"{str(c[5])[6:]}-pos{c[6]}" for c in STEP_CASES])
+def test_decode_attention_step_matches_reference(interpreted, i):
+    r, dtype = interpreted[f"step{i}"], STEP_CASES[i][5]
+    assert not r["nan"], "output not fully written (poison left)"
+    assert r["counters"] == 0, "arrival counters must be left at zero for the next call"
+    assert r["n_bad"] == 0, f"{r['n_bad']} outputs off; max error {r['max_err']:.3g}"
+    assert r["cache_changed"] and r["others_untouched"], "only the step's position of the cache is written"
+    assert r["cache_rel_err"] <= CACHE_TOL[dtype], f"cache entry off by {r['cache_rel_err']:.3g} (relative)"
+    if STEP_CASES[i][6] > 0:  # the check has teeth: RoPE changes the result (one position: softmax = 1)
+        assert r["differs_unrotated"] > 10 * TOL[dtype]
+
+
+def test_decode_attention_step_op_on_cpu_is_the_reference():
+    """The op (CPU: the reference) writes the caches in place and equals the reference; RoPE of the
+    model's layout (B, T, heads, hd) is the same function."""
+    q, k, v, (k_cache, v_cache), freqs, input_pos, mask = make_step_inputs(2, 2, 3, 40, 16, torch.float32, 17, seed=3)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    y = decode_attention_step(q, k, v, k_cache, v_cache, freqs, input_pos, mask)
+    torch.testing.assert_close(y, decode_attention_step_ref(q, k, v, k_ref, v_ref, freqs, input_pos, mask), rtol=0, atol=0)
+    torch.testing.assert_close(k_cache, k_ref, rtol=0, atol=0)
+    torch.testing.assert_close(k_cache[:, :, 17], rope(k, freqs), rtol=0, atol=0)
+    torch.testing.assert_close(v_cache[:, :, 17], v, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="freqs"):
+        decode_attention_step(q, k, v, k_cache, v_cache, freqs[:-1], input_pos, mask)
+    with pytest.raises(ValueError, match="caches"):
+        decode_attention_step(q, k, v, k_cache[:, :1], v_cache[:, :1], freqs, input_pos, mask)
+    from sparse_kernels.ops import _decode_attention_step_op
+
+    torch.library.opcheck(_decode_attention_step_op, (q, k, v, k_cache, v_cache, freqs, input_pos, mask))
 
 
 def test_decode_attention_op_registration():
