@@ -173,14 +173,12 @@ class Attention(nn.Module):
         projection (except under tensor parallelism, where o's output is a partial sum)."""
         B, T, _ = x.shape  # (B, T, D)
         qkv = linear_t(x, self.wqkv_t, thresholds[0:3], self.splits, sparse, norm=norm)
-        q, k, v = qkv.split(self.splits, dim=-1)
         if T == 1 and self.kv_cache is not None:  # decode: RoPE, the cache write and attention in one kernel
-            KV, hd = self.n_kv_head, self.head_dim
             cache = self.kv_cache
-            y = decode_attention_step(q.view(B, KV, self.n_head // KV, hd), k.view(B, KV, hd), v.view(B, KV, hd),
-                                      cache.k_cache, cache.v_cache, freqs_cis[0], input_pos, mask[0])
-            y = y.view(B, T, self.n_head * hd)  # heads h = kv * G + g, as q was laid out
+            y = decode_attention_step(qkv, self.n_head, cache.k_cache, cache.v_cache, freqs_cis, input_pos, mask)
+            y = y.view(B, T, self.n_head * self.head_dim)  # (B, KV, G, hd): heads h = kv * G + g
         else:
+            q, k, v = qkv.split(self.splits, dim=-1)
             q = q.view(B, T, self.n_head, self.head_dim)
             k = k.view(B, T, self.n_kv_head, self.head_dim)
             v = v.view(B, T, self.n_kv_head, self.head_dim)

@@ -53,14 +53,13 @@ def check_op() -> list:
 
 
 def step_inputs(B, KV, G, S, hd, dtype, pos, g):
-    qkv = torch.randn(B, (KV * G + 2 * KV) * hd, device="cuda", generator=g).to(dtype)
-    q = qkv[:, :KV * G * hd].view(B, KV, G, hd)  # views of one projected row, as the model passes them
-    k = qkv[:, KV * G * hd:(KV * G + KV) * hd].view(B, KV, hd)
-    v = qkv[:, (KV * G + KV) * hd:].view(B, KV, hd)
+    """As the model passes them: qkv (B, 1, N), n_head, caches, freqs (1, hd/2, 2), position, mask (1, S)."""
+    qkv = torch.randn(B, 1, (KV * G + 2 * KV) * hd, device="cuda", generator=g).to(dtype)
     caches = [torch.randn(B, KV, S, hd, device="cuda", generator=g).to(dtype) for _ in range(2)]
-    angles = torch.rand(hd // 2, device="cuda", generator=g) * 6.0
+    angles = torch.rand(1, hd // 2, device="cuda", generator=g) * 6.0
     freqs = torch.stack([angles.cos(), angles.sin()], dim=-1)
-    return q, k, v, caches, freqs, torch.tensor([pos], device="cuda"), torch.arange(S, device="cuda") <= pos
+    mask = (torch.arange(S, device="cuda") <= pos)[None, :]
+    return qkv, KV * G, caches, freqs, torch.tensor([pos], device="cuda"), mask
 
 
 def check_step() -> list:
@@ -69,10 +68,10 @@ def check_step() -> list:
     failures = []
     for B, KV, G, S, hd, dtype, pos in [(1, 8, 4, 205, 128, torch.bfloat16, 140), (2, 3, 3, 100, 64, torch.float16, 0),
                                         (1, 8, 4, 8192, 128, torch.bfloat16, 8191), (2, 2, 1, 130, 80, torch.float32, 64)]:
-        q, k, v, (kc, vc), freqs, input_pos, mask = step_inputs(B, KV, G, S, hd, dtype, pos, g)
+        qkv, n_head, (kc, vc), freqs, input_pos, mask = step_inputs(B, KV, G, S, hd, dtype, pos, g)
         kr, vr = kc.clone(), vc.clone()
-        ref = decode_attention_step_ref(q, k, v, kr, vr, freqs, input_pos, mask).float()
-        y = decode_attention_step(q, k, v, kc, vc, freqs, input_pos, mask)
+        ref = decode_attention_step_ref(qkv, n_head, kr, vr, freqs, input_pos, mask).float()
+        y = decode_attention_step(qkv, n_head, kc, vc, freqs, input_pos, mask)
         err = (y.float() - ref).abs().max().item()
         cache_err = max((kc.float() - kr.float()).abs().max().item(), (vc.float() - vr.float()).abs().max().item())
         if not (err <= TOL[dtype] and cache_err <= 4 * TOL[dtype]):
@@ -105,19 +104,19 @@ def check_compiled() -> list:
             self.register_buffer("kc", kc)
             self.register_buffer("vc", vc)
 
-        def forward(self, q, k, v, freqs, pos, mask):
-            return decode_attention_step(q, k, v, self.kc, self.vc, freqs, pos, mask)
+        def forward(self, qkv, freqs, pos, mask):
+            return decode_attention_step(qkv, 32, self.kc, self.vc, freqs, pos, mask)
 
-    q, k, v, (kc, vc), freqs, _, _ = step_inputs(1, 8, 4, S, 128, torch.bfloat16, 0, g)
+    qkv, _, (kc, vc), freqs, _, _ = step_inputs(1, 8, 4, S, 128, torch.bfloat16, 0, g)
     step = Step(kc, vc)
     f_step = torch.compile(step, fullgraph=True, mode="reduce-overhead")
     kr, vr = kc.clone(), vc.clone()
     for pos in (3, 4, 5, 6):
-        q2, k2, v2 = (torch.randn_like(t) for t in (q, k, v))
+        qkv2 = torch.randn_like(qkv)
         input_pos = torch.tensor([pos], device="cuda")
-        mask = torch.arange(S, device="cuda") <= pos
-        y = f_step(q2, k2, v2, freqs, input_pos, mask).clone()
-        r = decode_attention_step_ref(q2, k2, v2, kr, vr, freqs, input_pos, mask)
+        mask = (torch.arange(S, device="cuda") <= pos)[None, :]
+        y = f_step(qkv2, freqs, input_pos, mask).clone()
+        r = decode_attention_step_ref(qkv2, 32, kr, vr, freqs, input_pos, mask)
         errs.append(max((y.float() - r.float()).abs().max().item(), (step.kc.float() - kr.float()).abs().max().item()))
     torch._dynamo.config.error_on_recompile = False
     return errs
@@ -153,10 +152,9 @@ def time_kernel(q, caches, mask, block_s, num_warps, per_sm):
     S = caches[0][0].shape[2]
     n_sm = max(1, ops.sm_count(q.device) * per_sm // 4)  # plan() aims at 4 programs per n_sm
     part, counts, _, _ = ops.workspace(q.device, *attention.workspace_sizes(H, G, hd, S, block_s, n_sm), 0, 0)
-    q3, out = q.reshape(H, G, hd), torch.empty(H, G, hd, device="cuda", dtype=q.dtype)
-    kv3 = [(k.reshape(H, S, hd), v.reshape(H, S, hd)) for k, v in caches]
+    out = torch.empty(H, G, hd, device="cuda", dtype=q.dtype)
     try:
-        return graph_us(lambda i: attention.launch(q3, *kv3[i], mask, out, part, counts, block_s, num_warps, n_sm),
+        return graph_us(lambda i: attention.launch(q, *caches[i], mask, out, part, counts, block_s, num_warps, n_sm),
                         len(caches))
     except triton.runtime.errors.OutOfResources:
         return float("nan")
@@ -200,14 +198,14 @@ def main():
     step_rows = []  # the decode step: rope + cache write + attention, compiled reference vs the op
     ref_step = torch.compile(decode_attention_step_ref, fullgraph=True)
     for S in [int(s) for s in args.lengths.split(",")]:
-        q, k, v, _, freqs, _, _ = step_inputs(1, 8, 4, 8, 128, torch.bfloat16, 0, g)
+        qkv, n_head, _, freqs, _, _ = step_inputs(1, 8, 4, 8, 128, torch.bfloat16, 0, g)
         caches = [tuple(torch.randn(1, 8, S, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
                   for _ in range(32)]
         pos = torch.tensor([S // 2], device="cuda")
-        mask = torch.arange(S, device="cuda") <= S // 2
+        mask = (torch.arange(S, device="cuda") <= S // 2)[None, :]
         row = dict(S=S, valid=0.5,
-                   compiled_ref_us=graph_us(lambda i: ref_step(q, k, v, *caches[i], freqs, pos, mask), 32),
-                   op_us=graph_us(lambda i: decode_attention_step(q, k, v, *caches[i], freqs, pos, mask), 32))
+                   compiled_ref_us=graph_us(lambda i: ref_step(qkv, n_head, *caches[i], freqs, pos, mask), 32),
+                   op_us=graph_us(lambda i: decode_attention_step(qkv, n_head, *caches[i], freqs, pos, mask), 32))
         step_rows.append(row)
         del caches
     result["step_rows"] = step_rows

@@ -4,7 +4,7 @@
     y = sparse_silu_down(gate_up, w_t, threshold)      # gate_up (B, 2I), w_t (I, N) -> (B, N)
 
     out = decode_attention(q, k, v, mask)               # q (B, KV, G, hd), cache (B, KV, S, hd)
-    out = decode_attention_step(q, k, v, k_cache, v_cache, freqs, input_pos, mask)
+    out = decode_attention_step(qkv, n_head, k_cache, v_cache, freqs, input_pos, mask)
                                                         # + RoPE of q, k and the cache write at input_pos
 
 All are torch.library custom ops (teal::...), so torch.compile captures them whole.

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .reference import (check_args, decode_attention_ref, decode_attention_step_ref, keep_mask, masked_matmul,
-                        rms_norm, silu_mul)
+                        rms_norm, silu_mul, split_qkv)
 
 MAX_B = 8  # larger batches take the reference math
 CONFIG_PATH = Path(__file__).with_name("configs.json")
@@ -249,20 +249,23 @@ def _(q, k, v, mask):
 
 
 @torch.library.custom_op("teal::decode_attention_step", mutates_args=("k_cache", "v_cache"))
-def _decode_attention_step_op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, freqs: Tensor,
+def _decode_attention_step_op(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, freqs: Tensor,
                               input_pos: Tensor, mask: Tensor) -> Tensor:
-    if not _use_attention_kernel(q) or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or (
-            q.shape[0] > 1 and k_cache.stride(0) != k_cache.shape[1] * k_cache.stride(1)):
-        return decode_attention_step_ref(q, k, v, k_cache, v_cache, freqs, input_pos, mask)
-    k, v = (_contiguous_rows(t) for t in (k, v))
-    if k.stride() != v.stride():
-        k, v = k.contiguous(), v.contiguous()
-    return _attention_triton(q, k_cache, v_cache, mask, rope=(k, v, freqs.contiguous(), input_pos))
+    # Whole tensors cross the op boundary (no views of qkv, mask or freqs): inductor then has
+    # nothing to materialise before the call.
+    B, KV, _, hd = k_cache.shape
+    if not _use_attention_kernel(qkv) or hd % 2 or k_cache.stride() != v_cache.stride() or \
+            k_cache.stride(-1) != 1 or (B > 1 and k_cache.stride(0) != KV * k_cache.stride(1)):
+        return decode_attention_step_ref(qkv, n_head, k_cache, v_cache, freqs, input_pos, mask)
+    q, k, v = split_qkv(_contiguous_rows(qkv), n_head, KV, hd)
+    rope = (k, v, freqs.reshape(hd // 2, 2).float().contiguous(), input_pos.reshape(1))
+    return _attention_triton(q, k_cache, v_cache, mask.reshape(-1), rope=rope)
 
 
 @_decode_attention_step_op.register_fake
-def _(q, k, v, k_cache, v_cache, freqs, input_pos, mask):
-    return q.new_empty(q.shape)
+def _(qkv, n_head, k_cache, v_cache, freqs, input_pos, mask):
+    B, KV, _, hd = k_cache.shape
+    return qkv.new_empty(B, KV, n_head // KV, hd)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -278,21 +281,23 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return _decode_attention_op(q, k, v, mask)
 
 
-def decode_attention_step(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, freqs: Tensor,
+def decode_attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, freqs: Tensor,
                           input_pos: Tensor, mask: Tensor) -> Tensor:
-    """A decode step's attention with its RoPE and cache write: q (B, KV, G, hd) and the new
-    k, v (B, KV, hd) as projected (q, k not yet rotated), freqs (hd/2, 2) the position's
-    cos/sin, input_pos (1,) the position; k, v go into the caches (B, KV, S, hd) at input_pos
-    (in place), then the rotated q attends to the cache positions in mask (S,) bool -> (B, KV, G, hd)."""
-    B, KV, G, hd = q.shape if q.dim() == 4 else (0, 0, 0, 0)
-    if q.dim() != 4 or k.shape != (B, KV, hd) or v.shape != k.shape or k_cache.shape != v_cache.shape or \
-            k_cache.dim() != 4 or k_cache.shape[:2] != (B, KV) or k_cache.shape[3] != hd:
-        raise ValueError(f"decode_attention_step: q (B, KV, G, hd), k and v (B, KV, hd), caches (B, KV, S, hd) "
-                         f"expected; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(k_cache.shape)}")
-    if hd % 2 or freqs.shape != (hd // 2, 2) or input_pos.numel() != 1:
+    """A decode step's attention with its RoPE and KV-cache write. qkv (B, [1,] (n_head + 2 KV) hd):
+    the projected row of each sequence ([q | k | v], q and k not yet rotated); caches (B, KV, S, hd);
+    freqs ([1,] hd/2, 2) the cos/sin of the position input_pos (one element); mask ([1,] S) bool.
+    Writes k (rotated) and v into the caches at input_pos, in place; returns the rotated q's
+    attention over the positions in mask: (B, KV, G, hd), head h = kv * G + g."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"decode_attention_step: caches (B, KV, S, hd) expected; got {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
+    B, KV, S, hd = k_cache.shape
+    if n_head % KV or qkv.shape[-1] != (n_head + 2 * KV) * hd or qkv.numel() != B * qkv.shape[-1]:
+        raise ValueError(f"decode_attention_step: qkv must hold {B} rows of (n_head + 2 * {KV}) * {hd} = "
+                         f"{(n_head + 2 * KV) * hd} with n_head={n_head} a multiple of {KV}; got {tuple(qkv.shape)}")
+    if hd % 2 or freqs.numel() != hd or freqs.shape[-2:] != (hd // 2, 2) or input_pos.numel() != 1:
         raise ValueError(f"decode_attention_step: freqs ({hd // 2}, 2) and one position expected; got "
                          f"{tuple(freqs.shape)} and {input_pos.numel()} positions")
-    if mask.shape != (k_cache.shape[2],) or mask.dtype != torch.bool:
-        raise ValueError(f"decode_attention_step: mask must be ({k_cache.shape[2]},) bool; got {tuple(mask.shape)} "
-                         f"{mask.dtype}")
-    return _decode_attention_step_op(q, k, v, k_cache, v_cache, freqs.float(), input_pos.reshape(1), mask)
+    if mask.numel() != S or mask.shape[-1] != S or mask.dtype != torch.bool:
+        raise ValueError(f"decode_attention_step: mask must be ({S},) bool; got {tuple(mask.shape)} {mask.dtype}")
+    return _decode_attention_step_op(qkv, int(n_head), k_cache, v_cache, freqs, input_pos, mask)

@@ -121,10 +121,24 @@ def rope(x: Tensor, freqs: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
-def decode_attention_step_ref(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, freqs: Tensor,
+def split_qkv(qkv: Tensor, n_head: int, n_kv: int, hd: int):
+    """Views of one projected row per sequence, qkv (B, ..., (n_head + 2 n_kv) hd) with the leading
+    dims holding B rows: q (B, KV, G, hd) (head h = kv * G + g), k and v (B, KV, hd)."""
+    rows = qkv.reshape(-1, qkv.shape[-1])  # (B, N)
+    B, q_size, kv_size = rows.shape[0], n_head * hd, n_kv * hd
+    q = rows[:, :q_size].view(B, n_kv, n_head // n_kv, hd)
+    return q, rows[:, q_size:q_size + kv_size].view(B, n_kv, hd), rows[:, q_size + kv_size:].view(B, n_kv, hd)
+
+
+def decode_attention_step_ref(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, freqs: Tensor,
                               input_pos: Tensor, mask: Tensor) -> Tensor:
-    """q (B, KV, G, hd), k/v (B, KV, hd) unrotated, freqs (hd/2, 2), input_pos (1,), caches
-    (B, KV, S, hd) written in place at input_pos, mask (S,) -> decode_attention_ref of the rotated q."""
-    k_cache.index_copy_(2, input_pos.reshape(1), rope(k, freqs).unsqueeze(2))
-    v_cache.index_copy_(2, input_pos.reshape(1), v.unsqueeze(2))
-    return decode_attention_ref(rope(q, freqs), k_cache, v_cache, mask)
+    """qkv: one projected row per sequence (split_qkv), caches (B, KV, S, hd), freqs (hd/2, 2)
+    cos/sin of the position input_pos (one element), mask (S,) (any leading dims of size 1): k and
+    v are written to the caches in place at input_pos, rotated k; returns decode_attention_ref of
+    the rotated q (B, KV, G, hd)."""
+    KV, hd = k_cache.shape[1], k_cache.shape[3]
+    q, k, v = split_qkv(qkv, n_head, KV, hd)
+    freqs, pos = freqs.reshape(hd // 2, 2), input_pos.reshape(1)
+    k_cache.index_copy_(2, pos, rope(k, freqs).unsqueeze(2))
+    v_cache.index_copy_(2, pos, v.unsqueeze(2))
+    return decode_attention_ref(rope(q, freqs), k_cache, v_cache, mask.reshape(-1))
