@@ -69,6 +69,8 @@ def check_step() -> list:
     for B, KV, G, S, hd, dtype, pos in [(1, 8, 4, 205, 128, torch.bfloat16, 140), (2, 3, 3, 100, 64, torch.float16, 0),
                                         (1, 8, 4, 8192, 128, torch.bfloat16, 8191), (2, 2, 1, 130, 80, torch.float32, 64)]:
         qkv, n_head, (kc, vc), freqs, input_pos, mask = step_inputs(B, KV, G, S, hd, dtype, pos, g)
+        if not ops.use_attention_kernel(qkv, hd):  # else the op would only be checking its own fallback
+            failures.append(dict(shape=[B, KV, G, S, hd, str(dtype), pos], error="the Triton kernel is not used"))
         kr, vr = kc.clone(), vc.clone()
         ref = decode_attention_step_ref(qkv, n_head, kr, vr, freqs, input_pos, mask).float()
         y = decode_attention_step(qkv, n_head, kc, vc, freqs, input_pos, mask)
@@ -172,6 +174,8 @@ def main():
     t0 = time.time()
     result = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__,
                   command=" ".join(sys.argv))
+    if not ops.use_attention_kernel(torch.empty(1, device="cuda"), 128):
+        raise SystemExit("error: the attention ops would not run the Triton kernel here (TEAL_NO_TRITON set?)")
     failures, errs = check_op() + check_step(), check_compiled()
     result["checks"] = dict(failures=failures, compiled_max_err=errs,  # a sum of two outputs: twice the tolerance
                             ok=not failures and max(errs) <= 2 * TOL[torch.bfloat16])

@@ -232,13 +232,14 @@ def _attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rope=None) 
     return out.view(B, KV, G, hd)
 
 
-def _use_attention_kernel(q: Tensor) -> bool:
-    return use_triton(q) and q.shape[-1] <= 256 and q.shape[-1] % 2 == 0
+def use_attention_kernel(x: Tensor, hd: int) -> bool:
+    """Whether the attention ops run the Triton kernel for inputs like x with head size hd."""
+    return use_triton(x) and hd <= 256 and hd % 2 == 0
 
 
 @torch.library.custom_op("teal::decode_attention", mutates_args=())
 def _decode_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    if not _use_attention_kernel(q):
+    if not use_attention_kernel(q, q.shape[-1]):
         return decode_attention_ref(q, k, v, mask)
     return _attention_triton(q, k, v, mask)
 
@@ -254,7 +255,7 @@ def _decode_attention_step_op(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache
     # Whole tensors cross the op boundary (no views of qkv, mask or freqs): inductor then has
     # nothing to materialise before the call.
     B, KV, _, hd = k_cache.shape
-    if not _use_attention_kernel(qkv) or hd % 2 or k_cache.stride() != v_cache.stride() or \
+    if not use_attention_kernel(qkv, hd) or k_cache.stride() != v_cache.stride() or \
             k_cache.stride(-1) != 1 or (B > 1 and k_cache.stride(0) != KV * k_cache.stride(1)):
         return decode_attention_step_ref(qkv, n_head, k_cache, v_cache, freqs, input_pos, mask)
     q, k, v = split_qkv(_contiguous_rows(qkv), n_head, KV, hd)
