@@ -168,14 +168,16 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.tp_group = None  # set by tp.shard_model: wo_t then holds this rank's input rows
 
-    def forward(self, x, norm, freqs_cis, mask, input_pos, thresholds, sparse, observe=None):
+    def forward(self, x, norm, freqs_cis, mask, input_pos, thresholds, sparse, observe=None, rope_table=None):
         """x + attention(norm(x)): the norm is fused into the q/k/v and the residual into the o
-        projection (except under tensor parallelism, where o's output is a partial sum)."""
+        projection (except under tensor parallelism, where o's output is a partial sum). A decode
+        step (T == 1 with a cache and the whole rope_table) is causal and ignores freqs_cis and mask."""
         B, T, _ = x.shape  # (B, T, D)
         qkv = linear_t(x, self.wqkv_t, thresholds[0:3], self.splits, sparse, norm=norm)
-        if T == 1 and self.kv_cache is not None:  # decode: RoPE, the cache write and attention in one kernel
+        if T == 1 and self.kv_cache is not None and rope_table is not None:
+            # decode: RoPE, the cache write and causal attention in one kernel
             cache = self.kv_cache
-            y = decode_attention_step(qkv, self.n_head, cache.k_cache, cache.v_cache, freqs_cis, input_pos, mask)
+            y = decode_attention_step(qkv, self.n_head, cache.k_cache, cache.v_cache, rope_table, input_pos)
             y = y.view(B, T, self.n_head * self.head_dim)  # (B, KV, G, hd): heads h = kv * G + g
         else:
             q, k, v = qkv.split(self.splits, dim=-1)
@@ -248,11 +250,12 @@ class Block(nn.Module):
         # TEAL thresholds [q, k, v, o, gate, up, down]; 0 keeps every nonzero entry (dense).
         self.register_buffer("thresholds", torch.zeros(len(PROJECTIONS)), persistent=False)
 
-    def forward(self, x, freqs_cis, mask, input_pos, sparse, observer=None):
+    def forward(self, x, freqs_cis, mask, input_pos, sparse, observer=None, rope_table=None):
         observe = None if observer is None else (lambda state, t: observer(self.layer_id, state, t))
         if observe is not None:  # the normed inputs are formed inside the projections' kernels
             observe("attn_in", self.attention_norm(x))
-        h = self.attention(x, self.attention_norm, freqs_cis, mask, input_pos, self.thresholds[:4], sparse, observe)
+        h = self.attention(x, self.attention_norm, freqs_cis, mask, input_pos, self.thresholds[:4], sparse, observe,
+                           rope_table)
         if observe is not None:
             observe("mlp_in", self.ffn_norm(h))
         return self.feed_forward(h, self.ffn_norm, self.thresholds[4:], sparse, observe)
@@ -309,8 +312,8 @@ class Transformer(nn.Module):
         mask = torch.arange(self.max_seq_length, device=idx.device)[None, :] <= input_pos[:, None]  # (T, S)
         freqs_cis = self.freqs_cis[input_pos]
         x = self.tok_embeddings(idx)  # (B, T, D)
-        for block in self.layers:
-            x = block(x, freqs_cis, mask, input_pos, sparse, self.observer)
+        for block in self.layers:  # a decode step's attention reads its angles from the whole table
+            x = block(x, freqs_cis, mask, input_pos, sparse, self.observer, rope_table=self.freqs_cis)
         x = self.norm(x)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(x, head).float()

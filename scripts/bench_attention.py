@@ -53,13 +53,12 @@ def check_op() -> list:
 
 
 def step_inputs(B, KV, G, S, hd, dtype, pos, g):
-    """As the model passes them: qkv (B, 1, N), n_head, caches, freqs (1, hd/2, 2), position, mask (1, S)."""
+    """As the model passes them: qkv (B, 1, N), n_head, caches, the RoPE table (S, hd/2, 2), position."""
     qkv = torch.randn(B, 1, (KV * G + 2 * KV) * hd, device="cuda", generator=g).to(dtype)
     caches = [torch.randn(B, KV, S, hd, device="cuda", generator=g).to(dtype) for _ in range(2)]
-    angles = torch.rand(1, hd // 2, device="cuda", generator=g) * 6.0
-    freqs = torch.stack([angles.cos(), angles.sin()], dim=-1)
-    mask = (torch.arange(S, device="cuda") <= pos)[None, :]
-    return qkv, KV * G, caches, freqs, torch.tensor([pos], device="cuda"), mask
+    angles = torch.rand(S, hd // 2, device="cuda", generator=g) * 6.0
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    return qkv, KV * G, caches, table, torch.tensor([pos], device="cuda")
 
 
 def check_step() -> list:
@@ -68,12 +67,12 @@ def check_step() -> list:
     failures = []
     for B, KV, G, S, hd, dtype, pos in [(1, 8, 4, 205, 128, torch.bfloat16, 140), (2, 3, 3, 100, 64, torch.float16, 0),
                                         (1, 8, 4, 8192, 128, torch.bfloat16, 8191), (2, 2, 1, 130, 80, torch.float32, 64)]:
-        qkv, n_head, (kc, vc), freqs, input_pos, mask = step_inputs(B, KV, G, S, hd, dtype, pos, g)
+        qkv, n_head, (kc, vc), table, input_pos = step_inputs(B, KV, G, S, hd, dtype, pos, g)
         if not ops.use_attention_kernel(qkv, hd):  # else the op would only be checking its own fallback
             failures.append(dict(shape=[B, KV, G, S, hd, str(dtype), pos], error="the Triton kernel is not used"))
         kr, vr = kc.clone(), vc.clone()
-        ref = decode_attention_step_ref(qkv, n_head, kr, vr, freqs, input_pos, mask).float()
-        y = decode_attention_step(qkv, n_head, kc, vc, freqs, input_pos, mask)
+        ref = decode_attention_step_ref(qkv, n_head, kr, vr, table, input_pos).float()
+        y = decode_attention_step(qkv, n_head, kc, vc, table, input_pos)
         err = (y.float() - ref).abs().max().item()
         cache_err = max((kc.float() - kr.float()).abs().max().item(), (vc.float() - vr.float()).abs().max().item())
         if not (err <= TOL[dtype] and cache_err <= 4 * TOL[dtype]):
@@ -106,19 +105,18 @@ def check_compiled() -> list:
             self.register_buffer("kc", kc)
             self.register_buffer("vc", vc)
 
-        def forward(self, qkv, freqs, pos, mask):
-            return decode_attention_step(qkv, 32, self.kc, self.vc, freqs, pos, mask)
+        def forward(self, qkv, table, pos):
+            return decode_attention_step(qkv, 32, self.kc, self.vc, table, pos)
 
-    qkv, _, (kc, vc), freqs, _, _ = step_inputs(1, 8, 4, S, 128, torch.bfloat16, 0, g)
+    qkv, _, (kc, vc), table, _ = step_inputs(1, 8, 4, S, 128, torch.bfloat16, 0, g)
     step = Step(kc, vc)
     f_step = torch.compile(step, fullgraph=True, mode="reduce-overhead")
     kr, vr = kc.clone(), vc.clone()
     for pos in (3, 4, 5, 6):
         qkv2 = torch.randn_like(qkv)
         input_pos = torch.tensor([pos], device="cuda")
-        mask = (torch.arange(S, device="cuda") <= pos)[None, :]
-        y = f_step(qkv2, freqs, input_pos, mask).clone()
-        r = decode_attention_step_ref(qkv2, 32, kr, vr, freqs, input_pos, mask)
+        y = f_step(qkv2, table, input_pos).clone()
+        r = decode_attention_step_ref(qkv2, 32, kr, vr, table, input_pos)
         errs.append(max((y.float() - r.float()).abs().max().item(), (step.kc.float() - kr.float()).abs().max().item()))
     torch._dynamo.config.error_on_recompile = False
     return errs
@@ -202,14 +200,13 @@ def main():
     step_rows = []  # the decode step: rope + cache write + attention, compiled reference vs the op
     ref_step = torch.compile(decode_attention_step_ref, fullgraph=True)
     for S in [int(s) for s in args.lengths.split(",")]:
-        qkv, n_head, _, freqs, _, _ = step_inputs(1, 8, 4, 8, 128, torch.bfloat16, 0, g)
+        qkv, n_head, _, table, _ = step_inputs(1, 8, 4, S, 128, torch.bfloat16, 0, g)
         caches = [tuple(torch.randn(1, 8, S, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
                   for _ in range(32)]
         pos = torch.tensor([S // 2], device="cuda")
-        mask = (torch.arange(S, device="cuda") <= S // 2)[None, :]
         row = dict(S=S, valid=0.5,
-                   compiled_ref_us=graph_us(lambda i: ref_step(qkv, n_head, *caches[i], freqs, pos, mask), 32),
-                   op_us=graph_us(lambda i: decode_attention_step(qkv, n_head, *caches[i], freqs, pos, mask), 32))
+                   compiled_ref_us=graph_us(lambda i: ref_step(qkv, n_head, *caches[i], table, pos), 32),
+                   op_us=graph_us(lambda i: decode_attention_step(qkv, n_head, *caches[i], table, pos), 32))
         step_rows.append(row)
         del caches
     result["step_rows"] = step_rows

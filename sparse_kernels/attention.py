@@ -1,9 +1,10 @@
 """Triton decode attention (one query position, grouped heads), split over the cache length.
 
 With ROPE (the decode step, teal::decode_attention_step) the kernel also does the work around
-it: q and the new k are rotated (RoPE, fp32, rounded once), the new k and v are written into
-the cache at the step's position by the one program whose positions contain it, and every
-program uses the new k/v for that position from registers (no ordering between programs).
+it: it reads the step's position and its angles from the RoPE table, rotates q and the new k
+(fp32, rounded once), the one program whose positions contain the step's position writes the
+new k and v into the cache, and every program uses them for that position from registers (no
+ordering between programs). The step is causal: positions up to the step's attend, no mask is read.
 
 Program (b * KV + kv, split) holds the G query heads that share kv head `kv` and walks its
 share of the cache positions, BLOCK_S at a time, with an online softmax in fp32: scores by
@@ -23,10 +24,10 @@ from .triton_kernels import _round, next_pow2
 @triton.jit
 def decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, ml_ptr, count_ptr,
-    kn_ptr, vn_ptr, freqs_ptr, pos_ptr,  # ROPE only: the new k and v (B, KV, HD), (HD/2, 2) cos/sin, position
+    kn_ptr, vn_ptr, freqs_ptr, pos_ptr,  # ROPE only: the new k and v (B, KV, HD), RoPE table (S, HD/2, 2), position
     S, G, HD, KV, per_split, n_split, scale,
     stride_qb, stride_qkv, stride_qg,  # q[b, kv, g, :] at b * stride_qb + kv * stride_qkv + g * stride_qg
-    stride_nb, stride_nkv,  # the new k/v [b, kv, :]
+    stride_nb, stride_nkv, stride_f,  # the new k/v [b, kv, :]; the RoPE table's rows
     stride_kh, stride_ks, stride_oh,  # cache rows of head b * KV + kv; out rows: G x HD contiguous per head
     G_PAD: tl.constexpr, G_M: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_PAD: tl.constexpr,
     RS: tl.constexpr, ROPE: tl.constexpr,
@@ -45,15 +46,15 @@ def decode_attention_kernel(
     start = split * per_split
     end = tl.minimum(start + per_split, S)
     if ROPE:  # rotate adjacent channel pairs (2j, 2j+1) by the position's angle j
-        cos = tl.load(freqs_ptr + (offs_d // 2) * 2, mask=d_ok, other=0.0)
-        sin = tl.load(freqs_ptr + (offs_d // 2) * 2 + 1, mask=d_ok, other=0.0)
+        pos = tl.load(pos_ptr).to(tl.int32)
+        cos = tl.load(freqs_ptr + pos * stride_f + (offs_d // 2) * 2, mask=d_ok, other=0.0)
+        sin = tl.load(freqs_ptr + pos * stride_f + (offs_d // 2) * 2 + 1, mask=d_ok, other=0.0)
         sin = tl.where(offs_d % 2 == 0, -sin, sin)
         partner = offs_d ^ 1
         q = _rotate(q_ptrs + offs_d[None, :], q_ptrs + partner[None, :], q_ok, cos[None, :], sin[None, :], RTNE_BY_BITS)
         n_off = b * stride_nb + (head % KV) * stride_nkv
         k_new = _rotate(kn_ptr + n_off + offs_d, kn_ptr + n_off + partner, d_ok, cos, sin, RTNE_BY_BITS)
         v_new = tl.load(vn_ptr + n_off + offs_d, mask=d_ok, other=0.0)
-        pos = tl.load(pos_ptr).to(tl.int32)
         mine = d_ok & (pos >= start) & (pos < end)  # the one program whose positions hold pos writes the cache
         tl.store(k_ptr + head * stride_kh + pos * stride_ks + offs_d, k_new, mask=mine)
         tl.store(v_ptr + head * stride_kh + pos * stride_ks + offs_d, v_new, mask=mine)
@@ -65,7 +66,10 @@ def decode_attention_kernel(
     offs_b = tl.arange(0, BLOCK_S)
     for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else tl.cdiv(end - start, BLOCK_S)):
         offs_s = start + i * BLOCK_S + offs_b
-        valid = (offs_s < end) & (tl.load(mask_ptr + offs_s, mask=offs_s < end, other=0) != 0)
+        if ROPE:
+            valid = (offs_s < end) & (offs_s <= pos)  # causal
+        else:
+            valid = (offs_s < end) & (tl.load(mask_ptr + offs_s, mask=offs_s < end, other=0) != 0)
         kv_off = head * stride_kh + offs_s[:, None] * stride_ks + offs_d[None, :]
         kv_ok = valid[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0.0)  # (BLOCK_S, HD_PAD)
@@ -164,10 +168,11 @@ def workspace_sizes(n_heads: int, G: int, hd: int, S: int, block_s: int = 0, n_s
 def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 2, n_sm: int = 132,
            rope=None, kernel=None):
     """q (B, KV, G, hd) with unit stride in hd, out (B * KV, G, hd) contiguous; k, v: the caches
-    (B, KV, S, hd), contiguous per (b, kv) head with unit stride in hd; mask (S,) bool/uint8;
-    n_sm: the device's SM count; block_s 0: default_block_s(S). rope: None, or (k_new, v_new
-    (B, KV, hd) with unit stride in hd, freqs (hd/2, 2) fp32 cos/sin, pos (1,) int) for the
-    decode step (q and k_new unrotated; k_new, v_new written to the caches at pos).
+    (B, KV, S, hd), contiguous per (b, kv) head with unit stride in hd; mask (S,) bool/uint8
+    (None with rope); n_sm: the device's SM count; block_s 0: default_block_s(S). rope: None, or
+    (k_new, v_new (B, KV, hd) with unit stride in hd, the RoPE table (>= S, hd/2, 2) fp32 cos/sin
+    with unit inner strides, pos (1,) int) for the causal decode step (q and k_new unrotated;
+    k_new, v_new written to the caches at pos; positions <= pos attend).
     Workspaces: see workspace_sizes (same block_s and n_sm)."""
     kernel = decode_attention_kernel if kernel is None else kernel
     B, KV, G, hd = q.shape
@@ -186,12 +191,16 @@ def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 
     if k.shape[0] > 1 and k.stride(0) != KV * k.stride(1):
         raise ValueError("decode attention: the caches' batch rows must follow each other")
     k_new, v_new, freqs, pos = rope if rope is not None else (q, q, q, q)  # unused without rope
-    if rope is not None and (k_new.stride() != v_new.stride() or k_new.stride(2) != 1):
-        raise ValueError("decode attention: the new k and v must share one layout with unit stride along hd")
+    if rope is not None and (k_new.stride() != v_new.stride() or k_new.stride(2) != 1 or freqs.stride(1) != 2
+                             or freqs.stride(2) != 1):
+        raise ValueError("decode attention: the new k and v must share one layout with unit stride along hd, "
+                         "and the RoPE table must be contiguous per row")
+    mask = q if mask is None else mask.view(torch.uint8)  # the step reads no mask
     kernel[(H, n_split)](
-        q, k, v, mask.view(torch.uint8), out, part, part[rows * hd_pad:], counts, k_new, v_new, freqs, pos,
+        q, k, v, mask, out, part, part[rows * hd_pad:], counts, k_new, v_new, freqs, pos,
         S, G, hd, KV, per_split, n_split, hd ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), k_new.stride(0), k_new.stride(1) if rope is not None else 0,
+        freqs.stride(0) if rope is not None else 0,
         k.stride(1), k.stride(2), out.stride(0),
         G_PAD=g_pad, G_M=g_m, HD_PAD=hd_pad, BLOCK_S=block_s, SPLIT_PAD=split_pad, RS=rs, ROPE=rope is not None,
         STATIC_STEPS=per_split // block_s if interp else 0,

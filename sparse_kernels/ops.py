@@ -218,7 +218,7 @@ def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Tensor, residual: 
     return _sparse_silu_down_op(gate_up, w_t, threshold, residual)
 
 
-def _attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rope=None) -> Tensor:
+def _attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], rope=None) -> Tensor:
     from . import attention
 
     B, KV, G, hd = q.shape
@@ -228,7 +228,8 @@ def _attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rope=None) 
     out = torch.empty(B * KV, G, hd, dtype=q.dtype, device=q.device)
     n_sm = sm_count(q.device)
     part, counts, _, _ = workspace(q.device, *attention.workspace_sizes(B * KV, G, hd, k.shape[2], n_sm=n_sm), 0, 0)
-    attention.launch(_contiguous_rows(q), k, v, mask.contiguous(), out, part, counts, n_sm=n_sm, rope=rope)
+    mask = None if mask is None else mask.contiguous()
+    attention.launch(_contiguous_rows(q), k, v, mask, out, part, counts, n_sm=n_sm, rope=rope)
     return out.view(B, KV, G, hd)
 
 
@@ -250,21 +251,21 @@ def _(q, k, v, mask):
 
 
 @torch.library.custom_op("teal::decode_attention_step", mutates_args=("k_cache", "v_cache"))
-def _decode_attention_step_op(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, freqs: Tensor,
-                              input_pos: Tensor, mask: Tensor) -> Tensor:
-    # Whole tensors cross the op boundary (no views of qkv, mask or freqs): inductor then has
-    # nothing to materialise before the call.
+def _decode_attention_step_op(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, rope_table: Tensor,
+                              input_pos: Tensor) -> Tensor:
+    # Whole tensors cross the op boundary and the kernel finds the position's angles and the
+    # causal mask itself: inductor then computes nothing per layer before the call.
     B, KV, _, hd = k_cache.shape
     if not use_attention_kernel(qkv, hd) or k_cache.stride() != v_cache.stride() or \
-            k_cache.stride(-1) != 1 or (B > 1 and k_cache.stride(0) != KV * k_cache.stride(1)):
-        return decode_attention_step_ref(qkv, n_head, k_cache, v_cache, freqs, input_pos, mask)
+            k_cache.stride(-1) != 1 or (B > 1 and k_cache.stride(0) != KV * k_cache.stride(1)) or \
+            rope_table.dtype != torch.float32 or not rope_table.is_contiguous():
+        return decode_attention_step_ref(qkv, n_head, k_cache, v_cache, rope_table, input_pos)
     q, k, v = split_qkv(_contiguous_rows(qkv), n_head, KV, hd)
-    rope = (k, v, freqs.reshape(hd // 2, 2).float().contiguous(), input_pos.reshape(1))
-    return _attention_triton(q, k_cache, v_cache, mask.reshape(-1), rope=rope)
+    return _attention_triton(q, k_cache, v_cache, None, rope=(k, v, rope_table, input_pos.reshape(1)))
 
 
 @_decode_attention_step_op.register_fake
-def _(qkv, n_head, k_cache, v_cache, freqs, input_pos, mask):
+def _(qkv, n_head, k_cache, v_cache, rope_table, input_pos):
     B, KV, _, hd = k_cache.shape
     return qkv.new_empty(B, KV, n_head // KV, hd)
 
@@ -282,13 +283,13 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return _decode_attention_op(q, k, v, mask)
 
 
-def decode_attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, freqs: Tensor,
-                          input_pos: Tensor, mask: Tensor) -> Tensor:
-    """A decode step's attention with its RoPE and KV-cache write. qkv (B, [1,] (n_head + 2 KV) hd):
+def decode_attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, rope_table: Tensor,
+                          input_pos: Tensor) -> Tensor:
+    """A causal decode step's attention with its RoPE and KV-cache write. qkv (B, [1,] (n_head + 2 KV) hd):
     the projected row of each sequence ([q | k | v], q and k not yet rotated); caches (B, KV, S, hd);
-    freqs ([1,] hd/2, 2) the cos/sin of the position input_pos (one element); mask ([1,] S) bool.
-    Writes k (rotated) and v into the caches at input_pos, in place; returns the rotated q's
-    attention over the positions in mask: (B, KV, G, hd), head h = kv * G + g."""
+    rope_table (>= S, hd/2, 2) the cos/sin of every position; input_pos: the step's position (one
+    element). Writes k (rotated) and v into the caches at input_pos, in place; returns the rotated
+    q's attention over positions 0..input_pos: (B, KV, G, hd), head h = kv * G + g."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"decode_attention_step: caches (B, KV, S, hd) expected; got {tuple(k_cache.shape)}, "
                          f"{tuple(v_cache.shape)}")
@@ -296,9 +297,8 @@ def decode_attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Te
     if n_head % KV or qkv.shape[-1] != (n_head + 2 * KV) * hd or qkv.numel() != B * qkv.shape[-1]:
         raise ValueError(f"decode_attention_step: qkv must hold {B} rows of (n_head + 2 * {KV}) * {hd} = "
                          f"{(n_head + 2 * KV) * hd} with n_head={n_head} a multiple of {KV}; got {tuple(qkv.shape)}")
-    if hd % 2 or freqs.numel() != hd or freqs.shape[-2:] != (hd // 2, 2) or input_pos.numel() != 1:
-        raise ValueError(f"decode_attention_step: freqs ({hd // 2}, 2) and one position expected; got "
-                         f"{tuple(freqs.shape)} and {input_pos.numel()} positions")
-    if mask.numel() != S or mask.shape[-1] != S or mask.dtype != torch.bool:
-        raise ValueError(f"decode_attention_step: mask must be ({S},) bool; got {tuple(mask.shape)} {mask.dtype}")
-    return _decode_attention_step_op(qkv, int(n_head), k_cache, v_cache, freqs, input_pos, mask)
+    if hd % 2 or rope_table.dim() != 3 or rope_table.shape[0] < S or rope_table.shape[1:] != (hd // 2, 2) or \
+            input_pos.numel() != 1:
+        raise ValueError(f"decode_attention_step: a RoPE table (>= {S}, {hd // 2}, 2) and one position expected; "
+                         f"got {tuple(rope_table.shape)} and {input_pos.numel()} positions")
+    return _decode_attention_step_op(qkv, int(n_head), k_cache, v_cache, rope_table, input_pos)

@@ -130,15 +130,17 @@ def split_qkv(qkv: Tensor, n_head: int, n_kv: int, hd: int):
     return q, rows[:, q_size:q_size + kv_size].view(B, n_kv, hd), rows[:, q_size + kv_size:].view(B, n_kv, hd)
 
 
-def decode_attention_step_ref(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, freqs: Tensor,
-                              input_pos: Tensor, mask: Tensor) -> Tensor:
-    """qkv: one projected row per sequence (split_qkv), caches (B, KV, S, hd), freqs (hd/2, 2)
-    cos/sin of the position input_pos (one element), mask (S,) (any leading dims of size 1): k and
-    v are written to the caches in place at input_pos, rotated k; returns decode_attention_ref of
-    the rotated q (B, KV, G, hd)."""
-    KV, hd = k_cache.shape[1], k_cache.shape[3]
+def decode_attention_step_ref(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, rope_table: Tensor,
+                              input_pos: Tensor) -> Tensor:
+    """The causal decode step. qkv: one projected row per sequence (split_qkv), caches (B, KV, S,
+    hd), rope_table (>= S, hd/2, 2) cos/sin per position, input_pos: the step's position (one
+    element). k (rotated) and v are written to the caches in place at input_pos; returns the
+    rotated q's decode_attention_ref over positions 0..input_pos: (B, KV, G, hd)."""
+    KV, S, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     q, k, v = split_qkv(qkv, n_head, KV, hd)
-    freqs, pos = freqs.reshape(hd // 2, 2), input_pos.reshape(1)
+    pos = input_pos.reshape(1)
+    freqs = rope_table[pos].reshape(hd // 2, 2)
     k_cache.index_copy_(2, pos, rope(k, freqs).unsqueeze(2))
     v_cache.index_copy_(2, pos, v.unsqueeze(2))
-    return decode_attention_ref(rope(q, freqs), k_cache, v_cache, mask.reshape(-1))
+    mask = torch.arange(S, device=k_cache.device) <= pos
+    return decode_attention_ref(rope(q, freqs), k_cache, v_cache, mask)

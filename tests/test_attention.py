@@ -29,7 +29,7 @@ CASES = [
     (2, 2, 4, 150, 64, torch.float16, "slice"),  # k and v are views into longer caches
     (1, 2, 1, 700, 64, torch.float32, "random"),  # one query row per kv head, several splits
 ]
-# the fused decode step: (B, KV, G, S, hd, dtype, position); the mask is positions <= position
+# the fused decode step: (B, KV, G, S, hd, dtype, position); causal: positions <= position attend
 STEP_CASES = [
     (1, 2, 4, 205, 128, torch.bfloat16, 140),
     (2, 3, 3, 100, 64, torch.float16, 0),  # the first position: only the new k/v attend
@@ -78,29 +78,29 @@ def _child():
 
 
 def make_step_inputs(B, KV, G, S, hd, dtype, pos, seed):
-    """qkv (B, 1, N) as the model's projection gives it, caches, freqs (1, hd/2, 2), position, mask (1, S)."""
+    """qkv (B, 1, N) as the model's projection gives it, n_head, caches, a RoPE table (S + 3, hd/2, 2), position."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, 1, (KV * G + 2 * KV) * hd, generator=g).to(dtype)
-    qkv[..., :KV * G * hd] *= 2  # a peaked softmax: the mask and the rotation matter
+    qkv[..., :KV * G * hd] *= 2  # a peaked softmax: the causal mask and the rotation matter
     caches = [torch.randn(B, KV, S, hd, generator=g).to(dtype) for _ in range(2)]
-    angles = torch.rand(1, hd // 2, generator=g) * 6.0
-    freqs = torch.stack([angles.cos(), angles.sin()], dim=-1)  # (1, hd/2, 2)
-    return qkv, KV * G, caches, freqs, torch.tensor([pos]), (torch.arange(S) <= pos)[None, :]
+    angles = torch.rand(S + 3, hd // 2, generator=g) * 6.0
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1)  # (S + 3, hd/2, 2)
+    return qkv, KV * G, caches, table, torch.tensor([pos])
 
 
 def run_step(attention, B, KV, G, S, hd, dtype, pos, seed):
     from sparse_kernels.reference import split_qkv
 
-    qkv, n_head, (k_cache, v_cache), freqs, input_pos, mask = make_step_inputs(B, KV, G, S, hd, dtype, pos, seed)
+    qkv, n_head, (k_cache, v_cache), table, input_pos = make_step_inputs(B, KV, G, S, hd, dtype, pos, seed)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    ref = decode_attention_step_ref(qkv, n_head, k_ref, v_ref, freqs, input_pos, mask).reshape(B * KV, G, hd)
+    ref = decode_attention_step_ref(qkv, n_head, k_ref, v_ref, table, input_pos).reshape(B * KV, G, hd)
     q, k, v = split_qkv(qkv, n_head, KV, hd)  # the views the op hands the kernel
-    unrotated = decode_attention_ref(q, k_ref, v_ref, mask[0]).reshape(B * KV, G, hd)
+    unrotated = decode_attention_ref(q, k_ref, v_ref, torch.arange(S) <= pos).reshape(B * KV, G, hd)
     y = torch.full((B * KV, G, hd), float("nan"), dtype=dtype)
     n_part, n_count = attention.workspace_sizes(B * KV, G, hd, S)
     part, counts = torch.full((n_part,), float("nan")), torch.zeros(n_count, dtype=torch.int32)
     before = k_cache.clone()
-    attention.launch(q, k_cache, v_cache, mask[0], y, part, counts, rope=(k, v, freqs[0], input_pos))
+    attention.launch(q, k_cache, v_cache, None, y, part, counts, rope=(k, v, table, input_pos))
     others = torch.ones(S, dtype=torch.bool)
     others[pos] = False
     cache_err = max(float(((c - r).abs().float() / r.abs().float().clamp_min(1e-3))[:, :, pos].max())
@@ -145,22 +145,26 @@ def test_decode_attention_step_op_on_cpu_is_the_reference():
     model's layout (B, T, heads, hd) is the same function."""
     from sparse_kernels.reference import split_qkv
 
-    qkv, n_head, (k_cache, v_cache), freqs, input_pos, mask = make_step_inputs(2, 2, 3, 40, 16, torch.float32, 17, seed=3)
+    qkv, n_head, (k_cache, v_cache), table, input_pos = make_step_inputs(2, 2, 3, 40, 16, torch.float32, 17, seed=3)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    y = decode_attention_step(qkv, n_head, k_cache, v_cache, freqs, input_pos, mask)
-    ref = decode_attention_step_ref(qkv, n_head, k_ref, v_ref, freqs, input_pos, mask)
+    y = decode_attention_step(qkv, n_head, k_cache, v_cache, table, input_pos)
+    ref = decode_attention_step_ref(qkv, n_head, k_ref, v_ref, table, input_pos)
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
     torch.testing.assert_close(k_cache, k_ref, rtol=0, atol=0)
-    _, k, v = split_qkv(qkv, n_head, 2, 16)
-    torch.testing.assert_close(k_cache[:, :, 17], rope(k, freqs[0]), rtol=0, atol=0)
+    q, k, v = split_qkv(qkv, n_head, 2, 16)
+    torch.testing.assert_close(k_cache[:, :, 17], rope(k, table[17]), rtol=0, atol=0)
     torch.testing.assert_close(v_cache[:, :, 17], v, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="freqs"):
-        decode_attention_step(qkv, n_head, k_cache, v_cache, freqs[:, :-1], input_pos, mask)
+    causal = torch.arange(40) <= 17  # the same as the plain op with the causal mask and a rotated q
+    torch.testing.assert_close(y, decode_attention_ref(rope(q, table[17]), k_cache, v_cache, causal), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="RoPE table"):
+        decode_attention_step(qkv, n_head, k_cache, v_cache, table[:, :-1], input_pos)
+    with pytest.raises(ValueError, match="RoPE table"):
+        decode_attention_step(qkv, n_head, k_cache, v_cache, table[:39], input_pos)
     with pytest.raises(ValueError, match="qkv must hold"):
-        decode_attention_step(qkv, n_head, k_cache[:, :1], v_cache[:, :1], freqs, input_pos, mask)
+        decode_attention_step(qkv, n_head, k_cache[:, :1], v_cache[:, :1], table, input_pos)
     from sparse_kernels.ops import _decode_attention_step_op
 
-    torch.library.opcheck(_decode_attention_step_op, (qkv, n_head, k_cache, v_cache, freqs, input_pos, mask))
+    torch.library.opcheck(_decode_attention_step_op, (qkv, n_head, k_cache, v_cache, table, input_pos))
 
 
 def test_decode_attention_op_registration():
