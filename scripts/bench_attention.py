@@ -12,8 +12,8 @@ the compiled reference (bmm + softmax + bmm, what inductor makes of it) against 
 each (BLOCK_S, num_warps, programs per SM) tried; the op uses the defaults of attention.launch.
 """
 import argparse
+import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from sparse_kernels import (decode_attention, decode_attention_ref, decode_attention_step,  # noqa: E402
                             decode_attention_step_ref, ops)
+from bench_kernels import graph_time_us  # noqa: E402  (scripts/ is on the path when this script runs)
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 CHECKS = [  # B, KV, G, S, hd, dtype, attended fraction
@@ -123,24 +124,9 @@ def check_compiled() -> list:
 
 
 def graph_us(fn, calls: int) -> float:
-    """One CUDA graph of `calls` calls (fn(i) for call i): median replay time per call."""
-    fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(9):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3 / calls)
-    return statistics.median(times)
+    """One CUDA graph of `calls` calls, fn(i) for the i-th cache set: median replay time per call."""
+    step = itertools.count()
+    return graph_time_us(lambda: fn(next(step) % calls), calls=calls, replays=9)
 
 
 def time_kernel(q, caches, mask, block_s, num_warps, per_sm):
@@ -195,7 +181,6 @@ def main():
             rows.append(row)
             print(f"S={S} valid={frac}: ref {row['compiled_ref_us']:.1f} op {row['op_us']:.1f} " +
                   " ".join(f"{k}:{v:.1f}" for k, v in row["kernel_us"].items()), flush=True)
-        del caches
     result["rows"] = rows
     step_rows = []  # the decode step: rope + cache write + attention, compiled reference vs the op
     ref_step = torch.compile(decode_attention_step_ref, fullgraph=True)
@@ -208,7 +193,6 @@ def main():
                    compiled_ref_us=graph_us(lambda i: ref_step(qkv, n_head, *caches[i], table, pos), 32),
                    op_us=graph_us(lambda i: decode_attention_step(qkv, n_head, *caches[i], table, pos), 32))
         step_rows.append(row)
-        del caches
     result["step_rows"] = step_rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
