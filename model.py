@@ -206,8 +206,8 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     group = H // n_kv
     q = q.reshape(B, n_kv, group * T, hd)  # heads h = kv * G + g, rows ordered (g, t)
     if T == 1:
-        # Decode: one launch of the split-S Triton kernel on CUDA (masked positions never read);
-        # elsewhere its reference, plain matmuls + softmax over a (G, S) score matrix per kv head.
+        # One query position (decode steps with a cache take Attention's fused step instead): the
+        # split-S Triton kernel on CUDA, elsewhere its reference, matmuls + softmax per kv head.
         return decode_attention(q, k, v, mask[0]).view(B, H, T, hd)  # (B, KV, G, hd) -> (B, H, 1, hd)
     mask = mask.unsqueeze(0).expand(group, T, S).reshape(group * T, S)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, KV, G*T, hd)

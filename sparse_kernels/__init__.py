@@ -1,11 +1,13 @@
 """TEAL ops: thresholded column-sparse matvecs and a decode attention, each a torch reference plus a Triton kernel.
 
     y = sparse_linear(x, w_t, thresholds, splits)      # x (B, K), w_t (K, N) -> (B, N)
-    y = sparse_silu_down(gate_up, w_t, threshold)      # gate_up (B, 2I), w_t (I, N) -> (B, N)
+    y = sparse_linear(h, w_t, thresholds, splits, norm_weight=w, eps=1e-5)   # x = RMSNorm(h) first
+    y = sparse_linear(x, w_t, thresholds, splits, residual=r)                # r + x @ w_t (kept entries)
+    y = sparse_silu_down(gate_up, w_t, threshold[, residual=r])  # gate_up (B, 2I), w_t (I, N) -> (B, N)
 
     out = decode_attention(q, k, v, mask)               # q (B, KV, G, hd), cache (B, KV, S, hd)
-    out = decode_attention_step(qkv, n_head, k_cache, v_cache, freqs, input_pos, mask)
-                                                        # + RoPE of q, k and the cache write at input_pos
+    out = decode_attention_step(qkv, n_head, k_cache, v_cache, rope_table, input_pos)
+        # the causal decode step: RoPE of q and k, the cache write at input_pos, attention
 
 All are torch.library custom ops (teal::...), so torch.compile captures them whole.
 """

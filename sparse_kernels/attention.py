@@ -190,6 +190,8 @@ def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 
     rs = min(split_pad, max(1, 4096 // (g_m * hd_pad)))  # splits per merge load: 16 KB of fp32
     if k.shape[0] > 1 and k.stride(0) != KV * k.stride(1):
         raise ValueError("decode attention: the caches' batch rows must follow each other")
+    if B * KV * k.stride(1) >= 2 ** 31 or q.shape[0] * q.stride(0) >= 2 ** 31:
+        raise ValueError("decode attention: caches of 2^31 elements or more are not supported (int32 offsets)")
     k_new, v_new, freqs, pos = rope if rope is not None else (q, q, q, q)  # unused without rope
     if rope is not None and (k_new.stride() != v_new.stride() or k_new.stride(2) != 1 or freqs.stride(1) != 2
                              or freqs.stride(2) != 1):

@@ -1,16 +1,21 @@
 """torch.library ops "teal::sparse_linear", "teal::sparse_silu_down", "teal::decode_attention" and
 "teal::decode_attention_step".
 
-CUDA with Triton and B <= 8: the Triton kernel, configured from configs.json (tuned per
+Matvecs, CUDA with Triton and B <= 8: the Triton kernel, configured from configs.json (tuned per
 op, shape, dtype and batch by scripts/bench_kernels.py --tune) or a heuristic for unknown
-shapes. Anything else (CPU, no Triton, B > 8): the torch reference math. No host sync,
-no data-dependent allocation, no memset per call: the split-K workspace and arrival
-counters are persistent per device and the kernel leaves the counters at zero.
+shapes. Attention, CUDA with Triton, B <= 8 and an even head size <= 256: the split-S kernel of
+attention.py (the step op warns once if it has to fall back). Anything else (CPU, no Triton,
+larger batches): the torch reference math. No host sync, no data-dependent allocation, no
+memset per call: workspaces and arrival counters are persistent per device and the kernels
+leave the counters at zero. On the GPU the results match the reference within rounding: the
+kernels sum in another order and may fuse multiply-adds, so a value formed in a kernel (silu,
+RMSNorm, RoPE) can be an ulp off and, rarely, fall on the other side of a threshold.
 """
 import json
 import math
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,7 +30,7 @@ CONFIG_PATH = Path(__file__).with_name("configs.json")
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 _configs = None
-_workspaces = {}  # device index -> (fp32 partials, int32 counters)
+_workspaces = {}  # device index -> (fp32 partials, int32 counters, int32 row indices, fp32 inputs)
 _sm_counts = {}
 
 
@@ -201,12 +206,15 @@ def _(gate_up, w_t, threshold, residual=None):
 
 
 def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weight: Optional[Tensor] = None,
-                  eps: float = 0.0, residual: Optional[Tensor] = None) -> Tensor:
+                  eps: Optional[float] = None, residual: Optional[Tensor] = None) -> Tensor:
     """x (B, K) @ w_t (K, N) keeping only |x| > thresholds[s] for the columns of segment s.
-    Fused on request: x := rms_norm(x, norm_weight, eps) first; residual (B, N) added to the output."""
+    Fused on request: x := rms_norm(x, norm_weight, eps) first (eps required with norm_weight);
+    residual (B, N) added to the output."""
     splits = [int(s) for s in splits]
     check_args(x, w_t, thresholds, splits, norm_weight, residual)
-    return _sparse_linear_op(x, w_t, thresholds, splits, norm_weight, float(eps), residual)
+    if norm_weight is not None and eps is None:
+        raise ValueError("sparse_linear: pass the norm's eps with norm_weight (e.g. the model's norm_eps)")
+    return _sparse_linear_op(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual)
 
 
 def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Tensor, residual: Optional[Tensor] = None) -> Tensor:
@@ -231,6 +239,15 @@ def _attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], r
     mask = None if mask is None else mask.contiguous()
     attention.launch(_contiguous_rows(q), k, v, mask, out, part, counts, n_sm=n_sm, rope=rope)
     return out.view(B, KV, G, hd)
+
+
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def use_attention_kernel(x: Tensor, hd: int) -> bool:
@@ -259,6 +276,9 @@ def _decode_attention_step_op(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache
     if not use_attention_kernel(qkv, hd) or k_cache.stride() != v_cache.stride() or \
             k_cache.stride(-1) != 1 or (B > 1 and k_cache.stride(0) != KV * k_cache.stride(1)) or \
             rope_table.dtype != torch.float32 or not rope_table.is_contiguous():
+        if qkv.is_cuda and use_triton(qkv):
+            _warn_once("decode_attention_step: the Triton kernel does not take these inputs (head size, cache or "
+                       "RoPE table layout); running the slower torch reference")
         return decode_attention_step_ref(qkv, n_head, k_cache, v_cache, rope_table, input_pos)
     q, k, v = split_qkv(_contiguous_rows(qkv), n_head, KV, hd)
     return _attention_triton(q, k_cache, v_cache, None, rope=(k, v, rope_table, input_pos.reshape(1)))
@@ -288,12 +308,20 @@ def decode_attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Te
     """A causal decode step's attention with its RoPE and KV-cache write. qkv (B, [1,] (n_head + 2 KV) hd):
     the projected row of each sequence ([q | k | v], q and k not yet rotated); caches (B, KV, S, hd);
     rope_table (>= S, hd/2, 2) the cos/sin of every position; input_pos: the step's position (one
-    element). Writes k (rotated) and v into the caches at input_pos, in place; returns the rotated
-    q's attention over positions 0..input_pos: (B, KV, G, hd), head h = kv * G + g."""
+    element, 0 <= input_pos < S: it stays on the device, so the kernel cannot check it). Writes k
+    (rotated) and v into the caches at input_pos, in place; returns the rotated q's attention over
+    positions 0..input_pos: (B, KV, G, hd), head h = kv * G + g."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"decode_attention_step: caches (B, KV, S, hd) expected; got {tuple(k_cache.shape)}, "
                          f"{tuple(v_cache.shape)}")
     B, KV, S, hd = k_cache.shape
+    if S == 0:
+        raise ValueError("decode_attention_step: the cache has no positions")
+    if qkv.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"decode_attention_step: qkv is {qkv.dtype} but the caches are {k_cache.dtype}, "
+                         f"{v_cache.dtype}: cast them to one dtype")
+    if len({t.device for t in (qkv, k_cache, v_cache, rope_table, input_pos)}) != 1:
+        raise ValueError("decode_attention_step: qkv, the caches, the RoPE table and input_pos must be on one device")
     if n_head % KV or qkv.shape[-1] != (n_head + 2 * KV) * hd or qkv.numel() != B * qkv.shape[-1]:
         raise ValueError(f"decode_attention_step: qkv must hold {B} rows of (n_head + 2 * {KV}) * {hd} = "
                          f"{(n_head + 2 * KV) * hd} with n_head={n_head} a multiple of {KV}; got {tuple(qkv.shape)}")

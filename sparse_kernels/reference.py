@@ -11,6 +11,7 @@ are summed in fp32 and the sum is rounded once to x.dtype. silu_mul computes
 silu(gate) * up in fp32 and rounds once to the input dtype, as the fused kernel does.
 rms_norm rounds the normalised x to x.dtype, then multiplies by the weight in that dtype (Llama's
 order); the residual add rounds y first, then the sum (as `residual + y` in the model).
+The GPU kernels follow these roundings but sum in other orders, so they match within an ulp.
 """
 import torch
 import torch.nn.functional as F
@@ -109,7 +110,6 @@ def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tenso
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, KV, G, S)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
     return probs @ v
-
 
 
 def rope(x: Tensor, freqs: Tensor) -> Tensor:

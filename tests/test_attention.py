@@ -162,6 +162,10 @@ def test_decode_attention_step_op_on_cpu_is_the_reference():
         decode_attention_step(qkv, n_head, k_cache, v_cache, table[:39], input_pos)
     with pytest.raises(ValueError, match="qkv must hold"):
         decode_attention_step(qkv, n_head, k_cache[:, :1], v_cache[:, :1], table, input_pos)
+    with pytest.raises(ValueError, match="cast them"):
+        decode_attention_step(qkv.double(), n_head, k_cache, v_cache, table, input_pos)
+    with pytest.raises(ValueError, match="no positions"):
+        decode_attention_step(qkv, n_head, k_cache[:, :, :0], v_cache[:, :, :0], table, input_pos)
     from sparse_kernels.ops import _decode_attention_step_op
 
     torch.library.opcheck(_decode_attention_step_op, (qkv, n_head, k_cache, v_cache, table, input_pos))

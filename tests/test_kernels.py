@@ -220,3 +220,5 @@ def test_bad_arguments():
         sparse_linear(x, w, torch.zeros(1), [6], norm_weight=torch.ones(7))
     with pytest.raises(ValueError, match="residual must be"):
         sparse_linear(x, w, torch.zeros(1), [6], residual=torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="eps"):
+        sparse_linear(x, w, torch.zeros(1), [6], norm_weight=torch.ones(8))
