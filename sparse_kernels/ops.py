@@ -22,8 +22,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .reference import (check_args, decode_attention_ref, decode_attention_step_ref, keep_mask, masked_matmul,
-                        rms_norm, silu_mul, split_qkv)
+from .reference import (check_args, decode_attention_ref, decode_attention_step_ref, masked_linear, masked_matmul,
+                        silu_mul, split_qkv)
 
 MAX_B = 8  # larger batches take the reference math
 CONFIG_PATH = Path(__file__).with_name("configs.json")
@@ -167,18 +167,8 @@ def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List[i
     residual = None if residual is None else _contiguous_rows(residual)
     if use_triton(x):
         return run_triton("linear", x, w_t, thresholds, splits, norm_weight=norm_weight, eps=eps, residual=residual)
-    if not x.is_cuda:
-        from .reference import sparse_linear_ref
-        return sparse_linear_ref(x, w_t, thresholds, splits, norm_weight, eps, residual)
-    if norm_weight is not None:  # CUDA fallback (B > 8): same math, no fp32 copy of the weights
-        x = rms_norm(x, norm_weight, eps)
-    outs, start = [], 0
-    for s, width in enumerate(splits):
-        xm = torch.where(keep_mask(x, thresholds[s]), x, torch.zeros_like(x))
-        outs.append(masked_matmul(xm, w_t[:, start:start + width]))
-        start += width
-    y = torch.cat(outs, dim=1)
-    return y if residual is None else residual + y
+    # CPU: the reference; CUDA without the kernel (B > 8): the same math, no fp32 copy of the weights
+    return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual, matmul=masked_matmul)
 
 
 @_sparse_linear_op.register_fake
@@ -192,12 +182,8 @@ def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Tensor, residu
     residual = None if residual is None else _contiguous_rows(residual)
     if use_triton(gate_up):
         return run_triton("silu_down", gate_up, w_t, threshold, [w_t.shape[1]], residual=residual)
-    h = silu_mul(gate_up)
-    if not gate_up.is_cuda:
-        from .reference import sparse_linear_ref
-        return sparse_linear_ref(h, w_t, threshold[:1], [w_t.shape[1]], residual=residual)
-    y = masked_matmul(torch.where(keep_mask(h, threshold[0]), h, torch.zeros_like(h)), w_t)
-    return y if residual is None else residual + y
+    return masked_linear(silu_mul(gate_up), w_t, threshold[:1], [w_t.shape[1]], residual=residual,
+                         matmul=masked_matmul)  # as in _sparse_linear_op
 
 
 @_sparse_silu_down_op.register_fake

@@ -61,7 +61,27 @@ def masked_matmul(xm: Tensor, w_t: Tensor) -> Tensor:
     half types in fp32, so no fp32 copy of the weights is made (the fallback for large B)."""
     if xm.is_cuda:
         return xm @ w_t
-    return (xm.float() @ w_t.float()).to(xm.dtype)
+    return fp32_matmul(xm, w_t)
+
+
+def fp32_matmul(xm: Tensor, w: Tensor) -> Tensor:
+    """xm (B, K) @ w (K, n) in fp32, rounded once to xm.dtype."""
+    return (xm.float() @ w.float()).to(xm.dtype)
+
+
+def masked_linear(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weight=None, eps: float = 0.0,
+                  residual=None, matmul=fp32_matmul) -> Tensor:
+    """sparse_linear_ref's math on checked arguments; matmul(xm (B, K), w (K, n)) -> (B, n) in x.dtype
+    (the ops' CUDA fallback passes masked_matmul: no fp32 copy of the weights)."""
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps)
+    outs, start = [], 0
+    for s, width in enumerate(splits):
+        xm = torch.where(keep_mask(x, thresholds[s]), x, torch.zeros_like(x))  # (B, K)
+        outs.append(matmul(xm, w_t[:, start:start + width]))
+        start += width
+    y = torch.cat(outs, dim=1)  # (B, N)
+    return y if residual is None else residual + y
 
 
 def sparse_linear_ref(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weight=None, eps: float = 0.0,
@@ -69,16 +89,7 @@ def sparse_linear_ref(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_w
     """x (B, K), w_t (K, N), thresholds (S,) fp32, splits S ints summing to N -> (B, N);
     norm_weight (K,) and residual (B, N) optional (see the module docstring)."""
     check_args(x, w_t, thresholds, splits, norm_weight, residual)
-    if norm_weight is not None:
-        x = rms_norm(x, norm_weight, eps)
-    outs, start = [], 0
-    for s, width in enumerate(splits):
-        xm = torch.where(keep_mask(x, thresholds[s]), x, torch.zeros_like(x))  # (B, K)
-        w = w_t[:, start:start + width]
-        outs.append((xm.float() @ w.float()).to(x.dtype))
-        start += width
-    y = torch.cat(outs, dim=1)  # (B, N)
-    return y if residual is None else residual + y
+    return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual)
 
 
 def sparse_silu_down_ref(gate_up: Tensor, w_t: Tensor, threshold: Tensor, residual=None) -> Tensor:
