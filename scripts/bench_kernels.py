@@ -271,11 +271,15 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True):
         if narrow:
             variants += [(bn, bk, nw, 1, 0, d) for bn, bk in ((128, 32), (128, 64), (256, 32), (256, 64))
                          for nw in (4, 8) for d in (2, 3)]
+            # narrower pieces, more rows per step: more bytes in flight per program on the small shapes
+            variants += [(bn, bk, nw, 1, 0, 2) for bn, bk in ((32, 256), (64, 128), (64, 256), (128, 128))
+                         for nw in (4, 8)]
             variants += [(bn, bk, nw, ns, 1, d) for bn, bk, nw, ns in ((128, 32, 4, 3), (256, 32, 4, 3), (256, 32, 8, 3),
                                                                        (128, 64, 8, 3), (256, 64, 8, 3)) for d in (2, 3)]
         # wide tiles: 1-2 KB of each gathered row per program (DRAM streams long segments better)
         variants += [(512, 16, 4, 1, 0, 2), (512, 16, 8, 1, 0, 2), (512, 32, 8, 1, 0, 2), (1024, 8, 4, 1, 0, 2),
-                     (1024, 8, 8, 1, 0, 2), (1024, 16, 8, 1, 0, 2), (512, 16, 8, 1, 0, 3), (1024, 8, 8, 1, 0, 3)]
+                     (1024, 8, 8, 1, 0, 2), (1024, 16, 8, 1, 0, 2), (512, 16, 8, 1, 0, 3), (1024, 8, 8, 1, 0, 3),
+                     (2048, 8, 8, 1, 0, 2)]
         chunks = (64, 128, 256, 512, 1024, 2048, 4096)
     else:  # the elementwise path exists for B == 1 only; batches read nearly every row (union)
         variants = [(256, 32, 4, 4, 1, 2), (256, 32, 8, 3, 1, 2), (128, 64, 4, 3, 1, 2), (128, 32, 4, 3, 1, 2),
