@@ -18,9 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from .triton_kernels import _round, next_pow2, pdl_enabled
+from .triton_kernels import _round, next_pow2
 
 
 @triton.jit
@@ -33,10 +31,8 @@ def decode_attention_kernel(
     stride_kh, stride_ks, stride_oh,  # cache rows of head b * KV + kv; out rows: G x HD contiguous per head
     G_PAD: tl.constexpr, G_M: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_PAD: tl.constexpr,
     RS: tl.constexpr, ROPE: tl.constexpr,
-    STATIC_STEPS: tl.constexpr, DOT_F32: tl.constexpr, RTNE_BY_BITS: tl.constexpr, PDL: tl.constexpr,
+    STATIC_STEPS: tl.constexpr, DOT_F32: tl.constexpr, RTNE_BY_BITS: tl.constexpr,
 ):
-    if PDL:  # programmatic dependent launch, as in the matvec kernel: wait for the previous kernel
-        gdc_wait()
     # As in the matvec kernel: static loop bounds, fp32 dots and bit-exact bf16 rounding under
     # Triton's interpreter.
     head = tl.program_id(0)  # b * KV + kv
@@ -98,9 +94,6 @@ def decode_attention_kernel(
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-
-    if PDL:  # the next kernel may launch during the merge
-        gdc_launch_dependents()
 
     # Merge the splits: partials (m, l, acc) per split; the last to arrive combines them, reading
     # every split's m and l in one load and the accumulators RS splits per load (unrolled, so all
@@ -214,5 +207,5 @@ def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 
         G_PAD=g_pad, G_M=g_m, HD_PAD=hd_pad, BLOCK_S=block_s, SPLIT_PAD=split_pad, RS=rs, ROPE=rope is not None,
         STATIC_STEPS=per_split // block_s if interp else 0,
         DOT_F32=q.dtype == torch.float32 or interp, RTNE_BY_BITS=interp and q.dtype == torch.bfloat16,
-        PDL=pdl_enabled(q.device, interp), launch_pdl=pdl_enabled(q.device, interp), num_warps=num_warps)  # fp32: exact (ieee) dots
+        num_warps=num_warps)  # fp32: exact (ieee) dots
     return out

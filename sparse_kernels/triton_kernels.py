@@ -16,19 +16,10 @@ Split-K reduction without a memset: each program stores its fp32 partial tile to
 persistent workspace (SPLIT, B, N) and increments the tile's arrival counter; the last
 to arrive sums the partials in split order (deterministic), writes y and resets the
 counter to 0 for the next call.
-
-Programmatic dependent launch (Hopper and newer, see pdl_enabled): a program first waits for
-the kernel before it to complete (all of its writes visible); once every program has streamed
-its rows, the next kernel may launch, so its launch latency hides behind this kernel's split-K
-reduction. (Letting it launch at the start was slower: its programs then sat on the SMs,
-waiting, from the start of this kernel.)
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -41,10 +32,8 @@ def sparse_matvec_kernel(
     K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, DOT: tl.constexpr, SILU: tl.constexpr, RED_R: tl.constexpr,
     EVEN_N: tl.constexpr, STATIC_ITERS: tl.constexpr, STATIC_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr, RESIDUAL: tl.constexpr,
-    RTNE_BY_BITS: tl.constexpr, PDL: tl.constexpr,
+    RTNE_BY_BITS: tl.constexpr,
 ):
-    if PDL:  # before any memory access: the previous kernel's writes (x, workspace) are visible
-        gdc_wait()
     # Loop bounds are runtime values on GPUs. Triton's interpreter cannot take a runtime range
     # bound with numpy >= 2.4 (int() of a 1-element array; it also turns every assigned value
     # into a tensor), so there the launcher passes static bounds, used inline in range(), and
@@ -119,8 +108,6 @@ def sparse_matvec_kernel(
             w_cur = w_new
     if not DOT:
         acc = tl.sum(acc2, axis=0)[None, :]  # (1, BLOCK_N)
-    if PDL:  # streaming done: the next kernel may launch during the split-K reduction
-        gdc_launch_dependents()
 
     # 3. Split-K reduction: partials to the workspace, the last program to arrive sums them.
     out_ok = b_ok[:, None] & n_ok[None, :]
@@ -210,19 +197,6 @@ def _store_out(y_ptrs, r_ptrs, acc, ok, dtype: tl.constexpr, RESIDUAL: tl.conste
     tl.store(y_ptrs, y, mask=ok)
 
 
-_pdl_devices = {}
-
-
-def pdl_enabled(device: torch.device, interpreted: bool = False) -> bool:
-    """Launch with programmatic dependent launch: on CUDA devices of compute capability 9.0 and
-    newer, not under the interpreter, unless TEAL_NO_PDL is set."""
-    if interpreted or device.type != "cuda" or os.environ.get("TEAL_NO_PDL"):
-        return False
-    if device.index not in _pdl_devices:
-        _pdl_devices[device.index] = torch.cuda.get_device_capability(device)[0] >= 9
-    return _pdl_devices[device.index]
-
-
 def next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
@@ -261,9 +235,7 @@ def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False
         EVEN_N=(N % bn == 0), STATIC_ITERS=kc // bk if interp else 0, STATIC_SPLIT=split if interp else 0,
         DOT_F32=interp and dot and x.dtype == torch.bfloat16,
         NORM=norm_weight is not None, NORM_BLOCK=norm_block, NORM_STEPS=triton.cdiv(K, norm_block),
-        RESIDUAL=residual is not None, RTNE_BY_BITS=interp and x.dtype == torch.bfloat16,
-        PDL=pdl_enabled(x.device, interp), launch_pdl=pdl_enabled(x.device, interp),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        RESIDUAL=residual is not None, RTNE_BY_BITS=interp and x.dtype == torch.bfloat16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
