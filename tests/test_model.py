@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate import generate, load_model, random_model
+from generate import argmax_last, generate, load_model, random_model
 from model import ModelArgs, Transformer, transformer_configs
 from scripts.convert_hf_checkpoint import convert, permute_rotary
 
@@ -111,6 +111,18 @@ def test_generate_greedy_is_deterministic_and_stops():
     first = int(a[0, 5])
     c = generate(model, prompt, 6, stop_ids={first})
     assert c.shape[1] == 6  # stopped right after the stop token
+
+
+@pytest.mark.parametrize("V", [128256, 49152, 32000, 1000, 37])  # two stages (256, 256, 256, 8 -> one) or one
+def test_argmax_last_is_torch_argmax_with_ties(V):
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(3, V, generator=g).to(torch.bfloat16)  # bf16: many exact ties
+    x[1, V // 3] = x[1, V - 1] = x[1, 2 * V // 3] = 100.0  # a three-way tie for the maximum in row 1
+    x[2] = x[2].round()  # whole numbers: ties everywhere
+    expected = torch.argmax(x, dim=-1, keepdim=True).to(torch.int)
+    got = argmax_last(x)
+    assert got.dtype == torch.int32 and torch.equal(got, expected)
+    assert int(got[1]) == V // 3
 
 
 def test_all_configs_build_on_meta():
