@@ -175,11 +175,19 @@ def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 
     k_new, v_new written to the caches at pos; positions <= pos attend).
     Workspaces: see workspace_sizes (same block_s and n_sm)."""
     kernel = decode_attention_kernel if kernel is None else kernel
+    grid, args, meta = launch_plan(q, k, v, mask, out, part, counts, block_s, num_warps, n_sm, rope,
+                                   interpreted=type(kernel).__name__ == "InterpretedFunction")
+    kernel[grid](*args, **meta)
+    return out
+
+
+def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 2, n_sm: int = 132,
+                rope=None, interpreted=False):
+    """launch's grid, positional arguments and keyword arguments, for Triton's interpreter or a GPU."""
     B, KV, G, hd = q.shape
     S = k.shape[2]
     if k.stride() != v.stride() or k.stride(3) != 1 or q.stride(3) != 1:
         raise ValueError("decode attention: k and v must share one layout; k, v and q need unit stride along hd")
-    interp = type(kernel).__name__ == "InterpretedFunction"
     H = B * KV
     block_s = block_s or default_block_s(S)
     per_split, n_split = plan(S, H, block_s, n_sm)
@@ -198,14 +206,13 @@ def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 
         raise ValueError("decode attention: the new k and v must share one layout with unit stride along hd, "
                          "and the RoPE table must be contiguous per row")
     mask = q if mask is None else mask.view(torch.uint8)  # the step reads no mask
-    kernel[(H, n_split)](
-        q, k, v, mask, out, part, part[rows * hd_pad:], counts, k_new, v_new, freqs, pos,
-        S, G, hd, KV, per_split, n_split, hd ** -0.5,
-        q.stride(0), q.stride(1), q.stride(2), k_new.stride(0), k_new.stride(1) if rope is not None else 0,
-        freqs.stride(0) if rope is not None else 0,
-        k.stride(1), k.stride(2), out.stride(0),
-        G_PAD=g_pad, G_M=g_m, HD_PAD=hd_pad, BLOCK_S=block_s, SPLIT_PAD=split_pad, RS=rs, ROPE=rope is not None,
-        STATIC_STEPS=per_split // block_s if interp else 0,
-        DOT_F32=q.dtype == torch.float32 or interp, RTNE_BY_BITS=interp and q.dtype == torch.bfloat16,
-        num_warps=num_warps)  # fp32: exact (ieee) dots
-    return out
+    args = (q, k, v, mask, out, part, part[rows * hd_pad:], counts, k_new, v_new, freqs, pos,
+            S, G, hd, KV, per_split, n_split, hd ** -0.5,
+            q.stride(0), q.stride(1), q.stride(2), k_new.stride(0), k_new.stride(1) if rope is not None else 0,
+            freqs.stride(0) if rope is not None else 0,
+            k.stride(1), k.stride(2), out.stride(0))
+    meta = dict(G_PAD=g_pad, G_M=g_m, HD_PAD=hd_pad, BLOCK_S=block_s, SPLIT_PAD=split_pad, RS=rs, ROPE=rope is not None,
+                STATIC_STEPS=per_split // block_s if interpreted else 0,
+                DOT_F32=q.dtype == torch.float32 or interpreted,  # fp32: exact (ieee) dots
+                RTNE_BY_BITS=interpreted and q.dtype == torch.bfloat16, num_warps=num_warps)
+    return (H, n_split), args, meta

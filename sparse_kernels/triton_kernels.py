@@ -211,6 +211,16 @@ def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False
     in flight), DOT, num_warps, num_stages."""
     kernel = sparse_matvec_kernel if kernel is None else kernel
     interp = type(kernel).__name__ == "InterpretedFunction"
+    grid, args, meta = launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu, norm_weight,
+                                   eps, residual, interp)
+    kernel[grid](*args, **meta)
+    return y
+
+
+def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False, norm_weight=None, eps=0.0,
+                residual=None, interpreted=False):
+    """launch's grid, positional arguments and keyword arguments (constexprs and launch options),
+    for Triton's interpreter or for a GPU; the tests also compile the GPU variant from it."""
     B = x.shape[0]
     K, N = w_t.shape
     if K * w_t.stride(0) >= 2 ** 31:
@@ -226,17 +236,18 @@ def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False
     if silu and norm_weight is not None:
         raise ValueError("sparse_kernels: silu and a fused norm do not combine")
     norm_block = min(next_pow2(K), max(64, 4096 // next_pow2(B)))
-    kernel[(n_tiles, split)](
-        x, w_t, thresholds, y, part, counts, idx, xs.view(x.dtype),
-        x if norm_weight is None else norm_weight, y if residual is None else residual,
-        B, K, N, x.stride(0), w_t.stride(0), y.stride(0), y.stride(0) if residual is None else residual.stride(0),
-        float(eps), b[0], b[1], b[2], split,
-        B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=cfg.get("DEPTH", 2), DOT=dot, SILU=silu, RED_R=red_r,
-        EVEN_N=(N % bn == 0), STATIC_ITERS=kc // bk if interp else 0, STATIC_SPLIT=split if interp else 0,
-        DOT_F32=interp and dot and x.dtype == torch.bfloat16,
+    args = (x, w_t, thresholds, y, part, counts, idx, xs.view(x.dtype),
+            x if norm_weight is None else norm_weight, y if residual is None else residual,
+            B, K, N, x.stride(0), w_t.stride(0), y.stride(0), y.stride(0) if residual is None else residual.stride(0),
+            float(eps), b[0], b[1], b[2], split)
+    meta = dict(
+        B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=cfg.get("DEPTH", 2), DOT=dot,
+        SILU=silu, RED_R=red_r, EVEN_N=(N % bn == 0), STATIC_ITERS=kc // bk if interpreted else 0,
+        STATIC_SPLIT=split if interpreted else 0, DOT_F32=interpreted and dot and x.dtype == torch.bfloat16,
         NORM=norm_weight is not None, NORM_BLOCK=norm_block, NORM_STEPS=triton.cdiv(K, norm_block),
-        RESIDUAL=residual is not None, RTNE_BY_BITS=interp and x.dtype == torch.bfloat16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return y
+        RESIDUAL=residual is not None, RTNE_BY_BITS=interpreted and x.dtype == torch.bfloat16,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return (n_tiles, split), args, meta
 
 
 def workspace_sizes(B: int, K: int, N: int, cfg: dict):

@@ -1,0 +1,118 @@
+"""The GPU variants of the Triton kernels compile for Hopper (sm_90), here on the CPU.
+
+The other kernel tests run Triton's interpreter, which never compiles a kernel and runs the
+interpreter variant: static loop bounds, fp32 dots, bf16 rounding by integer arithmetic. The
+GPU variant differs in exactly those places, so a type error there would otherwise first show
+on the GPU. Each case takes its grid arguments from the launcher itself (launch_plan, with meta
+tensors of the real shapes) and compiles to a cubin with the ptxas that ships with Triton.
+Nothing runs; the GPU checks of scripts/bench_kernels.py and bench_attention.py test results.
+"""
+import json
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from sparse_kernels import attention, ops  # noqa: E402
+from sparse_kernels import triton_kernels as tk  # noqa: E402
+
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+         torch.int64: "i64", torch.uint8: "u8"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def compile_for_hopper(kernel, args, meta):
+    """Compile kernel for sm_90 from a launch plan's positional arguments and keywords."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature, constexprs = {}, {}
+    for name, value in zip(names, args):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPES[value.dtype]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32" if abs(int(value)) < 2 ** 31 else "i64"
+    for name, value in meta.items():
+        if name not in LAUNCH_OPTIONS:
+            signature[name] = "constexpr"
+            constexprs[(names.index(name),)] = value
+    assert len(signature) == len(names), f"unfilled kernel arguments: {set(names) - set(signature)}"
+    source = ASTSource(kernel, {n: signature[n] for n in names}, constexprs=constexprs)
+    options = {k: meta[k] for k in LAUNCH_OPTIONS if k in meta}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def meta_tensor(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def matvec_plan(op, B, K, N, splits, dtype, cfg, norm=False, residual=False):
+    silu = op == "silu_down"
+    x = meta_tensor(B, 2 * K if silu else K, dtype=dtype)
+    sizes = tk.workspace_sizes(B, K, N, cfg)
+    workspaces = (meta_tensor(max(1, sizes[0]), dtype=torch.float32), meta_tensor(sizes[1], dtype=torch.int32),
+                  meta_tensor(sizes[2], dtype=torch.int32), meta_tensor(sizes[3], dtype=torch.float32))
+    bounds = [sum(splits[:i]) for i in range(1, len(splits))]
+    return tk.launch_plan(x, meta_tensor(K, N, dtype=dtype), meta_tensor(len(splits), dtype=torch.float32), bounds,
+                          meta_tensor(B, N, dtype=dtype), *workspaces, cfg, silu=silu,
+                          norm_weight=meta_tensor(K, dtype=dtype) if norm else None, eps=1e-5,
+                          residual=meta_tensor(B, N, dtype=dtype) if residual else None)
+
+
+# The tuned configs of the Llama-3-8B block, fused as the model runs them, plus a tl.dot batch
+# config, fp16 and fp32 (heuristic configs) and odd shapes.
+LLAMA3_8B = [("linear", 4096, 6144, [4096, 1024, 1024], dict(norm=True)), ("linear", 4096, 4096, [4096],
+             dict(residual=True)), ("linear", 4096, 28672, [14336, 14336], dict(norm=True)),
+             ("silu_down", 14336, 4096, [4096], dict(residual=True))]
+MATVEC_CASES = [(op, 1, K, N, splits, torch.bfloat16, None, fused) for op, K, N, splits, fused in LLAMA3_8B] + [
+    ("linear", 8, 4096, 4096, [4096], torch.bfloat16, None, {}),
+    ("silu_down", 3, 1536, 1000, [1000], torch.float16, None, {}),
+    ("linear", 1, 576, 1536, [576, 480, 480], torch.float32, None, dict(norm=True)),
+    ("linear", 1, 1000, 1000, [1000], torch.bfloat16,
+     dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=512, DEPTH=3, DOT=False, num_warps=4, num_stages=1), {}),
+]
+
+
+def test_tuned_configs_are_the_ones_compiled_here():
+    table = json.loads(ops.CONFIG_PATH.read_text())["configs"]
+    for op, K, N, splits, _ in LLAMA3_8B:
+        assert ops.config_key(op, K, N, torch.bfloat16, 1) in table  # else the cases fall back to a heuristic
+
+
+@pytest.mark.parametrize("case", MATVEC_CASES, ids=lambda c: f"{c[0]}-B{c[1]}-{c[2]}x{c[3]}-{TYPES[c[5]]}")
+def test_matvec_kernel_compiles_for_sm90(case):
+    op, B, K, N, splits, dtype, cfg, fused = case
+    table = ops.tuned_configs()  # the tuned config, else the heuristic for an H100/H200's 132 SMs
+    cfg = cfg or table.get(ops.config_key(op, K, N, dtype, B)) or ops.heuristic_config(K, N, dtype, B, n_sm=132)
+    block_n = cfg["BLOCK_N"]  # as ops.run_triton: tiles never straddle two segments
+    while block_n > 16 and any(sum(splits[:i]) % block_n for i in range(1, len(splits))):
+        block_n //= 2
+    cfg = dict(cfg, BLOCK_N=block_n)
+    grid, args, meta = matvec_plan(op, B, K, N, splits, dtype, cfg, **fused)
+    assert meta["STATIC_ITERS"] == 0 and not meta["DOT_F32"] and not meta["RTNE_BY_BITS"]  # the GPU variant
+    compiled = compile_for_hopper(tk.sparse_matvec_kernel, args, meta)
+    assert len(compiled.asm["cubin"]) > 0 and grid[0] * grid[1] >= 1
+
+
+@pytest.mark.parametrize("dtype,G,hd,S,rope", [(torch.bfloat16, 4, 128, 2048, True), (torch.bfloat16, 4, 128, 205, False),
+                                               (torch.float32, 3, 64, 100, True), (torch.float16, 1, 96, 300, False)])
+def test_attention_kernel_compiles_for_sm90(dtype, G, hd, S, rope):
+    B, KV = 1, 8
+    q = meta_tensor(B, KV, G, hd, dtype=dtype)
+    k, v = meta_tensor(B, KV, S, hd, dtype=dtype), meta_tensor(B, KV, S, hd, dtype=dtype)
+    out = meta_tensor(B * KV, G, hd, dtype=dtype)
+    n_words, n_counts = attention.workspace_sizes(B * KV, G, hd, S)
+    part, counts = meta_tensor(n_words, dtype=torch.float32), meta_tensor(n_counts, dtype=torch.int32)
+    extra = (meta_tensor(B, KV, hd, dtype=dtype), meta_tensor(B, KV, hd, dtype=dtype),
+             meta_tensor(S, hd // 2, 2, dtype=torch.float32), meta_tensor(1, dtype=torch.int64)) if rope else None
+    mask = None if rope else meta_tensor(S, dtype=torch.bool)
+    grid, args, meta = attention.launch_plan(q, k, v, mask, out, part, counts, rope=extra)
+    assert meta["STATIC_STEPS"] == 0 and not meta["RTNE_BY_BITS"]
+    assert meta["DOT_F32"] == (dtype == torch.float32)
+    compiled = compile_for_hopper(attention.decode_attention_kernel, args, meta)
+    assert len(compiled.asm["cubin"]) > 0 and math.prod(grid) >= 1
