@@ -127,6 +127,15 @@ def use_triton(x: Tensor) -> bool:
     return True
 
 
+def fit_to_segments(cfg: dict, bounds: List[int]) -> dict:
+    """cfg with BLOCK_N halved until it divides every segment start in bounds (down to 16), so
+    that a tile never straddles two segments; what is still odd then takes one launch per segment."""
+    block_n = cfg["BLOCK_N"]
+    while block_n > 16 and any(b % block_n for b in bounds):
+        block_n //= 2
+    return dict(cfg, BLOCK_N=block_n)
+
+
 def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List[int], cfg=None,
                norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None) -> Tensor:
     from . import triton_kernels as tk
@@ -135,14 +144,10 @@ def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List
     y = torch.empty(B, N, dtype=x.dtype, device=x.device)
     if B == 0:
         return y
-    cfg = dict(cfg or pick_config(op, K, N, x.dtype, B, x.device))
     bounds = [sum(splits[:i]) for i in range(1, len(splits))]
-    block_n = cfg["BLOCK_N"]
-    while block_n > 16 and any(b % block_n for b in bounds):  # a tile never straddles two segments
-        block_n //= 2
-    cfg["BLOCK_N"] = block_n
+    cfg = fit_to_segments(cfg or pick_config(op, K, N, x.dtype, B, x.device), bounds)
     silu = op == "silu_down"
-    if len(bounds) <= 3 and not any(b % block_n for b in bounds):
+    if len(bounds) <= 3 and not any(b % cfg["BLOCK_N"] for b in bounds):
         pieces = [(w_t, thresholds, bounds, y, residual)]
     else:  # odd splits: one launch per segment on column views
         starts = [0] + bounds

@@ -89,10 +89,7 @@ def test_matvec_kernel_compiles_for_sm90(case):
     op, B, K, N, splits, dtype, cfg, fused = case
     table = ops.tuned_configs()  # the tuned config, else the heuristic for an H100/H200's 132 SMs
     cfg = cfg or table.get(ops.config_key(op, K, N, dtype, B)) or ops.heuristic_config(K, N, dtype, B, n_sm=132)
-    block_n = cfg["BLOCK_N"]  # as ops.run_triton: tiles never straddle two segments
-    while block_n > 16 and any(sum(splits[:i]) % block_n for i in range(1, len(splits))):
-        block_n //= 2
-    cfg = dict(cfg, BLOCK_N=block_n)
+    cfg = ops.fit_to_segments(cfg, [sum(splits[:i]) for i in range(1, len(splits))])  # as ops.run_triton
     grid, args, meta = matvec_plan(op, B, K, N, splits, dtype, cfg, **fused)
     assert meta["STATIC_ITERS"] == 0 and not meta["DOT_F32"] and not meta["RTNE_BY_BITS"]  # the GPU variant
     compiled = compile_for_hopper(tk.sparse_matvec_kernel, args, meta)
