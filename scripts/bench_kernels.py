@@ -266,20 +266,14 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True):
     """Tile shapes x W tiles in flight x K chunks that give between one and ~16 programs per SM.
     narrow=False: only the wide tiles (BLOCK_N >= 512) besides the config already in the table."""
     # (BLOCK_N, BLOCK_K, num_warps, num_stages, DOT, DEPTH)
-    if B == 1:
+    if B == 1:  # the elementwise path; 2-4 steps of rows in flight (DEPTH)
         variants = []
         if narrow:
-            variants += [(bn, bk, nw, 1, 0, d) for bn, bk in ((128, 32), (128, 64), (256, 32), (256, 64))
-                         for nw in (4, 8) for d in (2, 3)]
-            # narrower pieces, more rows per step: more bytes in flight per program on the small shapes
-            variants += [(bn, bk, nw, 1, 0, 2) for bn, bk in ((32, 256), (64, 128), (64, 256), (128, 128))
-                         for nw in (4, 8)]
-            variants += [(bn, bk, nw, ns, 1, d) for bn, bk, nw, ns in ((128, 32, 4, 3), (256, 32, 4, 3), (256, 32, 8, 3),
-                                                                       (128, 64, 8, 3), (256, 64, 8, 3)) for d in (2, 3)]
-        # wide tiles: 1-2 KB of each gathered row per program (DRAM streams long segments better)
-        variants += [(512, 16, 4, 1, 0, 2), (512, 16, 8, 1, 0, 2), (512, 32, 8, 1, 0, 2), (1024, 8, 4, 1, 0, 2),
-                     (1024, 8, 8, 1, 0, 2), (1024, 16, 8, 1, 0, 2), (512, 16, 8, 1, 0, 3), (1024, 8, 8, 1, 0, 3),
-                     (2048, 8, 8, 1, 0, 2)]
+            variants += [(bn, bk, nw, 1, 0, d) for bn, bk in ((32, 256), (64, 64), (64, 128), (128, 32), (128, 64),
+                                                                (256, 32)) for nw in (4, 8) for d in (2, 3, 4)]
+        # wide tiles: 1-4 KB of each gathered row per program (DRAM streams long segments better)
+        variants += [(bn, bk, nw, 1, 0, d) for bn, bk in ((512, 8), (512, 16), (1024, 4), (1024, 8), (2048, 4))
+                     for nw in (4, 8) for d in (2, 3, 4)]
         chunks = (64, 128, 256, 512, 1024, 2048, 4096)
     else:  # the elementwise path exists for B == 1 only; batches read nearly every row (union)
         variants = [(256, 32, 4, 4, 1, 2), (256, 32, 8, 3, 1, 2), (128, 64, 4, 3, 1, 2), (128, 32, 4, 3, 1, 2),
@@ -287,12 +281,12 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True):
         chunks = (256, 512, 1024)
     out = []
     for bn, bk, nw, ns, dot, depth in variants:
-        if depth * bn * bk > 2 * 64 * 32 * nw:  # W tiles in registers: at most 128 elements a thread
-            continue
+        if depth * bn * bk > 4 * 32 * 32 * nw or bn * bk < 32 * 8 * nw:  # W tiles in registers: 8 to 128
+            continue  # elements a thread (the fewest a step: one 16-byte load)
         n_tiles = -(-N // bn)
         for kc in chunks:
             n_prog = n_tiles * -(-K // kc)
-            max_prog = (4 if bn >= 512 else 16) * n_sm
+            max_prog = (4 if bn >= 512 else 6) * n_sm if B == 1 else 16 * n_sm
             if n_sm <= n_prog <= max_prog and kc * max(1, B) <= 4096 * 2 and kc >= max(bk, 128 if bn < 512 else 64):
                 out.append(dict(BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=bool(dot), num_warps=nw,
                                 num_stages=ns))

@@ -54,12 +54,12 @@ def sparse_matvec_kernel(
     offs_c = pid_k * K_CHUNK + tl.arange(0, K_CHUNK)
     offs_bx = tl.arange(0, B_X)
     bc_ok = (offs_bx < B)[:, None] & (offs_c < K)[None, :]
-    xc = _input(x_ptr, offs_bx[:, None] * stride_x + offs_c[None, :], bc_ok, K, SILU, w_ptr.dtype.element_ty,
-                RTNE_BY_BITS)
+    x_chunk = _input(x_ptr, offs_bx[:, None] * stride_x + offs_c[None, :], bc_ok, K, SILU,
+                     w_ptr.dtype.element_ty, RTNE_BY_BITS)
     if NORM:  # x is RMSNorm(h) * weight: the row's rstd from all of h (every program; K values from L2)
-        xc = _rms_normed(x_ptr, nw_ptr, xc, offs_bx, offs_c, B, K, stride_x, eps, B_X, NORM_BLOCK, NORM_STEPS,
-                         RTNE_BY_BITS)
-    keep = (tl.abs(xc.to(tl.float32)) > t) & bc_ok  # (B_X, K_CHUNK)
+        x_chunk = _rms_normed(x_ptr, nw_ptr, x_chunk, offs_bx, offs_c, B, K, stride_x, eps, B_X, NORM_BLOCK,
+                              NORM_STEPS, RTNE_BY_BITS)
+    keep = (tl.abs(x_chunk.to(tl.float32)) > t) & bc_ok  # (B_X, K_CHUNK)
     need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
     count = tl.sum(need, axis=0)
     pos = tl.cumsum(need, axis=0) - 1
@@ -67,47 +67,61 @@ def sparse_matvec_kernel(
     idx_base = idx_ptr + prog * K_CHUNK
     xs_base = xs_ptr + prog * (B_X * K_CHUNK)
     tl.store(idx_base + pos, offs_c, mask=need > 0)
-    tl.store(xs_base + offs_bx[:, None] * K_CHUNK + pos[None, :], tl.where(keep, xc, 0.0).to(xs_ptr.dtype.element_ty),
-             mask=(need > 0)[None, :] & bc_ok)
+    tl.store(xs_base + offs_bx[:, None] * K_CHUNK + pos[None, :],
+             tl.where(keep, x_chunk, 0.0).to(xs_ptr.dtype.element_ty), mask=(need > 0)[None, :] & bc_ok)
     tl.debug_barrier()  # the whole CTA's scratch stores are visible before they are read back
 
     # 2. Stream only the kept rows: BLOCK_K gathered rows of W^T per step (each a contiguous
-    #    BLOCK_N slice). Software-pipelined by hand: while step i is summed, the rows of the
-    #    next DEPTH - 1 steps, the indices after them and the inputs of step i+1 are in flight.
+    #    BLOCK_N slice), DEPTH steps in flight. Buffers a, b (, c, d) take turns: a step is
+    #    summed, then its buffer is refilled with the rows DEPTH steps ahead, whose indices were
+    #    loaded a round earlier. A buffer is overwritten only after its last use, so no register
+    #    copy at the loop's end waits on a load in flight (which the usual "w_cur = w_next"
+    #    rotation compiles to: one step in flight, the whole latency paid every step).
     offs_b = tl.arange(0, B_PAD)
     b_ok = offs_b < B
     offs_j = tl.arange(0, BLOCK_K)
     if DOT:
         acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
     else:  # B_PAD == 1: products summed over K at the end, no cross-thread work in the loop
-        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    kk = tl.load(idx_base + offs_j, mask=offs_j < count, other=0, cache_modifier=".cg")
-    w_cur = _rows(w_ptr, kk, offs_j < count, offs_n, n_ok, stride_w, EVEN_N)
-    xm_cur = _kept(xs_base, offs_b, b_ok, offs_j, count, K_CHUNK)
-    kk = tl.load(idx_base + BLOCK_K + offs_j, mask=BLOCK_K + offs_j < count, other=0, cache_modifier=".cg")
-    if DEPTH == 3:
-        w_nxt = _rows(w_ptr, kk, BLOCK_K + offs_j < count, offs_n, n_ok, stride_w, EVEN_N)
-        kk = tl.load(idx_base + 2 * BLOCK_K + offs_j, mask=2 * BLOCK_K + offs_j < count, other=0,
-                     cache_modifier=".cg")
-    for i in range(0, STATIC_ITERS if STATIC_ITERS > 0 else tl.cdiv(count, BLOCK_K)):
-        jw = (i + DEPTH - 1) * BLOCK_K + offs_j  # the step whose rows are fetched now
-        w_new = _rows(w_ptr, kk, jw < count, offs_n, n_ok, stride_w, EVEN_N)
-        kk = tl.load(idx_base + jw + BLOCK_K, mask=jw + BLOCK_K < count, other=0, cache_modifier=".cg")
-        xm_new = _kept(xs_base, offs_b, b_ok, (i + 1) * BLOCK_K + offs_j, count, K_CHUNK)
-        if DOT_F32:
-            acc = tl.dot(xm_cur.to(tl.float32), w_cur.to(tl.float32), acc, input_precision="ieee")
-        elif DOT:
-            acc = tl.dot(xm_cur, w_cur, acc, input_precision="ieee")  # (B_PAD, BLOCK_N)
-        else:
-            acc2 += tl.sum(xm_cur.to(tl.float32), axis=0)[:, None] * w_cur.to(tl.float32)
-        xm_cur = xm_new
-        if DEPTH == 3:
-            w_cur = w_nxt
-            w_nxt = w_new
-        else:
-            w_cur = w_new
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    ka = _indices(idx_base, offs_j, count)
+    wa, xa = _step(w_ptr, xs_base, ka, offs_j, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK, EVEN_N, DOT)
+    ka = _indices(idx_base, DEPTH * BLOCK_K + offs_j, count)
+    kb = _indices(idx_base, BLOCK_K + offs_j, count)
+    wb, xb = _step(w_ptr, xs_base, kb, BLOCK_K + offs_j, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK,
+                   EVEN_N, DOT)
+    kb = _indices(idx_base, (DEPTH + 1) * BLOCK_K + offs_j, count)
+    if DEPTH >= 3:
+        kc = _indices(idx_base, 2 * BLOCK_K + offs_j, count)
+        wc, xc = _step(w_ptr, xs_base, kc, 2 * BLOCK_K + offs_j, count, offs_b, b_ok, offs_n, n_ok, stride_w,
+                       K_CHUNK, EVEN_N, DOT)
+        kc = _indices(idx_base, (DEPTH + 2) * BLOCK_K + offs_j, count)
+    if DEPTH == 4:
+        kd = _indices(idx_base, 3 * BLOCK_K + offs_j, count)
+        wd, xd = _step(w_ptr, xs_base, kd, 3 * BLOCK_K + offs_j, count, offs_b, b_ok, offs_n, n_ok, stride_w,
+                       K_CHUNK, EVEN_N, DOT)
+        kd = _indices(idx_base, (DEPTH + 3) * BLOCK_K + offs_j, count)
+    for r in range(0, STATIC_ITERS if STATIC_ITERS > 0 else tl.cdiv(tl.cdiv(count, BLOCK_K), DEPTH)):
+        j = (r + 1) * DEPTH * BLOCK_K + offs_j  # the rows buffer a is refilled with
+        acc = _accumulate(acc, xa, wa, DOT, DOT_F32)
+        wa, xa = _step(w_ptr, xs_base, ka, j, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK, EVEN_N, DOT)
+        ka = _indices(idx_base, j + DEPTH * BLOCK_K, count)
+        acc = _accumulate(acc, xb, wb, DOT, DOT_F32)
+        wb, xb = _step(w_ptr, xs_base, kb, j + BLOCK_K, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK,
+                       EVEN_N, DOT)
+        kb = _indices(idx_base, j + (DEPTH + 1) * BLOCK_K, count)
+        if DEPTH >= 3:
+            acc = _accumulate(acc, xc, wc, DOT, DOT_F32)
+            wc, xc = _step(w_ptr, xs_base, kc, j + 2 * BLOCK_K, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK,
+                           EVEN_N, DOT)
+            kc = _indices(idx_base, j + (DEPTH + 2) * BLOCK_K, count)
+        if DEPTH == 4:
+            acc = _accumulate(acc, xd, wd, DOT, DOT_F32)
+            wd, xd = _step(w_ptr, xs_base, kd, j + 3 * BLOCK_K, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK,
+                           EVEN_N, DOT)
+            kd = _indices(idx_base, j + (DEPTH + 3) * BLOCK_K, count)
     if not DOT:
-        acc = tl.sum(acc2, axis=0)[None, :]  # (1, BLOCK_N)
+        acc = tl.sum(acc, axis=0)[None, :]  # (1, BLOCK_N)
 
     # 3. Split-K reduction: partials to the workspace, the last program to arrive sums them.
     out_ok = b_ok[:, None] & n_ok[None, :]
@@ -133,19 +147,41 @@ def sparse_matvec_kernel(
 
 
 @triton.jit
-def _rows(w_ptr, kk, ok, offs_n, n_ok, stride_w, EVEN_N: tl.constexpr):
-    """Rows kk of W^T, columns offs_n: (BLOCK_K, BLOCK_N); rows not ok are not read."""
-    ptrs = w_ptr + kk[:, None] * stride_w + offs_n[None, :]
-    if EVEN_N:
-        return tl.load(ptrs, mask=ok[:, None], other=0.0, eviction_policy="evict_first")
-    return tl.load(ptrs, mask=ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+def _indices(idx_base, j, count):
+    """Compacted row indices of step positions j (0 past the kept count)."""
+    return tl.load(idx_base + j, mask=j < count, other=0, cache_modifier=".cg")
 
 
 @triton.jit
-def _kept(xs_base, offs_b, b_ok, j, count, K_CHUNK: tl.constexpr):
-    """Compacted kept inputs of steps j: (B_PAD, BLOCK_K), zero where a batch row drops the row."""
-    return tl.load(xs_base + offs_b[:, None] * K_CHUNK + j[None, :], mask=b_ok[:, None] & (j < count)[None, :],
-                   other=0.0, cache_modifier=".cg")
+def _step(w_ptr, xs_base, kk, j, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK: tl.constexpr,
+          EVEN_N: tl.constexpr, DOT: tl.constexpr):
+    """One step's loads: rows kk of W^T over columns offs_n (BLOCK_K, BLOCK_N), and the kept
+    inputs of step positions j: (B_PAD, BLOCK_K) for tl.dot, else (BLOCK_K,), zero where a
+    batch row drops the row. Positions past count read nothing."""
+    ok = j < count
+    ptrs = w_ptr + kk[:, None] * stride_w + offs_n[None, :]
+    if EVEN_N:
+        w = tl.load(ptrs, mask=ok[:, None], other=0.0, eviction_policy="evict_first")
+    else:
+        w = tl.load(ptrs, mask=ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+    if DOT:
+        xm = tl.load(xs_base + offs_b[:, None] * K_CHUNK + j[None, :], mask=b_ok[:, None] & ok[None, :], other=0.0,
+                     cache_modifier=".cg")
+    else:  # one batch row, loaded straight in the rows' layout (no shuffle through shared memory)
+        xm = tl.load(xs_base + j, mask=ok, other=0.0, cache_modifier=".cg")
+    return w, xm
+
+
+@triton.jit
+def _accumulate(acc, xm, w, DOT: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + this step's products: (B_PAD, BLOCK_N) by tl.dot, or (BLOCK_K, BLOCK_N) elementwise."""
+    if DOT_F32:
+        acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    elif DOT:
+        acc = tl.dot(xm, w, acc, input_precision="ieee")
+    else:
+        acc += xm.to(tl.float32)[:, None] * w.to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -207,8 +243,8 @@ def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False
     y (B, N) row stride free; bounds: first columns of segments 1.. (multiples of BLOCK_N);
     workspaces (see workspace_sizes): part fp32, counts int32 zeros, idx int32, xs fp32 (holds x.dtype).
     norm_weight (K,): the input is rms_norm(x, norm_weight, eps); residual (B, N), unit column
-    stride: y = residual + the product. cfg: dict BLOCK_N, BLOCK_K, K_CHUNK, DEPTH (2 or 3 W tiles
-    in flight), DOT, num_warps, num_stages."""
+    stride: y = residual + the product. cfg: dict BLOCK_N, BLOCK_K, K_CHUNK, DEPTH (2, 3 or 4 steps
+    of rows in flight), DOT, num_warps, num_stages."""
     kernel = sparse_matvec_kernel if kernel is None else kernel
     interp = type(kernel).__name__ == "InterpretedFunction"
     grid, args, meta = launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu, norm_weight,
@@ -242,7 +278,7 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
             float(eps), b[0], b[1], b[2], split)
     meta = dict(
         B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=cfg.get("DEPTH", 2), DOT=dot,
-        SILU=silu, RED_R=red_r, EVEN_N=(N % bn == 0), STATIC_ITERS=kc // bk if interpreted else 0,
+        SILU=silu, RED_R=red_r, EVEN_N=(N % bn == 0), STATIC_ITERS=triton.cdiv(kc // bk, cfg.get("DEPTH", 2)) if interpreted else 0,
         STATIC_SPLIT=split if interpreted else 0, DOT_F32=interpreted and dot and x.dtype == torch.bfloat16,
         NORM=norm_weight is not None, NORM_BLOCK=norm_block, NORM_STEPS=triton.cdiv(K, norm_block),
         RESIDUAL=residual is not None, RTNE_BY_BITS=interpreted and x.dtype == torch.bfloat16,

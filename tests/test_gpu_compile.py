@@ -29,20 +29,28 @@ def compile_for_hopper(kernel, args, meta):
     from triton.compiler import ASTSource
 
     names = kernel.arg_names
-    signature, constexprs = {}, {}
-    for name, value in zip(names, args):
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, value) in enumerate(zip(names, args)):
+        # As the JIT specializes on a GPU: pointers 16-byte aligned (torch's allocations are),
+        # integers divisible by 16 marked so, integers equal to 1 made constants.
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
+        elif int(value) == 1:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = 1
         else:
             signature[name] = "i32" if abs(int(value)) < 2 ** 31 else "i64"
+            if int(value) % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     for name, value in meta.items():
         if name not in LAUNCH_OPTIONS:
             signature[name] = "constexpr"
             constexprs[(names.index(name),)] = value
     assert len(signature) == len(names), f"unfilled kernel arguments: {set(names) - set(signature)}"
-    source = ASTSource(kernel, {n: signature[n] for n in names}, constexprs=constexprs)
+    source = ASTSource(kernel, {n: signature[n] for n in names}, constexprs=constexprs, attrs=attrs)
     options = {k: meta[k] for k in LAUNCH_OPTIONS if k in meta}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
