@@ -49,8 +49,7 @@ def sparse_matvec_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
 
-    # 1. Which rows of this K chunk does any batch row keep? Compact their indices and the
-    #    kept inputs (zero where that batch row drops the entry) into per-program scratch.
+    # 1. Which rows of this K chunk does any batch row keep?
     offs_c = pid_k * K_CHUNK + tl.arange(0, K_CHUNK)
     offs_bx = tl.arange(0, B_X)
     bc_ok = (offs_bx < B)[:, None] & (offs_c < K)[None, :]
@@ -61,9 +60,45 @@ def sparse_matvec_kernel(
                               NORM_STEPS, RTNE_BY_BITS)
     keep = (tl.abs(x_chunk.to(tl.float32)) > t) & bc_ok  # (B_X, K_CHUNK)
     need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
+    offs_b = tl.arange(0, B_PAD)
+    b_ok = offs_b < B
+    # 2. Compact the kept rows, then stream only those.
+    acc = _compact_and_stream(w_ptr, idx_ptr, xs_ptr, x_chunk, keep, need, offs_c, offs_bx, bc_ok, offs_b, b_ok,
+                              offs_n, n_ok, pid_n * n_split + pid_k, stride_w, B_X, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK,
+                              DEPTH, DOT, DOT_F32, EVEN_N, STATIC_ITERS)
+
+    # 3. Split-K reduction: partials to the workspace, the last program to arrive sums them.
+    out_ok = b_ok[:, None] & n_ok[None, :]
+    y_ptrs = y_ptr + offs_b[:, None] * stride_y + offs_n[None, :]
+    r_ptrs = res_ptr + offs_b[:, None] * stride_r + offs_n[None, :]
+    if n_split == 1:
+        _store_out(y_ptrs, r_ptrs, acc, out_ok, y_ptr.dtype.element_ty, RESIDUAL)
+    else:
+        tile = offs_b[:, None] * N + offs_n[None, :]  # (B_PAD, BLOCK_N) offsets inside one split's (B, N)
+        tl.store(part_ptr + pid_k * B * N + tile, acc, mask=out_ok)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is published
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_split - 1:  # last to arrive: sum the partials in split order
+            offs_r = tl.arange(0, RED_R)
+            total = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+            for s0 in range(0, STATIC_SPLIT if STATIC_SPLIT > 0 else n_split, RED_R):
+                s = s0 + offs_r
+                ptrs = part_ptr + s[:, None, None] * (B * N) + tile[None, :, :]
+                ok = (s < n_split)[:, None, None] & out_ok[None, :, :]
+                total += tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+            _store_out(y_ptrs, r_ptrs, total, out_ok, y_ptr.dtype.element_ty, RESIDUAL)
+            tl.store(count_ptr + pid_n, 0)  # ready for the next call
+
+
+@triton.jit
+def _compact_and_stream(w_ptr, idx_ptr, xs_ptr, x_chunk, keep, need, offs_c, offs_bx, bc_ok, offs_b, b_ok,
+                        offs_n, n_ok, prog, stride_w, B_X: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, DOT: tl.constexpr,
+                        DOT_F32: tl.constexpr, EVEN_N: tl.constexpr, STATIC_ITERS: tl.constexpr):
+    """Compact the kept rows' indices and inputs into this program's scratch, then stream only
+    those rows. (B_PAD, BLOCK_N) fp32."""
     count = tl.sum(need, axis=0)
     pos = tl.cumsum(need, axis=0) - 1
-    prog = pid_n * n_split + pid_k
     idx_base = idx_ptr + prog * K_CHUNK
     xs_base = xs_ptr + prog * (B_X * K_CHUNK)
     tl.store(idx_base + pos, offs_c, mask=need > 0)
@@ -71,14 +106,12 @@ def sparse_matvec_kernel(
              tl.where(keep, x_chunk, 0.0).to(xs_ptr.dtype.element_ty), mask=(need > 0)[None, :] & bc_ok)
     tl.debug_barrier()  # the whole CTA's scratch stores are visible before they are read back
 
-    # 2. Stream only the kept rows: BLOCK_K gathered rows of W^T per step (each a contiguous
-    #    BLOCK_N slice), DEPTH steps in flight. Buffers a, b (, c, d) take turns: a step is
-    #    summed, then its buffer is refilled with the rows DEPTH steps ahead, whose indices were
-    #    loaded a round earlier. A buffer is overwritten only after its last use, so no register
-    #    copy at the loop's end waits on a load in flight (which the usual "w_cur = w_next"
-    #    rotation compiles to: one step in flight, the whole latency paid every step).
-    offs_b = tl.arange(0, B_PAD)
-    b_ok = offs_b < B
+    # Stream only the kept rows: BLOCK_K gathered rows of W^T per step (each a contiguous
+    # BLOCK_N slice), DEPTH steps in flight. Buffers a, b (, c, d) take turns: a step is
+    # summed, then its buffer is refilled with the rows DEPTH steps ahead, whose indices were
+    # loaded a round earlier. A buffer is overwritten only after its last use, so no register
+    # copy at the loop's end waits on a load in flight (which the usual "w_cur = w_next"
+    # rotation compiles to: one step in flight, the whole latency paid every step).
     offs_j = tl.arange(0, BLOCK_K)
     if DOT:
         acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
@@ -122,28 +155,7 @@ def sparse_matvec_kernel(
             kd = _indices(idx_base, j + (DEPTH + 3) * BLOCK_K, count)
     if not DOT:
         acc = tl.sum(acc, axis=0)[None, :]  # (1, BLOCK_N)
-
-    # 3. Split-K reduction: partials to the workspace, the last program to arrive sums them.
-    out_ok = b_ok[:, None] & n_ok[None, :]
-    y_ptrs = y_ptr + offs_b[:, None] * stride_y + offs_n[None, :]
-    r_ptrs = res_ptr + offs_b[:, None] * stride_r + offs_n[None, :]
-    if n_split == 1:
-        _store_out(y_ptrs, r_ptrs, acc, out_ok, y_ptr.dtype.element_ty, RESIDUAL)
-    else:
-        tile = offs_b[:, None] * N + offs_n[None, :]  # (B_PAD, BLOCK_N) offsets inside one split's (B, N)
-        tl.store(part_ptr + pid_k * B * N + tile, acc, mask=out_ok)
-        tl.debug_barrier()  # every thread's partial is written before the arrival is published
-        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_split - 1:  # last to arrive: sum the partials in split order
-            offs_r = tl.arange(0, RED_R)
-            total = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
-            for s0 in range(0, STATIC_SPLIT if STATIC_SPLIT > 0 else n_split, RED_R):
-                s = s0 + offs_r
-                ptrs = part_ptr + s[:, None, None] * (B * N) + tile[None, :, :]
-                ok = (s < n_split)[:, None, None] & out_ok[None, :, :]
-                total += tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-            _store_out(y_ptrs, r_ptrs, total, out_ok, y_ptr.dtype.element_ty, RESIDUAL)
-            tl.store(count_ptr + pid_n, 0)  # ready for the next call
+    return acc
 
 
 @triton.jit

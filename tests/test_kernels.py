@@ -123,6 +123,7 @@ CASES = [
     ("silu_down+res", 1, 1536, 576, [576], torch.bfloat16, 0.5, dict(BLOCK_N=64, BLOCK_K=64, K_CHUNK=512, **E)),
     ("silu_down+res", 8, 200, 1000, [1000], torch.float16, 1.0, dict(BLOCK_N=256, BLOCK_K=32, K_CHUNK=64, **D)),
     ("linear+norm+res", 1, 300, 1000, [1000], torch.float16, 0.5, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **E)),
+    ("linear", 1, 700, 1000, [1000], torch.float16, 0.5, dict(BLOCK_N=64, BLOCK_K=16, K_CHUNK=512, DEPTH=4, **E)),
 ]
 
 
