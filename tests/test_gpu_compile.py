@@ -6,9 +6,15 @@ GPU variant differs in exactly those places, so a type error there would otherwi
 on the GPU. Each case takes its grid arguments from the launcher itself (launch_plan, with meta
 tensors of the real shapes) and compiles to a cubin with the ptxas that ships with Triton.
 Nothing runs; the GPU checks of scripts/bench_kernels.py and bench_attention.py test results.
+The streaming loop's SASS (Triton's nvdisasm) is also checked for a silent slowdown found in
+session 5: register copies that wait for the loads just issued.
 """
 import json
 import math
+import os
+import re
+import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -121,3 +127,49 @@ def test_attention_kernel_compiles_for_sm90(dtype, G, hd, S, rope):
     assert meta["DOT_F32"] == (dtype == torch.float32)
     compiled = compile_for_hopper(attention.decode_attention_kernel, args, meta)
     assert len(compiled.asm["cubin"]) > 0 and math.prod(grid) >= 1
+
+
+W_LOAD = re.compile(r"LDG\.E\.EF\.128 R(\d+),")  # a weight-row load: evict_first, 16 bytes, into R(n)..R(n+3)
+COPY = re.compile(r"(?:IMAD\.MOV\.U32 R\d+, RZ, RZ,|\bMOV R\d+,) R(\d+) ;")
+
+
+def disassemble(compiled) -> str:
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        pytest.skip("this Triton has no bundled nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def streaming_loop(sass: str) -> str:
+    """The body of the loop (label to its backward branch) with the most weight-row loads."""
+    bodies = []
+    for label in re.finditer(r"^(\.L_x_\d+):", sass, re.M):
+        end = sass.find(f"BRA `({label.group(1)})", label.end())
+        if end > 0:
+            bodies.append(sass[label.end():end])
+    return max(bodies, key=lambda body: len(W_LOAD.findall(body)), default="")
+
+
+def loop_stalls(kernel_module, op, K, N, splits, fused) -> dict:
+    """What in the tuned config's streaming loop would serialize it: register copies of a weight
+    load's destination (a copy waits for the load, so the next step's rows are not in flight while
+    this step is summed) and CTA barriers."""
+    cfg = ops.fit_to_segments(ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)],
+                              [sum(splits[:i]) for i in range(1, len(splits))])
+    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
+    body = streaming_loop(disassemble(compile_for_hopper(kernel_module.sparse_matvec_kernel, args, meta)))
+    loaded = {int(r) + i for r in W_LOAD.findall(body) for i in range(4)}
+    return dict(weight_loads=len(W_LOAD.findall(body)), barriers=body.count("BAR.SYNC"),
+                copies_of_loads=sorted(int(r) for r in COPY.findall(body) if int(r) in loaded))
+
+
+@pytest.mark.parametrize("case", LLAMA3_8B, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}")
+def test_streaming_loop_keeps_its_loads_in_flight(case):
+    op, K, N, splits, fused = case
+    stalls = loop_stalls(tk, op, K, N, splits, fused)
+    assert stalls["weight_loads"] > 0, "no streaming loop found in the SASS"
+    assert stalls == dict(weight_loads=stalls["weight_loads"], barriers=0, copies_of_loads=[]), stalls
+
