@@ -53,13 +53,14 @@ def sm_count(device: torch.device) -> int:
 
 def heuristic_config(K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> dict:
     """For shapes nobody tuned. B == 1 with large weights: wide elementwise tiles (1-2 KB of each
-    gathered row, which DRAM streams better than 256-byte pieces; the tuner's picks on the 8B MLP
-    shapes, and the tile sizes it picked on 70B). Otherwise tl.dot tiles (cp.async pipelined). About two to three programs per SM."""
+    gathered row, which DRAM streams better than 256-byte pieces) with 3-4 steps in flight: the
+    tuner's picks on the 8B and 70B MLP shapes. Otherwise tl.dot tiles. About two to three
+    programs per SM."""
     from .triton_kernels import next_pow2  # only reached where Triton runs the op
 
     if B == 1 and max(K, N) >= 8192 and dtype != torch.float32:
-        block_n, block_k = (1024, 8) if N >= 16384 else (512, 16)
-        cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, DEPTH=2, DOT=False, num_warps=4, num_stages=1)
+        block_n, block_k, depth = (1024, 4, 3) if N >= 16384 else (512, 8, 4)
+        cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, DEPTH=depth, DOT=False, num_warps=4, num_stages=1)
         per_sm, min_log2 = 2, 6
     else:
         block_n = 256 if N > 8192 and dtype != torch.float32 else 128

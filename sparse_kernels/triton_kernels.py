@@ -290,7 +290,8 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
             float(eps), b[0], b[1], b[2], split)
     meta = dict(
         B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=cfg.get("DEPTH", 2), DOT=dot,
-        SILU=silu, RED_R=red_r, EVEN_N=(N % bn == 0), STATIC_ITERS=triton.cdiv(kc // bk, cfg.get("DEPTH", 2)) if interpreted else 0,
+        SILU=silu, RED_R=red_r, EVEN_N=(N % bn == 0),
+        STATIC_ITERS=triton.cdiv(kc // bk, cfg.get("DEPTH", 2)) if interpreted else 0,  # rounds of DEPTH steps
         STATIC_SPLIT=split if interpreted else 0, DOT_F32=interpreted and dot and x.dtype == torch.bfloat16,
         NORM=norm_weight is not None, NORM_BLOCK=norm_block, NORM_STEPS=triton.cdiv(K, norm_block),
         RESIDUAL=residual is not None, RTNE_BY_BITS=interpreted and x.dtype == torch.bfloat16,

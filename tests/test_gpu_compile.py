@@ -89,6 +89,8 @@ MATVEC_CASES = [(op, 1, K, N, splits, torch.bfloat16, None, fused) for op, K, N,
     ("linear", 1, 576, 1536, [576, 480, 480], torch.float32, None, dict(norm=True)),
     ("linear", 1, 1000, 1000, [1000], torch.bfloat16,
      dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=512, DEPTH=3, DOT=False, num_warps=4, num_stages=1), {}),
+    ("linear", 1, 5120, 27648, [13824, 13824], torch.bfloat16, None, dict(norm=True)),  # untuned: wide heuristic
+    ("silu_down", 1, 13824, 5120, [5120], torch.float16, None, dict(residual=True)),
 ]
 
 
