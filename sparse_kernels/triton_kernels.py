@@ -62,6 +62,7 @@ def sparse_matvec_kernel(
     need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
     offs_b = tl.arange(0, B_PAD)
     b_ok = offs_b < B
+
     # 2. Compact the kept rows, then stream only those.
     acc = _compact_and_stream(w_ptr, idx_ptr, xs_ptr, x_chunk, keep, need, offs_c, offs_bx, bc_ok, offs_b, b_ok,
                               offs_n, n_ok, pid_n * n_split + pid_k, stride_w, B_X, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK,
