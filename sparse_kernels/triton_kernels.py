@@ -275,6 +275,8 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
     if K * w_t.stride(0) >= 2 ** 31:
         raise ValueError("sparse_kernels: weights of 2^31 elements or more are not supported (int32 offsets)")
     bn, bk, kc = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["K_CHUNK"]
+    if cfg.get("DEPTH", 2) not in (2, 3, 4):
+        raise ValueError(f"sparse_kernels: DEPTH={cfg['DEPTH']} steps in flight is not supported; use 2, 3 or 4")
     if len(bounds) > 3 or any(b % bn for b in bounds):
         raise ValueError(f"segment starts {list(bounds)} must be at most 3 multiples of BLOCK_N={bn}")
     dot = bool(cfg["DOT"]) or B > 1  # the elementwise path is for B == 1
