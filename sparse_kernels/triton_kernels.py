@@ -118,45 +118,53 @@ def _compact_and_stream(w_ptr, idx_ptr, xs_ptr, x_chunk, keep, need, offs_c, off
         acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
     else:  # B_PAD == 1: products summed over K at the end, no cross-thread work in the loop
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    ka = _indices(idx_base, offs_j, count)
-    wa, xa = _step(w_ptr, xs_base, ka, offs_j, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK, EVEN_N, DOT)
-    ka = _indices(idx_base, DEPTH * BLOCK_K + offs_j, count)
-    kb = _indices(idx_base, BLOCK_K + offs_j, count)
-    wb, xb = _step(w_ptr, xs_base, kb, BLOCK_K + offs_j, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK,
-                   EVEN_N, DOT)
-    kb = _indices(idx_base, (DEPTH + 1) * BLOCK_K + offs_j, count)
+    # (the loads' arguments are spelled out: a constexpr inside a tuple would no longer be one)
+    wa, xa, ka = _fill(offs_j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok, stride_w, BLOCK_K,
+                       K_CHUNK, DEPTH, EVEN_N, DOT)
+    wb, xb, kb = _fill(BLOCK_K + offs_j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok, stride_w,
+                       BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT)
     if DEPTH >= 3:
-        kc = _indices(idx_base, 2 * BLOCK_K + offs_j, count)
-        wc, xc = _step(w_ptr, xs_base, kc, 2 * BLOCK_K + offs_j, count, offs_b, b_ok, offs_n, n_ok, stride_w,
-                       K_CHUNK, EVEN_N, DOT)
-        kc = _indices(idx_base, (DEPTH + 2) * BLOCK_K + offs_j, count)
+        wc, xc, kc = _fill(2 * BLOCK_K + offs_j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok,
+                           stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT)
     if DEPTH == 4:
-        kd = _indices(idx_base, 3 * BLOCK_K + offs_j, count)
-        wd, xd = _step(w_ptr, xs_base, kd, 3 * BLOCK_K + offs_j, count, offs_b, b_ok, offs_n, n_ok, stride_w,
-                       K_CHUNK, EVEN_N, DOT)
-        kd = _indices(idx_base, (DEPTH + 3) * BLOCK_K + offs_j, count)
+        wd, xd, kd = _fill(3 * BLOCK_K + offs_j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok,
+                           stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT)
     for r in range(0, STATIC_ITERS if STATIC_ITERS > 0 else tl.cdiv(tl.cdiv(count, BLOCK_K), DEPTH)):
         j = (r + 1) * DEPTH * BLOCK_K + offs_j  # the rows buffer a is refilled with
-        acc = _accumulate(acc, xa, wa, DOT, DOT_F32)
-        wa, xa = _step(w_ptr, xs_base, ka, j, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK, EVEN_N, DOT)
-        ka = _indices(idx_base, j + DEPTH * BLOCK_K, count)
-        acc = _accumulate(acc, xb, wb, DOT, DOT_F32)
-        wb, xb = _step(w_ptr, xs_base, kb, j + BLOCK_K, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK,
-                       EVEN_N, DOT)
-        kb = _indices(idx_base, j + (DEPTH + 1) * BLOCK_K, count)
+        acc, wa, xa, ka = _turn(acc, wa, xa, ka, j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok,
+                                stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32)
+        acc, wb, xb, kb = _turn(acc, wb, xb, kb, j + BLOCK_K, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n,
+                                n_ok, stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32)
         if DEPTH >= 3:
-            acc = _accumulate(acc, xc, wc, DOT, DOT_F32)
-            wc, xc = _step(w_ptr, xs_base, kc, j + 2 * BLOCK_K, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK,
-                           EVEN_N, DOT)
-            kc = _indices(idx_base, j + (DEPTH + 2) * BLOCK_K, count)
+            acc, wc, xc, kc = _turn(acc, wc, xc, kc, j + 2 * BLOCK_K, w_ptr, idx_base, xs_base, count, offs_b, b_ok,
+                                    offs_n, n_ok, stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32)
         if DEPTH == 4:
-            acc = _accumulate(acc, xd, wd, DOT, DOT_F32)
-            wd, xd = _step(w_ptr, xs_base, kd, j + 3 * BLOCK_K, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK,
-                           EVEN_N, DOT)
-            kd = _indices(idx_base, j + (DEPTH + 3) * BLOCK_K, count)
+            acc, wd, xd, kd = _turn(acc, wd, xd, kd, j + 3 * BLOCK_K, w_ptr, idx_base, xs_base, count, offs_b, b_ok,
+                                    offs_n, n_ok, stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32)
     if not DOT:
         acc = tl.sum(acc, axis=0)[None, :]  # (1, BLOCK_N)
     return acc
+
+
+@triton.jit
+def _fill(j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok, stride_w, BLOCK_K: tl.constexpr,
+          K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr):
+    """A buffer's first load: the rows and inputs of step positions j, and the indices of the
+    positions DEPTH steps later (what the buffer is refilled with on its first turn)."""
+    w, xm = _step(w_ptr, xs_base, _indices(idx_base, j, count), j, count, offs_b, b_ok, offs_n, n_ok, stride_w,
+                  K_CHUNK, EVEN_N, DOT)
+    return w, xm, _indices(idx_base, j + DEPTH * BLOCK_K, count)
+
+
+@triton.jit
+def _turn(acc, w, xm, kk, j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok, stride_w,
+          BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr,
+          DOT_F32: tl.constexpr):
+    """A buffer's turn: sum its step into acc, then refill it with the rows of positions j (their
+    indices kk were loaded a round earlier) and load the indices of the positions DEPTH steps on."""
+    acc = _accumulate(acc, xm, w, DOT, DOT_F32)
+    w, xm = _step(w_ptr, xs_base, kk, j, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK, EVEN_N, DOT)
+    return acc, w, xm, _indices(idx_base, j + DEPTH * BLOCK_K, count)
 
 
 @triton.jit
@@ -275,8 +283,9 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
     if K * w_t.stride(0) >= 2 ** 31:
         raise ValueError("sparse_kernels: weights of 2^31 elements or more are not supported (int32 offsets)")
     bn, bk, kc = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["K_CHUNK"]
-    if cfg.get("DEPTH", 2) not in (2, 3, 4):
-        raise ValueError(f"sparse_kernels: DEPTH={cfg['DEPTH']} steps in flight is not supported; use 2, 3 or 4")
+    depth = cfg.get("DEPTH", 2)
+    if depth not in (2, 3, 4):
+        raise ValueError(f"sparse_kernels: DEPTH={depth} steps in flight is not supported; use 2, 3 or 4")
     if len(bounds) > 3 or any(b % bn for b in bounds):
         raise ValueError(f"segment starts {list(bounds)} must be at most 3 multiples of BLOCK_N={bn}")
     dot = bool(cfg["DOT"]) or B > 1  # the elementwise path is for B == 1
@@ -292,9 +301,9 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
             B, K, N, x.stride(0), w_t.stride(0), y.stride(0), y.stride(0) if residual is None else residual.stride(0),
             float(eps), b[0], b[1], b[2], split)
     meta = dict(
-        B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=cfg.get("DEPTH", 2), DOT=dot,
+        B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=dot,
         SILU=silu, RED_R=red_r, EVEN_N=(N % bn == 0),
-        STATIC_ITERS=triton.cdiv(kc // bk, cfg.get("DEPTH", 2)) if interpreted else 0,  # rounds of DEPTH steps
+        STATIC_ITERS=triton.cdiv(kc // bk, depth) if interpreted else 0,  # rounds of DEPTH steps
         STATIC_SPLIT=split if interpreted else 0, DOT_F32=interpreted and dot and x.dtype == torch.bfloat16,
         NORM=norm_weight is not None, NORM_BLOCK=norm_block, NORM_STEPS=triton.cdiv(K, norm_block),
         RESIDUAL=residual is not None, RTNE_BY_BITS=interpreted and x.dtype == torch.bfloat16,
