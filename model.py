@@ -147,6 +147,19 @@ def linear_t(x: Tensor, w_t: Tensor, thresholds: Tensor, splits: list, sparse: b
     return y.view(*lead, w_t.shape[1])
 
 
+def silu_down_t(gate_up: Tensor, w_t: Tensor, threshold: Tensor, sparse: bool,
+                residual: Optional[Tensor] = None) -> Tensor:
+    """[residual +] silu(gate) * up (..., I) @ w_t (I, N) from gate_up (..., 2I), as linear_t; if sparse,
+    entries with |silu(gate) * up| <= threshold are dropped first, in one fused kernel (sparse_silu_down)."""
+    if not sparse:
+        y = silu_mul(gate_up) @ w_t
+        return y if residual is None else residual + y
+    lead = gate_up.shape[:-1]
+    y = sparse_silu_down(gate_up.reshape(-1, gate_up.shape[-1]), w_t, threshold,
+                         residual=None if residual is None else residual.reshape(-1, w_t.shape[1]))
+    return y.view(*lead, w_t.shape[1])
+
+
 def all_reduce_if_sharded(x: Tensor, group) -> Tensor:
     """Sum the partial outputs of input-sharded projections over tensor-parallel ranks.
     A functional collective, so torch.compile and CUDA graphs capture it."""
@@ -227,16 +240,9 @@ class FeedForward(nn.Module):
         gate_up = linear_t(x, self.w13_t, thresholds[0:2], [self.hidden, self.hidden], sparse, norm=norm)  # (B, T, 2I)
         if observe is not None:
             observe("mlp_mid", silu_mul(gate_up))
-        residual = x if self.tp_group is None else None
-        if not sparse:
-            y = silu_mul(gate_up) @ self.w2_t
-            y = y if residual is None else residual + y
-        else:
-            lead = gate_up.shape[:-1]
-            y = sparse_silu_down(gate_up.reshape(-1, 2 * self.hidden), self.w2_t, thresholds[2:3],
-                                 residual=None if residual is None else residual.reshape(-1, x.shape[-1]))
-            y = y.view(*lead, self.w2_t.shape[1])
-        return y if self.tp_group is None else x + all_reduce_if_sharded(y, self.tp_group)
+        if self.tp_group is None:
+            return silu_down_t(gate_up, self.w2_t, thresholds[2:3], sparse, residual=x)
+        return x + all_reduce_if_sharded(silu_down_t(gate_up, self.w2_t, thresholds[2:3], sparse), self.tp_group)
 
 
 class Block(nn.Module):
