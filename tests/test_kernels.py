@@ -13,14 +13,12 @@ import sys
 import pytest
 import torch
 
+from scripts.bench_kernels import EPS, kernel_input, reference_op  # the GPU checks' definitions of the fused ops
 from sparse_kernels import silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref
-from sparse_kernels.reference import gap_threshold, rms_norm
+from sparse_kernels.reference import gap_threshold
 from tests.interpreted import compare, run_child
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-4}
-
-
-EPS = 1e-5
 
 
 def make_inputs(op, B, K, N, S, dtype, p, seed):
@@ -35,18 +33,12 @@ def make_inputs(op, B, K, N, S, dtype, p, seed):
         norm_w = (0.5 + torch.rand(K, generator=g)).to(dtype)
     if "+res" in op:
         residual = torch.randn(B, N, generator=g).to(dtype)
-    src = silu_mul(x) if op.startswith("silu_down") else x if norm_w is None else rms_norm(x, norm_w, EPS)
+    src = kernel_input(op, x, norm_w)
     # one threshold per segment, each in a gap of |src|: Triton's interpreter rounds fp32 -> bf16
     # by truncation, so a kernel-formed input (silu, norm) can be an ulp off the reference's
     levels = [p if p in (0.0, 1.0) else min(0.95, p + 0.05 * s) for s in range(S)]
     thr = torch.tensor([gap_threshold(src, q) for q in levels])
     return x, w, thr.float(), norm_w, residual
-
-
-def reference(op, x, w, thr, splits, norm_w, residual):
-    if op.startswith("silu_down"):
-        return sparse_silu_down_ref(x, w, thr, residual=residual)
-    return sparse_linear_ref(x, w, thr, splits, norm_weight=norm_w, eps=EPS, residual=residual)
 
 
 def run_kernel(tk, op, x, w, thr, splits, cfg, norm_w=None, residual=None):
@@ -72,7 +64,7 @@ def _child():
     for i, (op, B, K, N, splits, dtype, p, cfg) in enumerate(CASES):
         x, w, thr, norm_w, residual = make_inputs(op, B, K, N, len(splits), dtype, p, seed=i)
         y, counters = run_kernel(tk, op, x, w, thr, splits, cfg, norm_w, residual)
-        ref = reference(op, x, w, thr, splits, norm_w, residual)
+        ref = reference_op(op, x, w, thr, splits, norm_w, residual)
         out[case_id(CASES[i])] = dict(compare(y, ref, TOL[dtype]), counters=counters)
     # the comparison has teeth: a slightly lower threshold is a different result, and so is a
     # fused norm without its weight or a missing residual
@@ -81,9 +73,9 @@ def _child():
     out["wrong_threshold"] = compare(y, sparse_linear_ref(x, w, thr * 0.9, [512]), TOL[torch.float32])
     x, w, thr, norm_w, residual = make_inputs("linear+norm+res", 2, 256, 512, 1, torch.float32, 0.5, seed=98)
     y, _ = run_kernel(tk, "linear", x, w, thr, [512], dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=128, **D), norm_w, residual)
-    out["unweighted_norm"] = compare(y, reference("linear", x, w, thr, [512], torch.ones_like(norm_w), residual),
+    out["unweighted_norm"] = compare(y, reference_op("linear", x, w, thr, [512], torch.ones_like(norm_w), residual),
                                      TOL[torch.float32])
-    out["no_residual"] = compare(y, reference("linear", x, w, thr, [512], norm_w, None), TOL[torch.float32])
+    out["no_residual"] = compare(y, reference_op("linear", x, w, thr, [512], norm_w, None), TOL[torch.float32])
     print(json.dumps(out))
 
 
