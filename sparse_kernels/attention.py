@@ -144,6 +144,13 @@ def _rotate(x_ptrs, partner_ptrs, ok, cos, sin, RTNE_BY_BITS: tl.constexpr):
     return _round(x.to(tl.float32) * cos + partner * sin, x.dtype, RTNE_BY_BITS)
 
 
+def walkable(k, v) -> bool:
+    """Whether the kernel walks caches k and v (B, KV, S, hd) as they are: one set of strides for
+    both, unit stride along hd, each batch row's heads right after the previous row's."""
+    batch_ok = k.shape[0] == 1 or k.stride(0) == k.shape[1] * k.stride(1)
+    return k.stride() == v.stride() and k.stride(3) == 1 and batch_ok
+
+
 def default_block_s(S: int) -> int:
     """Cache positions per step. On the H200 (scripts/bench_attention.py, 2 warps, Llama-3-8B heads)
     32 was fastest up to S = 512 (5.9 us at S = 205 against 6.8 for 64), 64 from S = 1024 on."""
@@ -186,8 +193,9 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
     """launch's grid, positional arguments and keyword arguments, for Triton's interpreter or a GPU."""
     B, KV, G, hd = q.shape
     S = k.shape[2]
-    if k.stride() != v.stride() or k.stride(3) != 1 or q.stride(3) != 1:
-        raise ValueError("decode attention: k and v must share one layout; k, v and q need unit stride along hd")
+    if not walkable(k, v) or q.stride(3) != 1:
+        raise ValueError("decode attention: k and v must share one layout, with unit stride along hd and each "
+                         "batch row's heads after the previous row's; q needs unit stride along hd")
     H = B * KV
     block_s = block_s or default_block_s(S)
     per_split, n_split = plan(S, H, block_s, n_sm)
@@ -196,8 +204,6 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
     split_pad = next_pow2(n_split)
     g_m = next_pow2(G)
     rs = min(split_pad, max(1, 4096 // (g_m * hd_pad)))  # splits per merge load: 16 KB of fp32
-    if k.shape[0] > 1 and k.stride(0) != KV * k.stride(1):
-        raise ValueError("decode attention: the caches' batch rows must follow each other")
     if B * KV * k.stride(1) >= 2 ** 31 or q.shape[0] * q.stride(0) >= 2 ** 31:
         raise ValueError("decode attention: caches of 2^31 elements or more are not supported (int32 offsets)")
     k_new, v_new, freqs, pos = rope if rope is not None else (q, q, q, q)  # unused without rope

@@ -222,9 +222,8 @@ def _attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], r
     from . import attention
 
     B, KV, G, hd = q.shape
-    k, v = _contiguous_rows(k), _contiguous_rows(v)
-    if k.stride() != v.stride() or (B > 1 and k.stride(0) != KV * k.stride(1)):
-        k, v = k.contiguous(), v.contiguous()  # the kernel walks both caches with one set of strides
+    if not attention.walkable(k, v):
+        k, v = k.contiguous(), v.contiguous()
     out = torch.empty(B * KV, G, hd, dtype=q.dtype, device=q.device)
     n_sm = sm_count(q.device)
     part, counts, _, _ = workspace(q.device, *attention.workspace_sizes(B * KV, G, hd, k.shape[2], n_sm=n_sm), 0, 0)
@@ -265,9 +264,12 @@ def _decode_attention_step_op(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache
     # Whole tensors cross the op boundary and the kernel finds the position's angles and the
     # causal mask itself: inductor then computes nothing per layer before the call.
     B, KV, _, hd = k_cache.shape
-    if not use_attention_kernel(qkv, hd) or k_cache.stride() != v_cache.stride() or \
-            k_cache.stride(-1) != 1 or (B > 1 and k_cache.stride(0) != KV * k_cache.stride(1)) or \
-            rope_table.dtype != torch.float32 or not rope_table.is_contiguous():
+    usable = use_attention_kernel(qkv, hd)
+    if usable:  # the caches are written in place, so they must be walkable as they are
+        from . import attention
+        usable = attention.walkable(k_cache, v_cache) and rope_table.dtype == torch.float32 and \
+            rope_table.is_contiguous()
+    if not usable:
         if qkv.is_cuda and use_triton(qkv):
             _warn_once("decode_attention_step: the Triton kernel does not take these inputs (head size, cache or "
                        "RoPE table layout); running the slower torch reference")
