@@ -27,10 +27,10 @@ def sparse_matvec_kernel(
     x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, idx_ptr, xs_ptr, nw_ptr, res_ptr,
     B, K, N, stride_x, stride_w, stride_y, stride_r, eps,
     bound1, bound2, bound3,  # first columns of segments 1..3 (multiples of BLOCK_N; N if absent)
-    n_split,  # K chunks: the grid's second axis
+    SPLIT: tl.constexpr,  # K chunks: the grid's second axis
     B_X: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, DOT: tl.constexpr, SILU: tl.constexpr, RED_R: tl.constexpr,
-    EVEN_N: tl.constexpr, STATIC_ITERS: tl.constexpr, STATIC_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    EVEN_N: tl.constexpr, STATIC_ITERS: tl.constexpr, DOT_F32: tl.constexpr,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr, RESIDUAL: tl.constexpr,
     RTNE_BY_BITS: tl.constexpr,
 ):
@@ -65,27 +65,27 @@ def sparse_matvec_kernel(
 
     # 2. Compact the kept rows, then stream only those.
     acc = _compact_and_stream(w_ptr, idx_ptr, xs_ptr, x_chunk, keep, need, offs_c, offs_bx, bc_ok, offs_b, b_ok,
-                              offs_n, n_ok, pid_n * n_split + pid_k, stride_w, B_X, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK,
+                              offs_n, n_ok, pid_n * SPLIT + pid_k, stride_w, B_X, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK,
                               DEPTH, DOT, DOT_F32, EVEN_N, STATIC_ITERS)
 
     # 3. Split-K reduction: partials to the workspace, the last program to arrive sums them.
     out_ok = b_ok[:, None] & n_ok[None, :]
     y_ptrs = y_ptr + offs_b[:, None] * stride_y + offs_n[None, :]
     r_ptrs = res_ptr + offs_b[:, None] * stride_r + offs_n[None, :]
-    if n_split == 1:
+    if SPLIT == 1:
         _store_out(y_ptrs, r_ptrs, acc, out_ok, y_ptr.dtype.element_ty, RESIDUAL)
     else:
         tile = offs_b[:, None] * N + offs_n[None, :]  # (B_PAD, BLOCK_N) offsets inside one split's (B, N)
         tl.store(part_ptr + pid_k * B * N + tile, acc, mask=out_ok)
         tl.debug_barrier()  # every thread's partial is written before the arrival is published
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_split - 1:  # last to arrive: sum the partials in split order
+        if arrived == SPLIT - 1:  # last to arrive: sum the partials in split order
             offs_r = tl.arange(0, RED_R)
             total = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
-            for s0 in range(0, STATIC_SPLIT if STATIC_SPLIT > 0 else n_split, RED_R):
+            for s0 in tl.static_range(0, SPLIT, RED_R):  # unrolled: every partial's load in flight at once
                 s = s0 + offs_r
                 ptrs = part_ptr + s[:, None, None] * (B * N) + tile[None, :, :]
-                ok = (s < n_split)[:, None, None] & out_ok[None, :, :]
+                ok = (s < SPLIT)[:, None, None] & out_ok[None, :, :]
                 total += tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
             _store_out(y_ptrs, r_ptrs, total, out_ok, y_ptr.dtype.element_ty, RESIDUAL)
             tl.store(count_ptr + pid_n, 0)  # ready for the next call
@@ -299,12 +299,12 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
     args = (x, w_t, thresholds, y, part, counts, idx, xs.view(x.dtype),
             x if norm_weight is None else norm_weight, y if residual is None else residual,
             B, K, N, x.stride(0), w_t.stride(0), y.stride(0), y.stride(0) if residual is None else residual.stride(0),
-            float(eps), b[0], b[1], b[2], split)
+            float(eps), b[0], b[1], b[2])
     meta = dict(
-        B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=dot,
+        SPLIT=split, B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=dot,
         SILU=silu, RED_R=red_r, EVEN_N=(N % bn == 0),
         STATIC_ITERS=triton.cdiv(kc // bk, depth) if interpreted else 0,  # rounds of DEPTH steps
-        STATIC_SPLIT=split if interpreted else 0, DOT_F32=interpreted and dot and x.dtype == torch.bfloat16,
+        DOT_F32=interpreted and dot and x.dtype == torch.bfloat16,
         NORM=norm_weight is not None, NORM_BLOCK=norm_block, NORM_STEPS=triton.cdiv(K, norm_block),
         RESIDUAL=residual is not None, RTNE_BY_BITS=interpreted and x.dtype == torch.bfloat16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
