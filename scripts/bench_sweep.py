@@ -21,28 +21,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_kernels import copy_bandwidth  # noqa: E402  (this script's folder)
 from calibrate import SparsityFile  # noqa: E402
 from eval import measure_sparsity  # noqa: E402
 from generate import (DTYPES, configure_inductor, decode_one_token, generate, load_model, run_cli,  # noqa: E402
                       random_model, synchronize, weight_bytes_per_token)
 from tp import broadcast_thresholds, init_distributed  # noqa: E402
-
-
-def measure_copy_bandwidth(device) -> float:
-    """Bytes read + written per second of a large device-to-device copy."""
-    if not str(device).startswith("cuda"):
-        return float("nan")
-    src = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    synchronize(device)
-    t0 = time.perf_counter()
-    n = 10
-    for _ in range(n):
-        dst.copy_(src)
-    synchronize(device)
-    return 2 * src.numel() * n / (time.perf_counter() - t0)
 
 
 def time_generation(model, prompt, n_new, decode_fn, runs, device) -> tuple:
@@ -188,7 +172,7 @@ def run(args):
     recompiles = dynamo_compiles() - compiles_after_warmup
     dense_tok = results[0]["tokens_per_s"]
 
-    copy_bw = measure_copy_bandwidth(device)
+    copy_bw = copy_bandwidth(device) if on_cuda else float("nan")
     dense_bytes = weight_bytes_per_token(model)
     head = model.tok_embeddings.weight if model.output is None else model.output.weight
     fixed = head.numel() * head.element_size()
