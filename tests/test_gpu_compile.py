@@ -6,8 +6,9 @@ GPU variant differs in exactly those places, so a type error there would otherwi
 on the GPU. Each case takes its grid arguments from the launcher itself (launch_plan, with meta
 tensors of the real shapes) and compiles to a cubin with the ptxas that ships with Triton.
 Nothing runs; the GPU checks of scripts/bench_kernels.py and bench_attention.py test results.
-The streaming loop's SASS (Triton's nvdisasm) is also checked for a silent slowdown found in
-session 5: register copies that wait for the loads just issued.
+The SASS (Triton's nvdisasm) of the tuned configs is also checked for two silent slowdowns: in
+the streaming loop, register copies that wait for the loads just issued (found in session 5); in
+the split-K reduction, a loop that waits for each load of partials before the next (session 6).
 """
 import json
 import math
@@ -192,6 +193,28 @@ def test_streaming_loop_keeps_its_loads_in_flight(case):
     stalls = loop_stalls(tk, op, K, N, splits, fused)
     assert stalls["weight_loads"] == stalls["expected_loads"] > 0, stalls  # all DEPTH tiles' loads in the loop
     assert stalls["barriers"] == 0 and stalls["copies_of_loads"] == [], stalls
+
+
+def loops_after_arrival(kernel_module, op, K, N, splits, fused) -> list:
+    """Labels that a later branch jumps back to, after the split-K arrival (the atomic): loops in the
+    last arriver's reduction, which then waits for each load of partials before issuing the next."""
+    cfg = ops.fit_to_segments(ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)],
+                              [sum(splits[:i]) for i in range(1, len(splits))])
+    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
+    sass = disassemble(compile_for_hopper(kernel_module.sparse_matvec_kernel, args, meta))
+    tail = sass[sass.index("ATOM"):]
+    loops = []
+    for label in re.finditer(r"^(\.L_x_\d+):", tail, re.M):
+        end = tail.find(f"BRA `({label.group(1)})", label.end())
+        if end > 0 and INSTRUCTION.search(tail[label.end():end]):  # (not the kernel's closing self-branch)
+            loops.append(label.group(1))
+    return loops
+
+
+@pytest.mark.parametrize("case", LLAMA3_8B, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}")
+def test_split_k_reduction_loads_all_partials_at_once(case):
+    op, K, N, splits, fused = case
+    assert loops_after_arrival(tk, op, K, N, splits, fused) == []  # unrolled over the SPLIT partials
 
 
 def test_matvec_kernel_compiles_for_unaligned_pointers():
