@@ -73,13 +73,16 @@ def sparse_matvec_kernel(
     y_ptrs = y_ptr + offs_b[:, None] * stride_y + offs_n[None, :]
     r_ptrs = res_ptr + offs_b[:, None] * stride_r + offs_n[None, :]
     if SPLIT == 1:
-        _store_out(y_ptrs, r_ptrs, acc, out_ok, y_ptr.dtype.element_ty, RESIDUAL)
+        _store_out(y_ptrs, _residual(r_ptrs, out_ok, RESIDUAL), acc, out_ok, y_ptr.dtype.element_ty, RESIDUAL)
     else:
         tile = offs_b[:, None] * N + offs_n[None, :]  # (B_PAD, BLOCK_N) offsets inside one split's (B, N)
         tl.store(part_ptr + pid_k * B * N + tile, acc, mask=out_ok)
         tl.debug_barrier()  # every thread's partial is written before the arrival is published
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT - 1:  # last to arrive: sum the partials in split order
+            res = _residual(r_ptrs, out_ok, RESIDUAL)
+            if RESIDUAL:  # a fence for the compiler: the residual's load goes out with the partials' (see _rms_normed)
+                tl.debug_barrier()
             offs_r = tl.arange(0, RED_R)
             total = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
             for s0 in tl.static_range(0, SPLIT, RED_R):  # unrolled: every partial's load in flight at once
@@ -87,7 +90,7 @@ def sparse_matvec_kernel(
                 ptrs = part_ptr + s[:, None, None] * (B * N) + tile[None, :, :]
                 ok = (s < SPLIT)[:, None, None] & out_ok[None, :, :]
                 total += tl.sum(tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-            _store_out(y_ptrs, r_ptrs, total, out_ok, y_ptr.dtype.element_ty, RESIDUAL)
+            _store_out(y_ptrs, res, total, out_ok, y_ptr.dtype.element_ty, RESIDUAL)
             tl.store(count_ptr + pid_n, 0)  # ready for the next call
 
 
@@ -232,6 +235,11 @@ def _rms_normed(x_ptr, nw_ptr, xc, offs_bx, offs_c, B, K, stride_x, eps,
     """RMSNorm of the chunk xc (B_X, K_CHUNK) of rows h: (h * rstd) rounded to the dtype, times
     the norm weight, rounded again (reference.rms_norm); rstd from the sum of squares of all K."""
     dtype = xc.dtype
+    nw = tl.load(nw_ptr + offs_c, mask=offs_c < K, other=0.0).to(tl.float32)
+    # A fence for the compiler: without it Triton moves each load to just before its first use, so
+    # the weight's load (and the caller's of xc) would go out only after the row's reduction: two
+    # more round trips to L2. With it every load of this phase is in flight at once.
+    tl.debug_barrier()
     ss = tl.zeros((B_X,), dtype=tl.float32)
     b_ok = offs_bx < B
     for j in tl.static_range(NORM_STEPS):  # unrolled: all of the row's loads in flight at once
@@ -240,17 +248,26 @@ def _rms_normed(x_ptr, nw_ptr, xc, offs_bx, offs_c, B, K, stride_x, eps,
                     other=0.0, eviction_policy="evict_last").to(tl.float32)
         ss += tl.sum(h * h, axis=1)
     rstd = tl.math.rsqrt(ss / K + eps)  # (B_X,)
-    nw = tl.load(nw_ptr + offs_c, mask=offs_c < K, other=0.0).to(tl.float32)
     normed = _round(xc.to(tl.float32) * rstd[:, None], dtype, RTNE_BY_BITS).to(tl.float32)
     return _round(normed * nw[None, :], dtype, RTNE_BY_BITS)
 
 
 @triton.jit
-def _store_out(y_ptrs, r_ptrs, acc, ok, dtype: tl.constexpr, RESIDUAL: tl.constexpr):
-    """y = acc rounded to the dtype; with RESIDUAL, plus the residual (fp32 sum, rounded once more)."""
+def _residual(r_ptrs, ok, RESIDUAL: tl.constexpr):
+    """The residual tile in fp32 (0 without RESIDUAL)."""
+    if RESIDUAL:
+        res = tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)
+    else:
+        res = 0.0
+    return res
+
+
+@triton.jit
+def _store_out(y_ptrs, res, acc, ok, dtype: tl.constexpr, RESIDUAL: tl.constexpr):
+    """y = acc rounded to the dtype; with RESIDUAL, plus the residual res (fp32 sum, rounded once more)."""
     y = acc.to(dtype)
     if RESIDUAL:
-        y = (y.to(tl.float32) + tl.load(r_ptrs, mask=ok, other=0.0).to(tl.float32)).to(dtype)
+        y = (y.to(tl.float32) + res).to(dtype)
     tl.store(y_ptrs, y, mask=ok)
 
 
