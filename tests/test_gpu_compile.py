@@ -162,15 +162,21 @@ def streaming_loop(sass: str) -> list:
     return max(bodies, key=lambda body: sum(is_weight_load(op) for op, _ in body), default=[])
 
 
+def tuned_sass(kernel_module, op, K, N, splits, fused) -> tuple:
+    """The tuned B=1 bf16 config of a shape, fitted to its segments as ops.run_triton does, and its SASS."""
+    cfg = ops.fit_to_segments(ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)],
+                              [sum(splits[:i]) for i in range(1, len(splits))])
+    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
+    return cfg, disassemble(compile_for_hopper(kernel_module.sparse_matvec_kernel, args, meta))
+
+
 def loop_stalls(kernel_module, op, K, N, splits, fused) -> dict:
     """What in the tuned config's streaming loop would serialize it: a register copy of a weight
     load's destination while that load may be pending (after the load, before anything else writes
     the register: the copy waits for the load, so the next rows are not in flight while this step
     is summed), and CTA barriers. Also the weight loads per iteration against DEPTH tiles' worth."""
-    cfg = ops.fit_to_segments(ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)],
-                              [sum(splits[:i]) for i in range(1, len(splits))])
-    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
-    body = streaming_loop(disassemble(compile_for_hopper(kernel_module.sparse_matvec_kernel, args, meta)))
+    cfg, sass = tuned_sass(kernel_module, op, K, N, splits, fused)
+    body = streaming_loop(sass)
     pending, copied, loads = set(), [], 0
     for opcode, operands in body:
         regs = [int(r) for r in REGISTER.findall(operands)]
@@ -198,10 +204,7 @@ def test_streaming_loop_keeps_its_loads_in_flight(case):
 def loops_after_arrival(kernel_module, op, K, N, splits, fused) -> list:
     """Labels that a later branch jumps back to, after the split-K arrival (the atomic): loops in the
     last arriver's reduction, which then waits for each load of partials before issuing the next."""
-    cfg = ops.fit_to_segments(ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)],
-                              [sum(splits[:i]) for i in range(1, len(splits))])
-    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
-    sass = disassemble(compile_for_hopper(kernel_module.sparse_matvec_kernel, args, meta))
+    _, sass = tuned_sass(kernel_module, op, K, N, splits, fused)
     tail = sass[sass.index("ATOM"):]
     loops = []
     for label in re.finditer(r"^(\.L_x_\d+):", tail, re.M):
