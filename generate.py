@@ -215,6 +215,9 @@ def run_cli(run, args):
         run(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    from tp import close_distributed
+
+    close_distributed()
 
 
 def default_device() -> str:

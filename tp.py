@@ -48,6 +48,13 @@ def init_distributed(device: str) -> tuple:
     return rank, world, device
 
 
+def close_distributed():
+    """Leave the process group, if this process joined one, before the interpreter exits (PyTorch asks
+    this of NCCL users: a communicator torn down at exit may wait on the other ranks)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @dataclass
 class Shard:
     """Which slices of a block one rank holds: [start, start + size) of the query-head columns,
