@@ -48,6 +48,13 @@ def dynamo_compiles() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def cudagraph_skips() -> int:
+    """Compiled graphs that inductor ran without CUDA graphs (it logs each reason as a warning)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def prefill_layout_check(model, device, dtype, lengths=(512, 2048)) -> list:
     """Prompt matmuls in our (K, N) layout against gpt-fast's F.linear on (N, K), per block shape."""
     from triton.testing import do_bench
@@ -185,6 +192,7 @@ def run(args):
     meta = dict(model=name, mode=mode, world_size=world, device=torch.cuda.get_device_name(device) if on_cuda
                 else "cpu", dtype=str(dtype), torch=torch.__version__, prompt_tokens=prompt.numel(),
                 new_tokens=args.max_new_tokens, runs=args.runs, compile_s=compile_s, recompiles_after_warmup=recompiles,
+                cudagraph_skips=cudagraph_skips(),
                 copy_bandwidth=copy_bw, weight_bytes_per_token_per_rank=dense_bytes)
     if rank == 0:
         args.out.write_text(json.dumps(dict(meta=meta, results=results, prefill=prefill_rows), indent=2) + "\n")
@@ -192,6 +200,9 @@ def run(args):
              f"{name}, {dtype}, {meta['device']}, {tp_label}")
     print(f"\ncompile: {', '.join(f'{k} {v:.1f} s' for k, v in compile_s.items())}; "
           f"recompilations after warm-up across level changes: {recompiles}; copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+    if on_cuda and not args.no_compile and cudagraph_skips():
+        print(f"CUDA graphs were skipped for {cudagraph_skips()} compiled graph(s) (inductor's log above says why): "
+              f"their tokens/s include a host-side launch per kernel")
     for row in prefill_rows:
         print(f"prefill {row['tokens']} tokens, block matmuls: ours {row['ours_ms']:.3f} ms, "
               f"gpt-fast layout {row['gpt_fast_layout_ms']:.3f} ms ({row['ratio']:.3f}x)")

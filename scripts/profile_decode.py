@@ -2,6 +2,7 @@
 
     python scripts/profile_decode.py                          # Llama-3-8B shapes, dense and level 0.5
     python scripts/profile_decode.py --config Llama-3-70B --levels 0.4 --tokens 100
+    torchrun --nproc_per_node 2 scripts/profile_decode.py      # tensor parallel: rank 0's GPU
 
 Random weights with the config's shapes, thresholds from calibrate.py's code on random tokens
 (uniform levels), decode step compiled as in generate.py (reduce-overhead, fullgraph). For each
@@ -9,7 +10,7 @@ path: one timed generation without the profiler (wall us/token), then one under 
 kernels per token, the sum of kernel times (busy) and first-to-last kernel (span), and a table of
 kernels by time per token, all divided by the tokens - 1 decode steps. The prompt's eager prefill
 (and any memcpy/memset) is inside every figure, once per generation, so use --tokens >= 100 for
-per-token numbers. JSON to --out.
+per-token numbers. Also counts the compiled graphs that ran without CUDA graphs. JSON to --out.
 """
 import argparse
 import collections
@@ -23,24 +24,27 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_sweep import cudagraph_skips  # noqa: E402  (this script's folder)
 from calibrate import SparsityFile  # noqa: E402
 from generate import configure_inductor, decode_one_token, generate, random_model, run_cli, synchronize  # noqa: E402
+from tp import broadcast_thresholds, init_distributed  # noqa: E402
 
 
 def profile_path(model, prompt, decode_fn, n_tokens: int, rows: int) -> dict:
+    device = prompt.device
     generate(model, prompt, n_tokens, decode_fn=decode_fn)  # warm-up (compiles the path the first time)
     generate(model, prompt, n_tokens, decode_fn=decode_fn)
-    synchronize("cuda")
+    synchronize(device)
     t0 = time.perf_counter()
     generate(model, prompt, n_tokens, decode_fn=decode_fn)
-    synchronize("cuda")
+    synchronize(device)
     steps = n_tokens - 1  # decode steps; the first token comes from the prefill
     wall = (time.perf_counter() - t0) / steps * 1e6
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         generate(model, prompt, n_tokens, decode_fn=decode_fn)
-        synchronize("cuda")
-    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda e: e.time_range.start)
+        synchronize(device)
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and e.device_index == device.index), key=lambda e: e.time_range.start)
     busy = sum(e.time_range.elapsed_us() for e in kernels)
     span = kernels[-1].time_range.end - kernels[0].time_range.start if kernels else 0
     by_name = collections.defaultdict(lambda: [0, 0.0])
@@ -59,28 +63,38 @@ def run(args):
     if args.tokens < 2:
         raise ValueError("--tokens must be at least 2 (the first token comes from the prefill)")
     levels = [float(x) for x in args.levels.split(",") if x]
-    model = random_model(args.config, "cuda", torch.bfloat16)
+    rank, world, device = init_distributed("cuda")  # world 0: not under torchrun
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    model = random_model(args.config, device, torch.bfloat16, tp=(rank, world) if world else None)
     sparsity = SparsityFile.for_random(model, greedy_seqs=0)
     prompt = torch.randint(0, model.args.vocab_size, (5,), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.to("cuda", torch.int)
+    prompt = prompt.to(device, torch.int)
     configure_inductor()
     decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    out = dict(config=args.config, tokens=args.tokens, device=torch.cuda.get_device_name(0), paths={})
+    out = dict(config=args.config, tokens=args.tokens, device=torch.cuda.get_device_name(device), world_size=world,
+               paths={})
     for level in [None] + levels:
         model.sparse_decode = level is not None
         if level is not None:
-            model.set_thresholds(sparsity.thresholds(level, "uniform").to("cuda"))
+            model.set_thresholds(sparsity.thresholds(level, "uniform").to(device))
+            broadcast_thresholds(model)
         label = "dense" if level is None else f"sparse {level}"
+        skips = cudagraph_skips()
         r = out["paths"][label] = profile_path(model, prompt, decode_fn, args.tokens, args.rows)
-        print(f"\n== {label}: wall {r['wall_us']:.0f} us/token (no profiler); {r['kernels_per_token']:.0f} "
-              f"kernels/token, busy {r['busy_us']:.0f} us/token, span {r['span_us']:.0f} us/token")
+        r["cudagraph_skips"] = cudagraph_skips() - skips
+        print(f"\n== {label}{f' (TP={world}, rank 0)' if world else ''}: wall {r['wall_us']:.0f} us/token "
+              f"(no profiler); {r['kernels_per_token']:.0f} kernels/token, busy {r['busy_us']:.0f} us/token, "
+              f"span {r['span_us']:.0f} us/token; compiled graphs run without CUDA graphs: {r['cudagraph_skips']}")
         print(f"{'us/tok':>7} {'n/tok':>6} {'us each':>7}  kernel")
         for row in r["rows"]:
             print(f"{row['us_per_token']:7.1f} {row['per_token']:6.1f} "
                   f"{row['us_per_token'] / row['per_token']:7.2f}  {row['name']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    if rank == 0:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"\nwrote {args.out}")
 
 
 def main(argv=None):
