@@ -56,9 +56,7 @@ def realized_of(r) -> torch.Tensor:
 def worker(rank: int, world: int, port: int, ckpt: str, out: str):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    import torch.distributed as dist
-
-    from tp import init_distributed
+    from tp import close_distributed, init_distributed
 
     init_distributed("cpu")
     model = load_model(ckpt, "cpu", torch.float32, tp=(rank, world))
@@ -66,7 +64,7 @@ def worker(rank: int, world: int, port: int, ckpt: str, out: str):
     result = logits_pair(model, tokens)
     if rank == 0:
         torch.save(result, out)
-    dist.destroy_process_group()
+    close_distributed()
 
 
 def free_port() -> int:
