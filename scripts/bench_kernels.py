@@ -2,6 +2,8 @@
 
     python scripts/bench_kernels.py                    # GPU checks, then the table; JSON to results/bench_kernels.json
     python scripts/bench_kernels.py --tune             # also search configs first, write sparse_kernels/configs.json
+    python scripts/bench_kernels.py --tune --tune_only --tune_shapes tp2 --tune_batches 1 --skip_checks
+                                                       # only tune the shards of Llama-3-8B over two GPUs
 
 Shapes: Llama-3-8B qkv 4096->6144 (splits 4096/1024/1024), o 4096->4096, gate+up 4096->2x14336,
 down 14336->4096 (sparse_silu_down), Llama-3-70B up 8192->28672 and down 28672->8192, and the
@@ -46,6 +48,12 @@ SHAPES = [  # name, op, K, N, splits
     ("8B down+res", "silu_down+res", 14336, 4096, [4096]),
 ]
 TUNED_SHAPES = [shape for shape in SHAPES if "+" not in shape[1]]  # a fusion runs its base op's config
+TP2_SHAPES = [  # one rank's shards of Llama-3-8B over two GPUs (tp.py): tuned with --tune_shapes tp2
+    ("8B/2 qkv", "linear", 4096, 3072, [2048, 512, 512]),
+    ("8B/2 o", "linear", 2048, 4096, [4096]),
+    ("8B/2 gate+up", "linear", 4096, 14336, [7168, 7168]),
+    ("8B/2 down", "silu_down", 7168, 4096, [4096]),
+]
 EPS = 1e-5
 LEVELS = [round(0.1 * i, 1) for i in range(10)]
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-4}  # atol = rtol, outputs of size ~1
@@ -307,16 +315,16 @@ def precompile(jobs):
     return [None]
 
 
-def tune(batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=None):
+def tune(shapes, batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=None):
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    plan = {(name, B): candidate_configs(op, K, N, B, n_sm, narrow) for name, op, K, N, splits in TUNED_SHAPES
+    plan = {(name, B): candidate_configs(op, K, N, B, n_sm, narrow) for name, op, K, N, splits in shapes
             for B in batches}
-    for name, op, K, N, splits in TUNED_SHAPES:  # the config in the table competes too
+    for name, op, K, N, splits in shapes:  # the config in the table competes too
         for B in batches:
             cfg = (tabled or {}).get(ops.config_key(op, K, N, torch.bfloat16, B))
             if cfg is not None and cfg not in plan[(name, B)]:
                 plan[(name, B)].append(cfg)
-    jobs = [(op, K, N, splits, B, cfg) for name, op, K, N, splits in TUNED_SHAPES for B in batches
+    jobs = [(op, K, N, splits, B, cfg) for name, op, K, N, splits in shapes for B in batches
             for cfg in plan[(name, B)]]
     t0 = time.time()
     by_variant = {}
@@ -327,7 +335,7 @@ def tune(batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=None):
     parallel(precompile, [c for c in chunks if c], workers)
     print(f"tune: compiled {len(by_variant)} variants ({len(jobs)} launches) in {time.time() - t0:.0f} s", flush=True)
     table, record = {}, {}
-    for name, op, K, N, splits in TUNED_SHAPES:
+    for name, op, K, N, splits in shapes:
         for B in batches:
             prob = Problem(op, K, N, splits, B, torch.bfloat16)
             cands = plan[(name, B)]
@@ -371,6 +379,9 @@ def main():
     ap.add_argument("--tune_wide", action="store_true",
                     help="B=1: search only the wide tiles (BLOCK_N >= 512) and the config already in --configs")
     ap.add_argument("--tune_batches", default="1,8", help="batch sizes to tune (comma separated)")
+    ap.add_argument("--tune_shapes", choices=("block", "tp2"), default="block",
+                    help="block: the benchmark's shapes; tp2: Llama-3-8B's shards over two GPUs")
+    ap.add_argument("--tune_only", action="store_true", help="with --tune: write --configs and stop")
     ap.add_argument("--batches", default="1", help="batch sizes to benchmark (comma separated)")
     ap.add_argument("--rep", type=int, default=20, help="do_bench_cudagraph rep (ms)")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="compile/check processes")
@@ -400,8 +411,9 @@ def main():
         result["checks"]["ok"] = not bad and max(errs) <= TOL[torch.bfloat16]
     if args.tune:
         old = json.loads(Path(args.configs).read_text()) if Path(args.configs).exists() else {}
-        table, record = tune([int(b) for b in args.tune_batches.split(",")], args.workers, narrow=not args.tune_wide,
-                             tabled=old.get("configs"))
+        shapes = TUNED_SHAPES if args.tune_shapes == "block" else TP2_SHAPES
+        table, record = tune(shapes, [int(b) for b in args.tune_batches.split(",")], args.workers,
+                             narrow=not args.tune_wide, tabled=old.get("configs"))
         table = {**old.get("configs", {}), **table}  # shapes and batches not tuned now keep their configs
         record = {**old.get("tuning", {}), **record}
         Path(args.configs).parent.mkdir(parents=True, exist_ok=True)
@@ -414,6 +426,8 @@ def main():
         ops._configs = table
         result["tuning"] = record
         print(f"tune: wrote {args.configs} ({time.time() - t_start:.0f} s)", flush=True)
+        if args.tune_only:
+            return
 
     bw = copy_bandwidth() / 1e9
     result["copy_GBps"] = bw
@@ -433,7 +447,7 @@ def main():
                                  ours_us=t_ours, speedup=t_dense / t_ours, ideal_speedup=t_dense / t_ideal,
                                  bytes=nbytes, GBps=nbytes / t_ours / 1e3,
                                  config=ops.pick_config(op.split("+")[0], K, N, torch.bfloat16, B,
-                                                        torch.device("cuda"))))
+                                                        ops.sm_count(torch.device("cuda")))))
             del prob
             torch.cuda.empty_cache()
     result["rows"] = rows

@@ -2,8 +2,8 @@
 "teal::decode_attention_step".
 
 Matvecs, CUDA with Triton and B <= 8: the Triton kernel, configured from configs.json (tuned per
-op, shape, dtype and batch by scripts/bench_kernels.py --tune) or a heuristic for unknown
-shapes. Attention, CUDA with Triton, B <= 8 and an even head size <= 256: the split-S kernel of
+op, shape, dtype and batch by scripts/bench_kernels.py --tune); an untuned shape takes the tile
+of the nearest tuned one (derived_config), and a dtype/batch with nothing tuned a heuristic. Attention, CUDA with Triton, B <= 8 and an even head size <= 256: the split-S kernel of
 attention.py (the step op warns once if it has to fall back). Anything else (CPU, no Triton,
 larger batches): the torch reference math. No host sync, no data-dependent allocation, no
 memset per call: workspaces and arrival counters are persistent per device and the kernels
@@ -72,17 +72,47 @@ def heuristic_config(K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> d
     return dict(cfg, K_CHUNK=k_chunk)
 
 
-def pick_config(op: str, K: int, N: int, dtype: torch.dtype, B: int, device: torch.device) -> dict:
-    """The tuned config of this (op, shape, dtype, B); else of the nearest tuned B that fits (a
-    tl.dot config fits any B, an elementwise one only B == 1); fp16 and bf16 share configs."""
+def pick_config(op: str, K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> dict:
+    """The tuned config of this (op, shape, dtype, B); else one derived from the nearest tuned
+    shape (derived_config); else the heuristic. A tuned B stands in for another if its config fits
+    (a tl.dot config fits any B, an elementwise one only B == 1); fp16 and bf16 share configs."""
     table = tuned_configs()
     dtypes = [dtype] + {torch.bfloat16: [torch.float16], torch.float16: [torch.bfloat16]}.get(dtype, [])
-    for b in sorted((1, 2, 3, 4, 8) + (B,), key=lambda b: (abs(b - B), -b)):
+    batches = sorted((1, 2, 3, 4, 8) + (B,), key=lambda b: (abs(b - B), -b))
+    for b in batches:
         for dt in dtypes:
             cfg = table.get(config_key(op, K, N, dt, b))
             if cfg is not None and (cfg["DOT"] or B == 1):
                 return cfg
-    return heuristic_config(K, N, dtype, B, sm_count(device))
+    for b in batches:
+        tuned = {key: cfg for key, cfg in table.items() if (cfg["DOT"] or B == 1) and any(
+            key.endswith(f":{DTYPE_NAMES[dt]}:B{b}") for dt in dtypes)}
+        if tuned:
+            return derived_config(op, K, N, B, tuned)
+    return heuristic_config(K, N, dtype, B, n_sm)
+
+
+def derived_config(op: str, K: int, N: int, B: int, tuned: dict) -> dict:
+    """A config for an untuned shape from the tuned one nearest in log K + log N (same op first):
+    its tile, warps and depth, with K_CHUNK scaled so the grid has about as many programs as the
+    tuned shape's. Tensor-parallel shards (e.g. Llama-3-8B's 4096x3072 q/k/v over two GPUs) are
+    within a factor of two or so of a tuned shape, and the tuner's picks change slowly with shape."""
+    from .triton_kernels import next_pow2  # only reached where Triton runs the op
+
+    def distance(key):
+        key_op, shape = key.split(":")[:2]
+        k, n = (int(v) for v in shape.split("x"))
+        return key_op != op, abs(math.log2(k / K)) + abs(math.log2(n / N))
+
+    nearest = min(tuned, key=distance)
+    cfg = dict(tuned[nearest])
+    k_tuned, n_tuned = (int(v) for v in nearest.split(":")[1].split("x"))
+    programs = -(-k_tuned // cfg["K_CHUNK"]) * -(-n_tuned // cfg["BLOCK_N"])
+    cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], next_pow2(N)))
+    n_tiles = -(-N // cfg["BLOCK_N"])
+    k_chunk = 1 << max(0, round(math.log2(max(1.0, K * n_tiles / programs))))
+    cfg["K_CHUNK"] = max(cfg["BLOCK_K"], 128, min(k_chunk, next_pow2(K), 4096 // next_pow2(B)))
+    return cfg
 
 
 def workspace(device: torch.device, n_part: int, n_count: int, n_idx: int, n_xs: int):
@@ -146,7 +176,7 @@ def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List
     if B == 0:
         return y
     bounds = [sum(splits[:i]) for i in range(1, len(splits))]
-    cfg = fit_to_segments(cfg or pick_config(op, K, N, x.dtype, B, x.device), bounds)
+    cfg = fit_to_segments(cfg or pick_config(op, K, N, x.dtype, B, sm_count(x.device)), bounds)
     silu = op == "silu_down"
     if len(bounds) <= 3 and not any(b % cfg["BLOCK_N"] for b in bounds):
         pieces = [(w_t, thresholds, bounds, y, residual)]

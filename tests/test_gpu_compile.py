@@ -82,7 +82,7 @@ def matvec_plan(op, B, K, N, splits, dtype, cfg, norm=False, residual=False):
 
 
 # The tuned configs of the Llama-3-8B block, fused as the model runs them, plus a tl.dot batch
-# config, fp16 and fp32 (heuristic configs) and odd shapes.
+# config, fp16 (configs derived from the tuned ones), fp32 (heuristic) and odd shapes.
 LLAMA3_8B = [("linear", 4096, 6144, [4096, 1024, 1024], dict(norm=True)), ("linear", 4096, 4096, [4096],
              dict(residual=True)), ("linear", 4096, 28672, [14336, 14336], dict(norm=True)),
              ("silu_down", 14336, 4096, [4096], dict(residual=True))]
@@ -94,6 +94,9 @@ MATVEC_CASES = [(op, 1, K, N, splits, torch.bfloat16, None, fused) for op, K, N,
      dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=512, DEPTH=3, DOT=False, num_warps=4, num_stages=1), {}),
     ("linear", 1, 5120, 27648, [13824, 13824], torch.bfloat16, None, dict(norm=True)),  # untuned: wide heuristic
     ("silu_down", 1, 13824, 5120, [5120], torch.float16, None, dict(residual=True)),
+    # Llama-3-8B over two GPUs (tensor parallel): configs derived from the nearest tuned shapes
+    ("linear", 1, 4096, 3072, [2048, 512, 512], torch.bfloat16, None, dict(norm=True)),
+    ("silu_down", 1, 7168, 4096, [4096], torch.bfloat16, None, {}),
 ]
 
 
@@ -106,8 +109,7 @@ def test_tuned_configs_are_the_ones_compiled_here():
 @pytest.mark.parametrize("case", MATVEC_CASES, ids=lambda c: f"{c[0]}-B{c[1]}-{c[2]}x{c[3]}-{TYPES[c[5]]}")
 def test_matvec_kernel_compiles_for_sm90(case):
     op, B, K, N, splits, dtype, cfg, fused = case
-    table = ops.tuned_configs()  # the tuned config, else the heuristic for an H100/H200's 132 SMs
-    cfg = cfg or table.get(ops.config_key(op, K, N, dtype, B)) or ops.heuristic_config(K, N, dtype, B, n_sm=132)
+    cfg = cfg or ops.pick_config(op, K, N, dtype, B, n_sm=132)  # as ops.run_triton on an H100/H200
     cfg = ops.fit_to_segments(cfg, [sum(splits[:i]) for i in range(1, len(splits))])  # as ops.run_triton
     grid, args, meta = matvec_plan(op, B, K, N, splits, dtype, cfg, **fused)
     assert meta["STATIC_ITERS"] == 0 and not meta["DOT_F32"] and not meta["RTNE_BY_BITS"]  # the GPU variant
