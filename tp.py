@@ -13,6 +13,7 @@ Head counts need not divide by the world size: ranks get whole kv-head groups, a
 possible (SmolLM2-135M's 3 kv heads over 2 ranks: 2 and 1); at most one rank per kv head.
 NCCL on CUDA, gloo on CPU. Only rank 0 prints.
 """
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -50,9 +51,18 @@ def init_distributed(device: str) -> tuple:
 
 def close_distributed():
     """Leave the process group, if this process joined one, before the interpreter exits (PyTorch asks
-    this of NCCL users: a communicator torn down at exit may wait on the other ranks)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    this of NCCL users). CUDA graphs that captured an NCCL collective keep its communicator in use,
+    and destroying it then never returns (pytorch/pytorch#115388; a two-GPU run hung here): free
+    torch.compile's CUDA graphs first."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        torch.cuda.synchronize()
+        reset_cudagraph_trees()
+        gc.collect()
+    dist.destroy_process_group()
 
 
 @dataclass
