@@ -2,8 +2,8 @@
 
     python scripts/bench_kernels.py                    # GPU checks, then the table; JSON to results/bench_kernels.json
     python scripts/bench_kernels.py --tune             # also search configs first, write sparse_kernels/configs.json
-    python scripts/bench_kernels.py --tune --tune_only --tune_shapes tp2 --tune_batches 1 --skip_checks
-                                                       # only tune the shards of Llama-3-8B over two GPUs
+    python scripts/bench_kernels.py --tune --tune_only --tune_shapes tp --tune_batches 1 --skip_checks
+                                                       # only tune tensor parallelism's shard shapes
 
 Shapes: Llama-3-8B qkv 4096->6144 (splits 4096/1024/1024), o 4096->4096, gate+up 4096->2x14336,
 down 14336->4096 (sparse_silu_down), Llama-3-70B up 8192->28672 and down 28672->8192, and the
@@ -48,12 +48,25 @@ SHAPES = [  # name, op, K, N, splits
     ("8B down+res", "silu_down+res", 14336, 4096, [4096]),
 ]
 TUNED_SHAPES = [shape for shape in SHAPES if "+" not in shape[1]]  # a fusion runs its base op's config
-TP2_SHAPES = [  # one rank's shards of Llama-3-8B over two GPUs (tp.py): tuned with --tune_shapes tp2
-    ("8B/2 qkv", "linear", 4096, 3072, [2048, 512, 512]),
-    ("8B/2 o", "linear", 2048, 4096, [4096]),
-    ("8B/2 gate+up", "linear", 4096, 14336, [7168, 7168]),
-    ("8B/2 down", "silu_down", 7168, 4096, [4096]),
-]
+
+
+def tp_shard_shapes(config: str, world: int) -> list:
+    """Rank 0's matvec shapes when tp.py shards the config's blocks over world GPUs."""
+    from model import ModelArgs
+    from tp import shard_of
+
+    args = ModelArgs.from_name(config)
+    shard = shard_of(args, 0, world)
+    D, q, kv, h = args.dim, shard.q[1], shard.kv[1], shard.hidden[1]
+    tag = f"{config.rsplit('-', 1)[-1]}/{world}"
+    return [(f"{tag} qkv", "linear", D, q + 2 * kv, [q, kv, kv]), (f"{tag} o", "linear", q, D, [D]),
+            (f"{tag} gate+up", "linear", D, 2 * h, [h, h]), (f"{tag} down", "silu_down", h, D, [D])]
+
+
+# tensor-parallel shards (tuned with --tune_shapes tp): Llama-3-8B over 2, 4, 8 GPUs, 70B over 2, 4, 8;
+# 70B's gate+up over two GPUs is the 70B up shape above
+TP_SHAPES = [s for config in ("Llama-3-8B", "Llama-3-70B") for world in (2, 4, 8) for s in tp_shard_shapes(config, world)
+             if s[1:4] not in [t[1:4] for t in TUNED_SHAPES]]
 EPS = 1e-5
 LEVELS = [round(0.1 * i, 1) for i in range(10)]
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-4}  # atol = rtol, outputs of size ~1
@@ -379,8 +392,8 @@ def main():
     ap.add_argument("--tune_wide", action="store_true",
                     help="B=1: search only the wide tiles (BLOCK_N >= 512) and the config already in --configs")
     ap.add_argument("--tune_batches", default="1,8", help="batch sizes to tune (comma separated)")
-    ap.add_argument("--tune_shapes", choices=("block", "tp2"), default="block",
-                    help="block: the benchmark's shapes; tp2: Llama-3-8B's shards over two GPUs")
+    ap.add_argument("--tune_shapes", choices=("block", "tp"), default="block",
+                    help="block: the benchmark's shapes; tp: Llama-3-8B's and 70B's shards over 2, 4 and 8 GPUs")
     ap.add_argument("--tune_only", action="store_true", help="with --tune: write --configs and stop")
     ap.add_argument("--batches", default="1", help="batch sizes to benchmark (comma separated)")
     ap.add_argument("--rep", type=int, default=20, help="do_bench_cudagraph rep (ms)")
@@ -411,7 +424,7 @@ def main():
         result["checks"]["ok"] = not bad and max(errs) <= TOL[torch.bfloat16]
     if args.tune:
         old = json.loads(Path(args.configs).read_text()) if Path(args.configs).exists() else {}
-        shapes = TUNED_SHAPES if args.tune_shapes == "block" else TP2_SHAPES
+        shapes = TUNED_SHAPES if args.tune_shapes == "block" else TP_SHAPES
         table, record = tune(shapes, [int(b) for b in args.tune_batches.split(",")], args.workers,
                              narrow=not args.tune_wide, tabled=old.get("configs"))
         table = {**old.get("configs", {}), **table}  # shapes and batches not tuned now keep their configs

@@ -221,11 +221,11 @@ def test_untuned_shapes_take_the_nearest_tuned_tile(monkeypatch):
     """Shapes nobody tuned once fell to a tl.dot heuristic: Llama-3-8B's shards over two GPUs ran 3-7x
     slower than cuBLAS, and the sparse step at twice the dense time. Now they take the elementwise
     tile of the nearest tuned shape, with about as many programs as that shape's grid. The shards
-    are tuned now too, so they are taken out of the table here."""
-    from scripts.bench_kernels import TP2_SHAPES
+    are tuned now too, so the tensor-parallel shapes are taken out of the table here."""
+    from scripts.bench_kernels import TP_SHAPES
     from sparse_kernels import ops
 
-    shard_keys = {ops.config_key(op, K, N, torch.bfloat16, 1) for _, op, K, N, _ in TP2_SHAPES}
+    shard_keys = {ops.config_key(op, K, N, torch.bfloat16, 1) for _, op, K, N, _ in TP_SHAPES}
     assert shard_keys <= set(ops.tuned_configs())
     table = {key: cfg for key, cfg in ops.tuned_configs().items() if key not in shard_keys}
     monkeypatch.setattr(ops, "_configs", table)
