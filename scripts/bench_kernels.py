@@ -4,6 +4,7 @@
     python scripts/bench_kernels.py --tune             # also search configs first, write sparse_kernels/configs.json
     python scripts/bench_kernels.py --tune --tune_only --tune_shapes tp --tune_batches 1 --skip_checks
                                                        # only tune tensor parallelism's shard shapes
+    python scripts/bench_kernels.py --tune --tune_only --tune_shapes Llama-2-7b@2   # any config, any world size
 
 Shapes: Llama-3-8B qkv 4096->6144 (splits 4096/1024/1024), o 4096->4096, gate+up 4096->2x14336,
 down 14336->4096 (sparse_silu_down), Llama-3-70B up 8192->28672 and down 28672->8192, and the
@@ -58,9 +59,19 @@ def tp_shard_shapes(config: str, world: int) -> list:
     args = ModelArgs.from_name(config)
     shard = shard_of(args, 0, world)
     D, q, kv, h = args.dim, shard.q[1], shard.kv[1], shard.hidden[1]
-    tag = f"{config.rsplit('-', 1)[-1]}/{world}"
+    tag = config.rsplit("-", 1)[-1] + (f"/{world}" if world > 1 else "")
     return [(f"{tag} qkv", "linear", D, q + 2 * kv, [q, kv, kv]), (f"{tag} o", "linear", q, D, [D]),
             (f"{tag} gate+up", "linear", D, 2 * h, [h, h]), (f"{tag} down", "silu_down", h, D, [D])]
+
+
+def shapes_to_tune(spec: str) -> list:
+    """--tune_shapes: "block", "tp" or CONFIG[@WORLD]."""
+    if spec in ("block", "tp"):
+        return TUNED_SHAPES if spec == "block" else TP_SHAPES
+    config, _, world = spec.partition("@")
+    if world and not (world.isdigit() and int(world) >= 1):
+        raise ValueError(f"{spec!r}: the world size after @ must be a whole number of GPUs")
+    return tp_shard_shapes(config, int(world or 1))
 
 
 # tensor-parallel shards (tuned with --tune_shapes tp): Llama-3-8B over 2, 4, 8 GPUs, 70B over 2, 4, 8;
@@ -392,14 +403,20 @@ def main():
     ap.add_argument("--tune_wide", action="store_true",
                     help="B=1: search only the wide tiles (BLOCK_N >= 512) and the config already in --configs")
     ap.add_argument("--tune_batches", default="1,8", help="batch sizes to tune (comma separated)")
-    ap.add_argument("--tune_shapes", choices=("block", "tp"), default="block",
-                    help="block: the benchmark's shapes; tp: Llama-3-8B's and 70B's shards over 2, 4 and 8 GPUs")
+    ap.add_argument("--tune_shapes", default="block",
+                    help="block: the benchmark's shapes; tp: Llama-3-8B's and 70B's shards over 2, 4 and 8 GPUs; "
+                         "CONFIG[@WORLD] (e.g. Llama-2-7b or Llama-3-70B@4): that config's block matvecs "
+                         "(rank 0's shards over WORLD GPUs)")
     ap.add_argument("--tune_only", action="store_true", help="with --tune: write --configs and stop")
     ap.add_argument("--batches", default="1", help="batch sizes to benchmark (comma separated)")
     ap.add_argument("--rep", type=int, default=20, help="do_bench_cudagraph rep (ms)")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="compile/check processes")
     ap.add_argument("--skip_checks", action="store_true", help="skip the GPU correctness checks")
     args = ap.parse_args()
+    try:
+        shapes_to_tune(args.tune_shapes)
+    except ValueError as e:
+        raise SystemExit(f"error: --tune_shapes: {e}")
     if not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device; the kernel benchmark needs a GPU (the CPU tests are tests/test_kernels.py)")
     import triton
@@ -424,7 +441,7 @@ def main():
         result["checks"]["ok"] = not bad and max(errs) <= TOL[torch.bfloat16]
     if args.tune:
         old = json.loads(Path(args.configs).read_text()) if Path(args.configs).exists() else {}
-        shapes = TUNED_SHAPES if args.tune_shapes == "block" else TP_SHAPES
+        shapes = shapes_to_tune(args.tune_shapes)
         table, record = tune(shapes, [int(b) for b in args.tune_batches.split(",")], args.workers,
                              narrow=not args.tune_wide, tabled=old.get("configs"))
         table = {**old.get("configs", {}), **table}  # shapes and batches not tuned now keep their configs

@@ -252,3 +252,16 @@ def test_untuned_shapes_take_the_nearest_tuned_tile(monkeypatch):
             cfg = ops.pick_config(op, K, N, torch.bfloat16, B, 132)
             kc = cfg["K_CHUNK"]
             assert kc & (kc - 1) == 0 and kc >= cfg["BLOCK_K"] and cfg["BLOCK_N"] <= max(16, 1 << (N - 1).bit_length())
+
+
+def test_tune_shapes_from_a_config():
+    """--tune_shapes CONFIG[@WORLD] builds the block's matvecs from tp.shard_of: at world 1 they are
+    the hand-written Llama-3-8B shapes of the benchmark table."""
+    from scripts.bench_kernels import TUNED_SHAPES, shapes_to_tune
+
+    assert [s[1:] for s in shapes_to_tune("Llama-3-8B")] == [s[1:] for s in TUNED_SHAPES if s[0].startswith("8B")]
+    qkv, o, gate_up, down = shapes_to_tune("Llama-3-70B@4")
+    assert qkv[2:] == (8192, 2560, [2048, 256, 256]) and o[2:4] == (2048, 8192) and down[2:4] == (7168, 8192)
+    for bad in ("Llama-3-8B@9", "Llama-3-8B@0", "Llama-3-8B@two", "NoSuchModel"):
+        with pytest.raises(ValueError):
+            shapes_to_tune(bad)
