@@ -3,7 +3,8 @@
 
 Matvecs, CUDA with Triton and B <= 8: the Triton kernel, configured from configs.json (tuned per
 op, shape, dtype and batch by scripts/bench_kernels.py --tune); an untuned shape takes the tile
-of the nearest tuned one (derived_config), and a dtype/batch with nothing tuned a heuristic. Attention, CUDA with Triton, B <= 8 and an even head size <= 256: the split-S kernel of
+of the nearest tuned one (derived_config), and a dtype/batch with nothing tuned a heuristic.
+Attention, CUDA with Triton, B <= 8 and an even head size <= 256: the split-S kernel of
 attention.py (the step op warns once if it has to fall back). Anything else (CPU, no Triton,
 larger batches): the torch reference math. No host sync, no data-dependent allocation, no
 memset per call: workspaces and arrival counters are persistent per device and the kernels
@@ -52,10 +53,10 @@ def sm_count(device: torch.device) -> int:
 
 
 def heuristic_config(K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> dict:
-    """For shapes nobody tuned. B == 1 with large weights: wide elementwise tiles (1-2 KB of each
-    gathered row, which DRAM streams better than 256-byte pieces) with 3-4 steps in flight: the
-    tuner's picks on the 8B and 70B MLP shapes. Otherwise tl.dot tiles. About two to three
-    programs per SM."""
+    """For a dtype (fp32) or batch with nothing tuned at all. B == 1 with large weights: wide
+    elementwise tiles (1-2 KB of each gathered row, which DRAM streams better than 256-byte
+    pieces) with 3-4 steps in flight: the tuner's picks on the 8B and 70B MLP shapes. Otherwise
+    tl.dot tiles. About two to three programs per SM."""
     from .triton_kernels import next_pow2  # only reached where Triton runs the op
 
     if B == 1 and max(K, N) >= 8192 and dtype != torch.float32:
