@@ -57,7 +57,7 @@ def _load_hf(source: str) -> str:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"{source} needs pyarrow to read {filename}: pip install pyarrow") from None
+            raise ValueError(f"{source} needs pyarrow to read {filename}: pip install pyarrow") from None
         # WikiText rows are lines (headings, paragraphs, blanks); joined the usual way
         return "\n\n".join(pq.read_table(path, columns=["text"]).column("text").to_pylist())
     with gzip.open(path, "rt", encoding="utf-8") as f:  # C4: one JSON document per line
