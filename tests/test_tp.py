@@ -103,3 +103,12 @@ def test_torchrun_default_model_answers(smollm2_checkpoint):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Paris" in r.stdout and r.stdout.count("Average tokens/s") == 1, r.stdout  # rank 0 alone prints
+
+
+def test_close_distributed_can_free_cuda_graphs():
+    """close_distributed frees torch.compile's CUDA graphs before destroying an NCCL group (else
+    ncclCommDestroy hangs). That uses a private torch function: it must exist in this torch and
+    be callable where no graph was ever captured."""
+    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+    reset_cudagraph_trees()
