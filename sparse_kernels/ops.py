@@ -112,7 +112,8 @@ def derived_config(op: str, K: int, N: int, B: int, tuned: dict) -> dict:
     cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], next_pow2(N)))
     n_tiles = -(-N // cfg["BLOCK_N"])
     k_chunk = 1 << max(0, round(math.log2(max(1.0, K * n_tiles / programs))))
-    cfg["K_CHUNK"] = max(cfg["BLOCK_K"], 128, min(k_chunk, next_pow2(K), 4096 // next_pow2(B)))
+    # the tuner's bounds: 128 to 4096 rows, at most 8192 inputs (B * K_CHUNK) in phase 1's registers
+    cfg["K_CHUNK"] = max(cfg["BLOCK_K"], 128, min(k_chunk, next_pow2(K), 4096, 8192 // next_pow2(B)))
     return cfg
 
 

@@ -97,6 +97,7 @@ MATVEC_CASES = [(op, 1, K, N, splits, torch.bfloat16, None, fused) for op, K, N,
     # Llama-3-8B over two GPUs (tensor parallel): configs derived from the nearest tuned shapes
     ("linear", 1, 4096, 3072, [2048, 512, 512], torch.bfloat16, None, dict(norm=True)),
     ("silu_down", 1, 7168, 4096, [4096], torch.bfloat16, None, {}),
+    ("linear", 8, 4096, 12288, [4096, 4096, 4096], torch.bfloat16, None, dict(norm=True)),  # Llama-2-7B, derived
 ]
 
 
