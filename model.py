@@ -180,10 +180,11 @@ class Attention(nn.Module):
         self.wo_t = nn.Parameter(torch.empty(q_size, args.dim))  # (H hd, D)
         self.kv_cache: Optional[KVCache] = None
         self.tp_group = None  # set by tp.shard_model: wo_t then holds this rank's input rows
+        self.adds_residual = True  # under tensor parallelism rank 0's o adds x, the others only their share
 
     def forward(self, x, norm, freqs_cis, mask, input_pos, thresholds, sparse, observe=None, rope_table=None):
         """x + attention(norm(x)): the norm is fused into the q/k/v and the residual into the o
-        projection (except under tensor parallelism, where o's output is a partial sum). A decode
+        projection (under tensor parallelism, into rank 0's share of the sum). A decode
         step (T == 1 with a cache and the whole rope_table) is causal and ignores freqs_cis and mask."""
         B, T, _ = x.shape  # (B, T, D)
         qkv = linear_t(x, self.wqkv_t, thresholds[0:3], self.splits, sparse, norm=norm)
@@ -205,10 +206,9 @@ class Attention(nn.Module):
             y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         if observe is not None:
             observe("attn_out", y)
-        o_splits = [self.wo_t.shape[1]]
-        if self.tp_group is None:
-            return linear_t(y, self.wo_t, thresholds[3:4], o_splits, sparse, residual=x)
-        return x + all_reduce_if_sharded(linear_t(y, self.wo_t, thresholds[3:4], o_splits, sparse), self.tp_group)
+        out = linear_t(y, self.wo_t, thresholds[3:4], [self.wo_t.shape[1]], sparse,
+                       residual=x if self.adds_residual else None)
+        return all_reduce_if_sharded(out, self.tp_group)
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -234,15 +234,15 @@ class FeedForward(nn.Module):
         self.w13_t = nn.Parameter(torch.empty(args.dim, 2 * args.intermediate_size))  # (D, 2I): [gate | up]
         self.w2_t = nn.Parameter(torch.empty(args.intermediate_size, args.dim))  # (I, D)
         self.tp_group = None  # set by tp.shard_model: w2_t then holds this rank's input rows
+        self.adds_residual = True  # as in Attention
 
     def forward(self, x, norm, thresholds, sparse, observe=None):
         """x + mlp(norm(x)), fused like Attention.forward."""
         gate_up = linear_t(x, self.w13_t, thresholds[0:2], [self.hidden, self.hidden], sparse, norm=norm)  # (B, T, 2I)
         if observe is not None:
             observe("mlp_mid", silu_mul(gate_up))
-        if self.tp_group is None:
-            return silu_down_t(gate_up, self.w2_t, thresholds[2:3], sparse, residual=x)
-        return x + all_reduce_if_sharded(silu_down_t(gate_up, self.w2_t, thresholds[2:3], sparse), self.tp_group)
+        out = silu_down_t(gate_up, self.w2_t, thresholds[2:3], sparse, residual=x if self.adds_residual else None)
+        return all_reduce_if_sharded(out, self.tp_group)
 
 
 class Block(nn.Module):

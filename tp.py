@@ -7,7 +7,8 @@ Sharding (Megatron style, one all-reduce per attention and one per MLP):
                       with the block's threshold and reads the kept rows of its columns;
   o, down             by input rows: each rank thresholds its own slice of the input with the
                       same threshold, which drops exactly the entries one GPU would drop;
-                      the partial outputs are summed by an all-reduce.
+                      the partial outputs are summed by an all-reduce (rank 0's includes the
+                      residual, added in its kernel).
 So TEAL's semantics are those of one GPU, and each rank skips its own share of bytes.
 Head counts need not divide by the world size: ranks get whole kv-head groups, as evenly as
 possible (SmolLM2-135M's 3 kv heads over 2 ranks: 2 and 1); at most one rank per kv head.
@@ -109,6 +110,9 @@ def shard_model(model: Transformer, rank: int, world: int, group=None) -> Transf
         # One rank has nothing to sum: no collective at all, so TP=1 runs the plain path's kernels
         # (with a 1-rank all-reduce it measured 3.8% slower on an H200).
         attn.tp_group = ffn.tp_group = None if world == 1 else (group if group is not None else dist.group.WORLD)
+        # The residual goes into rank 0's kernel (fused there, as on one GPU): the all-reduce then
+        # sums x + rank 0's share + the others', and no separate add runs after it.
+        attn.adds_residual = ffn.adds_residual = rank == 0
     model.tp = (rank, world)
     return model
 
