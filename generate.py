@@ -160,6 +160,8 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_s
              decode_fn=decode_one_token, prefill_fn=prefill) -> Tensor:
     """prompt (T,) -> (batch_size, T + n) with n <= max_new_tokens (fewer if every row hit a stop id)."""
     device = prompt.device
+    if model.tp[1] > 1:  # the prompt's eager all-reduces must not overlap the last step's graph (tp.py)
+        synchronize(device)
     T = prompt.numel()
     total = T + max_new_tokens
     model.setup_caches(max_batch_size=batch_size, max_seq_length=total)
