@@ -43,7 +43,6 @@ def init_distributed(device: str) -> tuple:
             raise ValueError(f"rank {rank} wants GPU {local_rank} but only {torch.cuda.device_count()} are visible")
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    if on_cuda:
         # Without NCCL's support for mixing captured and uncaptured collectives, a compiled step's
         # all-reduces in CUDA graphs ran faster on two H200s (dense 233 -> 258 tok/s, 50% sparse
         # 282 -> 323). What it then asks of us: no uncaptured NCCL call while a graph launch is

@@ -414,7 +414,7 @@ def main():
     ap.add_argument("--skip_checks", action="store_true", help="skip the GPU correctness checks")
     args = ap.parse_args()
     try:
-        shapes_to_tune(args.tune_shapes)
+        tune_shapes = shapes_to_tune(args.tune_shapes)
     except ValueError as e:
         raise SystemExit(f"error: --tune_shapes: {e}")
     if not torch.cuda.is_available():
@@ -441,8 +441,7 @@ def main():
         result["checks"]["ok"] = not bad and max(errs) <= TOL[torch.bfloat16]
     if args.tune:
         old = json.loads(Path(args.configs).read_text()) if Path(args.configs).exists() else {}
-        shapes = shapes_to_tune(args.tune_shapes)
-        table, record = tune(shapes, [int(b) for b in args.tune_batches.split(",")], args.workers,
+        table, record = tune(tune_shapes, [int(b) for b in args.tune_batches.split(",")], args.workers,
                              narrow=not args.tune_wide, tabled=old.get("configs"))
         table = {**old.get("configs", {}), **table}  # shapes and batches not tuned now keep their configs
         record = {**old.get("tuning", {}), **record}

@@ -177,6 +177,7 @@ def run(args):
                             gb_per_s_per_rank=bytes_per_token * tok_s / 1e9, tokens=seq.shape[1] - prompt.numel()))
         print(f"  {results[-1]['label']:>6}: {tok_s:8.1f} tok/s", flush=True)
     recompiles = dynamo_compiles() - compiles_after_warmup
+    skips = cudagraph_skips()
     dense_tok = results[0]["tokens_per_s"]
 
     copy_bw = copy_bandwidth(device) if on_cuda else float("nan")
@@ -192,7 +193,7 @@ def run(args):
     meta = dict(model=name, mode=mode, world_size=world, device=torch.cuda.get_device_name(device) if on_cuda
                 else "cpu", dtype=str(dtype), torch=torch.__version__, prompt_tokens=prompt.numel(),
                 new_tokens=args.max_new_tokens, runs=args.runs, compile_s=compile_s, recompiles_after_warmup=recompiles,
-                cudagraph_skips=cudagraph_skips(),
+                cudagraph_skips=skips,
                 copy_bandwidth=copy_bw, weight_bytes_per_token_per_rank=dense_bytes)
     if rank == 0:
         args.out.write_text(json.dumps(dict(meta=meta, results=results, prefill=prefill_rows), indent=2) + "\n")
@@ -200,8 +201,8 @@ def run(args):
              f"{name}, {dtype}, {meta['device']}, {tp_label}")
     print(f"\ncompile: {', '.join(f'{k} {v:.1f} s' for k, v in compile_s.items())}; "
           f"recompilations after warm-up across level changes: {recompiles}; copy bandwidth {copy_bw / 1e12:.2f} TB/s")
-    if on_cuda and not args.no_compile and cudagraph_skips():
-        print(f"CUDA graphs were skipped for {cudagraph_skips()} compiled graph(s) (inductor's log above says why): "
+    if on_cuda and not args.no_compile and skips:
+        print(f"CUDA graphs were skipped for {skips} compiled graph(s) (inductor's log above says why): "
               f"their tokens/s include a host-side launch per kernel")
     for row in prefill_rows:
         print(f"prefill {row['tokens']} tokens, block matmuls: ours {row['ours_ms']:.3f} ms, "

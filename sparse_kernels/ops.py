@@ -46,6 +46,13 @@ def config_key(op: str, K: int, N: int, dtype: torch.dtype, B: int) -> str:
     return f"{op}:{K}x{N}:{DTYPE_NAMES[dtype]}:B{B}"
 
 
+def parse_config_key(key: str) -> tuple:
+    """config_key's inverse: (op, K, N, dtype name, B)."""
+    op, shape, dtype_name, b = key.split(":")
+    K, N = (int(v) for v in shape.split("x"))
+    return op, K, N, dtype_name, int(b[1:])
+
+
 def sm_count(device: torch.device) -> int:
     if device.index not in _sm_counts:
         _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
@@ -101,13 +108,12 @@ def derived_config(op: str, K: int, N: int, B: int, tuned: dict) -> dict:
     from .triton_kernels import next_pow2  # only reached where Triton runs the op
 
     def distance(key):
-        key_op, shape = key.split(":")[:2]
-        k, n = (int(v) for v in shape.split("x"))
+        key_op, k, n, _, _ = parse_config_key(key)
         return key_op != op, abs(math.log2(k / K)) + abs(math.log2(n / N))
 
     nearest = min(tuned, key=distance)
     cfg = dict(tuned[nearest])
-    k_tuned, n_tuned = (int(v) for v in nearest.split(":")[1].split("x"))
+    _, k_tuned, n_tuned, _, _ = parse_config_key(nearest)
     programs = -(-k_tuned // cfg["K_CHUNK"]) * -(-n_tuned // cfg["BLOCK_N"])
     cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], next_pow2(N)))
     n_tiles = -(-N // cfg["BLOCK_N"])
