@@ -132,16 +132,24 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+def fused_dense(x: Tensor) -> bool:
+    """Whether a dense projection of x (B, T, K) takes the fused kernel: a CUDA decode step (T == 1).
+    There the matvec, its norm and its residual add are one launch (the first weight rows requested
+    before the input is ready); a prompt's matmuls are compute-bound and stay with cuBLAS."""
+    return x.is_cuda and x.dim() == 3 and x.shape[1] == 1
+
+
 def linear_t(x: Tensor, w_t: Tensor, thresholds: Tensor, splits: list, sparse: bool,
              norm: Optional[RMSNorm] = None, residual: Optional[Tensor] = None) -> Tensor:
     """[residual +] norm(x) (..., K) @ w_t (K, N); if sparse, input entries with |norm(x)| <=
-    threshold of the output segment are dropped first (TEAL), in one fused kernel with the norm
-    and the residual add. One semantics: sparse_kernels.sparse_linear."""
-    if not sparse:
+    threshold of the output segment are dropped first (TEAL). Sparse, and dense decode steps on
+    CUDA: one fused kernel with the norm and the residual add (sparse_kernels.sparse_linear, the
+    one semantics); a dense prompt takes cuBLAS."""
+    if not sparse and not fused_dense(x):
         y = (x if norm is None else norm(x)) @ w_t
         return y if residual is None else residual + y
     lead = x.shape[:-1]
-    y = sparse_linear(x.reshape(-1, x.shape[-1]), w_t, thresholds, splits,
+    y = sparse_linear(x.reshape(-1, x.shape[-1]), w_t, thresholds if sparse else None, splits,
                       norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.eps,
                       residual=None if residual is None else residual.reshape(-1, w_t.shape[1]))
     return y.view(*lead, w_t.shape[1])
@@ -151,11 +159,11 @@ def silu_down_t(gate_up: Tensor, w_t: Tensor, threshold: Tensor, sparse: bool,
                 residual: Optional[Tensor] = None) -> Tensor:
     """[residual +] silu(gate) * up (..., I) @ w_t (I, N) from gate_up (..., 2I), as linear_t; if sparse,
     entries with |silu(gate) * up| <= threshold are dropped first, in one fused kernel (sparse_silu_down)."""
-    if not sparse:
+    if not sparse and not fused_dense(gate_up):
         y = silu_mul(gate_up) @ w_t
         return y if residual is None else residual + y
     lead = gate_up.shape[:-1]
-    y = sparse_silu_down(gate_up.reshape(-1, gate_up.shape[-1]), w_t, threshold,
+    y = sparse_silu_down(gate_up.reshape(-1, gate_up.shape[-1]), w_t, threshold if sparse else None,
                          residual=None if residual is None else residual.reshape(-1, w_t.shape[1]))
     return y.view(*lead, w_t.shape[1])
 

@@ -183,7 +183,8 @@ def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List
     y = torch.empty(B, N, dtype=x.dtype, device=x.device)
     if B == 0:
         return y
-    bounds = [sum(splits[:i]) for i in range(1, len(splits))]
+    # segments matter only for their thresholds: a dense product is one launch over all columns
+    bounds = [] if thresholds is None else [sum(splits[:i]) for i in range(1, len(splits))]
     cfg = fit_to_segments(cfg or pick_config(op, K, N, x.dtype, B, sm_count(x.device)), bounds)
     silu = op == "silu_down"
     if len(bounds) <= 3 and not any(b % cfg["BLOCK_N"] for b in bounds):
@@ -204,7 +205,7 @@ def _contiguous_rows(t: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("teal::sparse_linear", mutates_args=())
-def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List[int],
+def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int],
                       norm_weight: Optional[Tensor] = None, eps: float = 0.0,
                       residual: Optional[Tensor] = None) -> Tensor:
     x, w_t = _contiguous_rows(x), _contiguous_rows(w_t)
@@ -221,13 +222,14 @@ def _(x, w_t, thresholds, splits, norm_weight=None, eps=0.0, residual=None):
 
 
 @torch.library.custom_op("teal::sparse_silu_down", mutates_args=())
-def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor],
+                         residual: Optional[Tensor] = None) -> Tensor:
     gate_up, w_t = _contiguous_rows(gate_up), _contiguous_rows(w_t)
     residual = None if residual is None else _contiguous_rows(residual)
     if use_triton(gate_up):
         return run_triton("silu_down", gate_up, w_t, threshold, [w_t.shape[1]], residual=residual)
-    return masked_linear(silu_mul(gate_up), w_t, threshold[:1], [w_t.shape[1]], residual=residual,
-                         matmul=masked_matmul)  # as in _sparse_linear_op
+    return masked_linear(silu_mul(gate_up), w_t, None if threshold is None else threshold[:1], [w_t.shape[1]],
+                         residual=residual, matmul=masked_matmul)  # as in _sparse_linear_op
 
 
 @_sparse_silu_down_op.register_fake
@@ -235,9 +237,10 @@ def _(gate_up, w_t, threshold, residual=None):
     return gate_up.new_empty(gate_up.shape[0], w_t.shape[1])
 
 
-def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weight: Optional[Tensor] = None,
+def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight: Optional[Tensor] = None,
                   eps: Optional[float] = None, residual: Optional[Tensor] = None) -> Tensor:
-    """x (B, K) @ w_t (K, N) keeping only |x| > thresholds[s] for the columns of segment s.
+    """x (B, K) @ w_t (K, N) keeping only |x| > thresholds[s] for the columns of segment s
+    (thresholds None: every entry, the dense product through the same fused kernel).
     Fused on request: x := rms_norm(x, norm_weight, eps) first (eps required with norm_weight);
     residual (B, N) added to the output."""
     splits = [int(s) for s in splits]
@@ -247,8 +250,9 @@ def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weigh
     return _sparse_linear_op(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual)
 
 
-def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-    """h = silu(gate) * up from gate_up (B, 2I); h (kept iff |h| > threshold[0]) @ w_t (I, N);
+def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor],
+                     residual: Optional[Tensor] = None) -> Tensor:
+    """h = silu(gate) * up from gate_up (B, 2I); h (kept iff |h| > threshold[0]; None: all) @ w_t (I, N);
     residual (B, N), if given, added to the output."""
     if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")

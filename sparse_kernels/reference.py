@@ -1,7 +1,8 @@
 """The torch reference: the single definition of what the sparse ops compute.
 
 sparse_linear:   y[b, n] = sum_k x[b, k] * (|x[b, k]| > t_s(n)) * w_t[k, n]
-                 where column n lies in segment s of `splits` and t_s = thresholds[s].
+                 where column n lies in segment s of `splits` and t_s = thresholds[s];
+                 thresholds None keeps every entry (the dense product, with the same fusions).
 sparse_silu_down: h = silu_mul(gate_up), then sparse_linear(h, w_t, threshold[:1], [N]).
 Optional fusions of a decoder block: norm_weight -> the input is rms_norm(x, norm_weight, eps)
 (sparse_linear); residual -> the output is residual + y (both ops).
@@ -45,7 +46,7 @@ def check_args(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weight=N
         raise ValueError(f"x is {x.dtype} but w_t is {w_t.dtype}: cast one of them")
     if len(splits) == 0 or sum(splits) != w_t.shape[1] or min(splits) <= 0:
         raise ValueError(f"splits {list(splits)} must be positive and sum to N={w_t.shape[1]}")
-    if thresholds.dim() != 1 or thresholds.shape[0] < len(splits):
+    if thresholds is not None and (thresholds.dim() != 1 or thresholds.shape[0] < len(splits)):
         raise ValueError(f"thresholds must be 1-D with one entry per split ({len(splits)}); "
                          f"got shape {tuple(thresholds.shape)}")
     if norm_weight is not None and (norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype):
@@ -75,6 +76,9 @@ def masked_linear(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weigh
     (the ops' CUDA fallback passes masked_matmul: no fp32 copy of the weights)."""
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps)
+    if thresholds is None:
+        y = matmul(x, w_t)
+        return y if residual is None else residual + y
     outs, start = [], 0
     for s, width in enumerate(splits):
         xm = torch.where(keep_mask(x, thresholds[s]), x, torch.zeros_like(x))  # (B, K)
@@ -86,18 +90,19 @@ def masked_linear(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weigh
 
 def sparse_linear_ref(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weight=None, eps: float = 0.0,
                       residual=None) -> Tensor:
-    """x (B, K), w_t (K, N), thresholds (S,) fp32, splits S ints summing to N -> (B, N);
+    """x (B, K), w_t (K, N), thresholds (S,) fp32 or None (dense), splits S ints summing to N -> (B, N);
     norm_weight (K,) and residual (B, N) optional (see the module docstring)."""
     check_args(x, w_t, thresholds, splits, norm_weight, residual)
     return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual)
 
 
 def sparse_silu_down_ref(gate_up: Tensor, w_t: Tensor, threshold: Tensor, residual=None) -> Tensor:
-    """gate_up (B, 2I) = [gate | up], w_t (I, N), threshold (>=1,) fp32, residual (B, N) optional -> (B, N)."""
+    """gate_up (B, 2I) = [gate | up], w_t (I, N), threshold (>=1,) fp32 or None (dense), residual (B, N)
+    optional -> (B, N)."""
     if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
     h = silu_mul(gate_up)  # (B, I)
-    return sparse_linear_ref(h, w_t, threshold[:1], [w_t.shape[1]], residual=residual)
+    return sparse_linear_ref(h, w_t, None if threshold is None else threshold[:1], [w_t.shape[1]], residual=residual)
 
 
 def gap_threshold(values, p):

@@ -16,10 +16,22 @@ Split-K reduction without a memset: each program stores its fp32 partial tile to
 persistent workspace (SPLIT, B, N) and increments the tile's arrival counter; the last
 to arrive sums the partials in split order (deterministic), writes y and resets the
 counter to 0 for the next call.
+
+DENSE (no thresholds: every row is read, the plain product with the same fusions): the rows
+of a program's chunk are known before its input is, so the first DEPTH steps' rows are
+requested first, ahead of the input and its norm. On Hopper and newer the dense kernels are
+also launched with programmatic dependent launch (pdl_enabled): those weight loads go out
+before the kernel waits for the one before it (gdc_wait), and once every program has streamed
+its rows the next kernel may launch, so launch latency and the first rows' latency hide behind
+the previous kernel's split-K tail. (Sparse rows depend on the input, so nothing can go out
+early there; PDL alone gave them no gain: NOTES.md, sessions 4 and 6.)
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -32,7 +44,7 @@ def sparse_matvec_kernel(
     K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, DOT: tl.constexpr, SILU: tl.constexpr, RED_R: tl.constexpr,
     EVEN_N: tl.constexpr, STATIC_ITERS: tl.constexpr, DOT_F32: tl.constexpr,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr, RESIDUAL: tl.constexpr,
-    RTNE_BY_BITS: tl.constexpr,
+    RTNE_BY_BITS: tl.constexpr, DENSE: tl.constexpr, PDL: tl.constexpr,
 ):
     # Loop bounds are runtime values on GPUs. Triton's interpreter cannot take a runtime range
     # bound with numpy >= 2.4 (int() of a 1-element array; it also turns every assigned value
@@ -44,13 +56,26 @@ def sparse_matvec_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n0 = pid_n * BLOCK_N
-    seg = (n0 >= bound1).to(tl.int32) + (n0 >= bound2).to(tl.int32) + (n0 >= bound3).to(tl.int32)
-    t = tl.load(thr_ptr + seg).to(tl.float32)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    offs_j = tl.arange(0, BLOCK_K)
+    k0 = pid_k * K_CHUNK
+    prog = pid_n * SPLIT + pid_k
+    idx_base = idx_ptr + prog * K_CHUNK
+    xs_base = xs_ptr + prog * (B_X * K_CHUNK)
+    if DENSE:  # every row of the chunk: the first DEPTH steps' rows go out before anything else
+        count = tl.minimum(K - k0, K_CHUNK)
+        wa, wb, wc, wd = _first_rows(w_ptr, idx_base, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K, DEPTH, EVEN_N,
+                                     DENSE)
+        tl.debug_barrier()  # a fence for the compiler, which would otherwise move the loads to their first use
+    else:  # the segment's threshold, loaded with the input
+        seg = (n0 >= bound1).to(tl.int32) + (n0 >= bound2).to(tl.int32) + (n0 >= bound3).to(tl.int32)
+        t = tl.load(thr_ptr + seg).to(tl.float32)
+    if PDL:  # the previous kernel's writes (x, the workspace) are visible from here on
+        gdc_wait()
 
     # 1. Which rows of this K chunk does any batch row keep?
-    offs_c = pid_k * K_CHUNK + tl.arange(0, K_CHUNK)
+    offs_c = k0 + tl.arange(0, K_CHUNK)
     offs_bx = tl.arange(0, B_X)
     bc_ok = (offs_bx < B)[:, None] & (offs_c < K)[None, :]
     x_chunk = _input(x_ptr, offs_bx[:, None] * stride_x + offs_c[None, :], bc_ok, K, SILU,
@@ -58,15 +83,24 @@ def sparse_matvec_kernel(
     if NORM:  # x is RMSNorm(h) * weight: the row's rstd from all of h (every program; K values from L2)
         x_chunk = _rms_normed(x_ptr, nw_ptr, x_chunk, offs_bx, offs_c, B, K, stride_x, eps, B_X, NORM_BLOCK,
                               NORM_STEPS, RTNE_BY_BITS)
-    keep = (tl.abs(x_chunk.to(tl.float32)) > t) & bc_ok  # (B_X, K_CHUNK)
-    need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
     offs_b = tl.arange(0, B_PAD)
     b_ok = offs_b < B
 
-    # 2. Compact the kept rows, then stream only those.
-    acc = _compact_and_stream(w_ptr, idx_ptr, xs_ptr, x_chunk, keep, need, offs_c, offs_bx, bc_ok, offs_b, b_ok,
-                              offs_n, n_ok, pid_n * SPLIT + pid_k, stride_w, B_X, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK,
-                              DEPTH, DOT, DOT_F32, EVEN_N, STATIC_ITERS)
+    # 2. Compact the kept rows (dense: store the inputs as they are), then stream only those.
+    if DENSE:
+        tl.store(xs_base + offs_bx[:, None] * K_CHUNK + (offs_c - k0)[None, :], x_chunk.to(xs_ptr.dtype.element_ty),
+                 mask=bc_ok)
+        tl.debug_barrier()  # the whole CTA's inputs are visible before they are read back
+    else:
+        keep = (tl.abs(x_chunk.to(tl.float32)) > t) & bc_ok  # (B_X, K_CHUNK)
+        need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
+        count = _compact(idx_base, xs_base, x_chunk, keep, need, offs_c, offs_bx, bc_ok, K_CHUNK)
+        wa, wb, wc, wd = _first_rows(w_ptr, idx_base, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K, DEPTH, EVEN_N,
+                                     DENSE)
+    acc = _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, offs_b, b_ok, offs_n, n_ok, stride_w,
+                  B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, DOT_F32, EVEN_N, STATIC_ITERS, DENSE)
+    if PDL:  # rows streamed: the next kernel may launch during the split-K reduction
+        gdc_launch_dependents()
 
     # 3. Split-K reduction: partials to the workspace, the last program to arrive sums them.
     out_ok = b_ok[:, None] & n_ok[None, :]
@@ -95,105 +129,126 @@ def sparse_matvec_kernel(
 
 
 @triton.jit
-def _compact_and_stream(w_ptr, idx_ptr, xs_ptr, x_chunk, keep, need, offs_c, offs_bx, bc_ok, offs_b, b_ok,
-                        offs_n, n_ok, prog, stride_w, B_X: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, DOT: tl.constexpr,
-                        DOT_F32: tl.constexpr, EVEN_N: tl.constexpr, STATIC_ITERS: tl.constexpr):
-    """Compact the kept rows' indices and inputs into this program's scratch, then stream only
-    those rows. (B_PAD, BLOCK_N) fp32."""
-    count = tl.sum(need, axis=0)
+def _compact(idx_base, xs_base, x_chunk, keep, need, offs_c, offs_bx, bc_ok, K_CHUNK: tl.constexpr):
+    """Store the kept rows' indices and inputs (zero where a batch row drops the row) in this
+    program's scratch, in order; returns how many rows are kept."""
     pos = tl.cumsum(need, axis=0) - 1
-    idx_base = idx_ptr + prog * K_CHUNK
-    xs_base = xs_ptr + prog * (B_X * K_CHUNK)
     tl.store(idx_base + pos, offs_c, mask=need > 0)
     tl.store(xs_base + offs_bx[:, None] * K_CHUNK + pos[None, :],
-             tl.where(keep, x_chunk, 0.0).to(xs_ptr.dtype.element_ty), mask=(need > 0)[None, :] & bc_ok)
+             tl.where(keep, x_chunk, 0.0).to(xs_base.dtype.element_ty), mask=(need > 0)[None, :] & bc_ok)
     tl.debug_barrier()  # the whole CTA's scratch stores are visible before they are read back
+    return tl.sum(need, axis=0)
 
-    # Stream only the kept rows: BLOCK_K gathered rows of W^T per step (each a contiguous
-    # BLOCK_N slice), DEPTH steps in flight. Buffers a, b (, c, d) take turns: a step is
-    # summed, then its buffer is refilled with the rows DEPTH steps ahead, whose indices were
-    # loaded a round earlier. A buffer is overwritten only after its last use, so no register
-    # copy at the loop's end waits on a load in flight (which the usual "w_cur = w_next"
-    # rotation compiles to: one step in flight, the whole latency paid every step).
-    offs_j = tl.arange(0, BLOCK_K)
+
+@triton.jit
+def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, offs_b, b_ok, offs_n, n_ok, stride_w,
+            B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
+            DEPTH: tl.constexpr, DOT: tl.constexpr, DOT_F32: tl.constexpr, EVEN_N: tl.constexpr,
+            STATIC_ITERS: tl.constexpr, DENSE: tl.constexpr):
+    """The product over the chunk's first `count` scratch positions, whose first DEPTH steps of
+    rows wa, wb (, wc, wd) are already requested. (B_PAD, BLOCK_N) fp32.
+
+    BLOCK_K gathered rows of W^T per step (each a contiguous BLOCK_N slice), DEPTH steps in
+    flight. Buffers a, b (, c, d) take turns: a step is summed, then its buffer is refilled with
+    the rows DEPTH steps ahead, whose indices were loaded a round earlier. A buffer is overwritten
+    only after its last use, so no register copy at the loop's end waits on a load in flight
+    (which the usual "w_cur = w_next" rotation compiles to: one step in flight, the whole latency
+    paid every step)."""
     if DOT:
         acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
     else:  # B_PAD == 1: products summed over K at the end, no cross-thread work in the loop
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    # each buffer's inputs, and the indices it is refilled with on its first turn
     # (the loads' arguments are spelled out: a constexpr inside a tuple would no longer be one)
-    wa, xa, ka = _fill(offs_j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok, stride_w, BLOCK_K,
-                       K_CHUNK, DEPTH, EVEN_N, DOT)
-    wb, xb, kb = _fill(BLOCK_K + offs_j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok, stride_w,
-                       BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT)
+    xa = _inputs(xs_base, offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
+    ka = _indices(idx_base, DEPTH * BLOCK_K + offs_j, count, k0, DENSE)
+    xb = _inputs(xs_base, BLOCK_K + offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
+    kb = _indices(idx_base, (DEPTH + 1) * BLOCK_K + offs_j, count, k0, DENSE)
     if DEPTH >= 3:
-        wc, xc, kc = _fill(2 * BLOCK_K + offs_j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok,
-                           stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT)
+        xc = _inputs(xs_base, 2 * BLOCK_K + offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
+        kc = _indices(idx_base, (DEPTH + 2) * BLOCK_K + offs_j, count, k0, DENSE)
     if DEPTH == 4:
-        wd, xd, kd = _fill(3 * BLOCK_K + offs_j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok,
-                           stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT)
+        xd = _inputs(xs_base, 3 * BLOCK_K + offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
+        kd = _indices(idx_base, (DEPTH + 3) * BLOCK_K + offs_j, count, k0, DENSE)
     for r in range(0, STATIC_ITERS if STATIC_ITERS > 0 else tl.cdiv(tl.cdiv(count, BLOCK_K), DEPTH)):
         j = (r + 1) * DEPTH * BLOCK_K + offs_j  # the rows buffer a is refilled with
-        acc, wa, xa, ka = _turn(acc, wa, xa, ka, j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok,
-                                stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32)
-        acc, wb, xb, kb = _turn(acc, wb, xb, kb, j + BLOCK_K, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n,
-                                n_ok, stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32)
+        acc, wa, xa, ka = _turn(acc, wa, xa, ka, j, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, offs_n, n_ok,
+                                stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32, DENSE)
+        acc, wb, xb, kb = _turn(acc, wb, xb, kb, j + BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok,
+                                offs_n, n_ok, stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32, DENSE)
         if DEPTH >= 3:
-            acc, wc, xc, kc = _turn(acc, wc, xc, kc, j + 2 * BLOCK_K, w_ptr, idx_base, xs_base, count, offs_b, b_ok,
-                                    offs_n, n_ok, stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32)
+            acc, wc, xc, kc = _turn(acc, wc, xc, kc, j + 2 * BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b,
+                                    b_ok, offs_n, n_ok, stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32, DENSE)
         if DEPTH == 4:
-            acc, wd, xd, kd = _turn(acc, wd, xd, kd, j + 3 * BLOCK_K, w_ptr, idx_base, xs_base, count, offs_b, b_ok,
-                                    offs_n, n_ok, stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32)
+            acc, wd, xd, kd = _turn(acc, wd, xd, kd, j + 3 * BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b,
+                                    b_ok, offs_n, n_ok, stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32, DENSE)
     if not DOT:
         acc = tl.sum(acc, axis=0)[None, :]  # (1, BLOCK_N)
     return acc
 
 
 @triton.jit
-def _fill(j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok, stride_w, BLOCK_K: tl.constexpr,
-          K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr):
-    """A buffer's first load: the rows and inputs of step positions j, and the indices of the
-    positions DEPTH steps later (what the buffer is refilled with on its first turn)."""
-    w, xm = _step(w_ptr, xs_base, _indices(idx_base, j, count), j, count, offs_b, b_ok, offs_n, n_ok, stride_w,
-                  K_CHUNK, EVEN_N, DOT)
-    return w, xm, _indices(idx_base, j + DEPTH * BLOCK_K, count)
+def _first_rows(w_ptr, idx_base, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K: tl.constexpr,
+                DEPTH: tl.constexpr, EVEN_N: tl.constexpr, DENSE: tl.constexpr):
+    """The rows of the first DEPTH steps, one buffer each (c and d repeat a and b below DEPTH 3, 4)."""
+    wa = _rows(w_ptr, _indices(idx_base, offs_j, count, k0, DENSE), offs_j, count, offs_n, n_ok, stride_w, EVEN_N)
+    j = BLOCK_K + offs_j
+    wb = _rows(w_ptr, _indices(idx_base, j, count, k0, DENSE), j, count, offs_n, n_ok, stride_w, EVEN_N)
+    wc, wd = wa, wb
+    if DEPTH >= 3:
+        j = 2 * BLOCK_K + offs_j
+        wc = _rows(w_ptr, _indices(idx_base, j, count, k0, DENSE), j, count, offs_n, n_ok, stride_w, EVEN_N)
+    if DEPTH == 4:
+        j = 3 * BLOCK_K + offs_j
+        wd = _rows(w_ptr, _indices(idx_base, j, count, k0, DENSE), j, count, offs_n, n_ok, stride_w, EVEN_N)
+    return wa, wb, wc, wd
 
 
 @triton.jit
-def _turn(acc, w, xm, kk, j, w_ptr, idx_base, xs_base, count, offs_b, b_ok, offs_n, n_ok, stride_w,
+def _turn(acc, w, xm, kk, j, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, offs_n, n_ok, stride_w,
           BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr,
-          DOT_F32: tl.constexpr):
+          DOT_F32: tl.constexpr, DENSE: tl.constexpr):
     """A buffer's turn: sum its step into acc, then refill it with the rows of positions j (their
     indices kk were loaded a round earlier) and load the indices of the positions DEPTH steps on."""
     acc = _accumulate(acc, xm, w, DOT, DOT_F32)
-    w, xm = _step(w_ptr, xs_base, kk, j, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK, EVEN_N, DOT)
-    return acc, w, xm, _indices(idx_base, j + DEPTH * BLOCK_K, count)
+    w = _rows(w_ptr, kk, j, count, offs_n, n_ok, stride_w, EVEN_N)
+    xm = _inputs(xs_base, j, count, offs_b, b_ok, K_CHUNK, DOT)
+    return acc, w, xm, _indices(idx_base, j + DEPTH * BLOCK_K, count, k0, DENSE)
 
 
 @triton.jit
-def _indices(idx_base, j, count):
-    """Compacted row indices of step positions j (0 past the kept count)."""
-    return tl.load(idx_base + j, mask=j < count, other=0, cache_modifier=".cg")
+def _indices(idx_base, j, count, k0, DENSE: tl.constexpr):
+    """Row indices of step positions j (0 past count): compacted in the scratch, or (DENSE) k0 + j."""
+    if DENSE:
+        kk = tl.where(j < count, k0 + j, 0)
+    else:
+        kk = tl.load(idx_base + j, mask=j < count, other=0, cache_modifier=".cg")
+    return kk
 
 
 @triton.jit
-def _step(w_ptr, xs_base, kk, j, count, offs_b, b_ok, offs_n, n_ok, stride_w, K_CHUNK: tl.constexpr,
-          EVEN_N: tl.constexpr, DOT: tl.constexpr):
-    """One step's loads: rows kk of W^T over columns offs_n (BLOCK_K, BLOCK_N), and the kept
-    inputs of step positions j: (B_PAD, BLOCK_K) for tl.dot, else (BLOCK_K,), zero where a
-    batch row drops the row. Positions past count read nothing."""
+def _rows(w_ptr, kk, j, count, offs_n, n_ok, stride_w, EVEN_N: tl.constexpr):
+    """Rows kk of W^T over columns offs_n (BLOCK_K, BLOCK_N); positions j past count read nothing."""
     ok = j < count
     ptrs = w_ptr + kk[:, None] * stride_w + offs_n[None, :]
     if EVEN_N:
         w = tl.load(ptrs, mask=ok[:, None], other=0.0, eviction_policy="evict_first")
     else:
         w = tl.load(ptrs, mask=ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
+    return w
+
+
+@triton.jit
+def _inputs(xs_base, j, count, offs_b, b_ok, K_CHUNK: tl.constexpr, DOT: tl.constexpr):
+    """The scratch inputs of step positions j: (B_PAD, BLOCK_K) for tl.dot, else (BLOCK_K,) in
+    the rows' layout (no shuffle through shared memory); 0 past count."""
+    ok = j < count
     if DOT:
         xm = tl.load(xs_base + offs_b[:, None] * K_CHUNK + j[None, :], mask=b_ok[:, None] & ok[None, :], other=0.0,
                      cache_modifier=".cg")
-    else:  # one batch row, loaded straight in the rows' layout (no shuffle through shared memory)
+    else:
         xm = tl.load(xs_base + j, mask=ok, other=0.0, cache_modifier=".cg")
-    return w, xm
+    return xm
 
 
 @triton.jit
@@ -275,10 +330,24 @@ def next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
+_pdl_devices = {}
+
+
+def pdl_enabled(device: torch.device, interpreted: bool = False) -> bool:
+    """Whether dense kernels launch with programmatic dependent launch: CUDA devices of compute
+    capability 9.0 and newer, not under the interpreter, unless TEAL_NO_PDL is set."""
+    if interpreted or device.type != "cuda" or os.environ.get("TEAL_NO_PDL"):
+        return False
+    if device.index not in _pdl_devices:
+        _pdl_devices[device.index] = torch.cuda.get_device_capability(device)[0] >= 9
+    return _pdl_devices[device.index]
+
+
 def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False, norm_weight=None, eps=0.0,
            residual=None, kernel=None):
     """Run the kernel: x (B, K) [or gate_up (B, 2K) if silu], w_t (K, N) row stride free,
-    y (B, N) row stride free; bounds: first columns of segments 1.. (multiples of BLOCK_N);
+    y (B, N) row stride free; thresholds: one per segment, or None to keep every input (dense);
+    bounds: first columns of segments 1.. (multiples of BLOCK_N);
     workspaces (see workspace_sizes): part fp32, counts int32 zeros, idx int32, xs fp32 (holds x.dtype).
     norm_weight (K,): the input is rms_norm(x, norm_weight, eps); residual (B, N), unit column
     stride: y = residual + the product. cfg: dict BLOCK_N, BLOCK_K, K_CHUNK, DEPTH (2, 3 or 4 steps
@@ -303,6 +372,8 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
     depth = cfg.get("DEPTH", 2)
     if depth not in (2, 3, 4):
         raise ValueError(f"sparse_kernels: DEPTH={depth} steps in flight is not supported; use 2, 3 or 4")
+    dense = thresholds is None
+    bounds = [] if dense else bounds  # segments only choose thresholds
     if len(bounds) > 3 or any(b % bn for b in bounds):
         raise ValueError(f"segment starts {list(bounds)} must be at most 3 multiples of BLOCK_N={bn}")
     dot = bool(cfg["DOT"]) or B > 1  # the elementwise path is for B == 1
@@ -313,7 +384,8 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
     if silu and norm_weight is not None:
         raise ValueError("sparse_kernels: silu and a fused norm do not combine")
     norm_block = min(next_pow2(K), max(64, 4096 // next_pow2(B)))
-    args = (x, w_t, thresholds, y, part, counts, idx, xs.view(x.dtype),
+    pdl = dense and pdl_enabled(x.device, interpreted)
+    args = (x, w_t, x if dense else thresholds, y, part, counts, idx, xs.view(x.dtype),
             x if norm_weight is None else norm_weight, y if residual is None else residual,
             B, K, N, x.stride(0), w_t.stride(0), y.stride(0), y.stride(0) if residual is None else residual.stride(0),
             float(eps), b[0], b[1], b[2])
@@ -324,7 +396,9 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
         DOT_F32=interpreted and dot and x.dtype == torch.bfloat16,
         NORM=norm_weight is not None, NORM_BLOCK=norm_block, NORM_STEPS=triton.cdiv(K, norm_block),
         RESIDUAL=residual is not None, RTNE_BY_BITS=interpreted and x.dtype == torch.bfloat16,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        DENSE=dense, PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if pdl:
+        meta["launch_pdl"] = True
     return (n_tiles, split), args, meta
 
 

@@ -68,17 +68,20 @@ def meta_tensor(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def matvec_plan(op, B, K, N, splits, dtype, cfg, norm=False, residual=False):
+def matvec_plan(op, B, K, N, splits, dtype, cfg, norm=False, residual=False, dense=False):
+    """launch_plan for meta tensors; dense: no thresholds, launched with PDL as on a Hopper GPU."""
     silu = op == "silu_down"
     x = meta_tensor(B, 2 * K if silu else K, dtype=dtype)
     sizes = tk.workspace_sizes(B, K, N, cfg)
     workspaces = (meta_tensor(max(1, sizes[0]), dtype=torch.float32), meta_tensor(sizes[1], dtype=torch.int32),
                   meta_tensor(sizes[2], dtype=torch.int32), meta_tensor(sizes[3], dtype=torch.float32))
     bounds = [sum(splits[:i]) for i in range(1, len(splits))]
-    return tk.launch_plan(x, meta_tensor(K, N, dtype=dtype), meta_tensor(len(splits), dtype=torch.float32), bounds,
-                          meta_tensor(B, N, dtype=dtype), *workspaces, cfg, silu=silu,
-                          norm_weight=meta_tensor(K, dtype=dtype) if norm else None, eps=1e-5,
-                          residual=meta_tensor(B, N, dtype=dtype) if residual else None)
+    thresholds = None if dense else meta_tensor(len(splits), dtype=torch.float32)
+    grid, args, meta = tk.launch_plan(x, meta_tensor(K, N, dtype=dtype), thresholds, bounds,
+                                      meta_tensor(B, N, dtype=dtype), *workspaces, cfg, silu=silu,
+                                      norm_weight=meta_tensor(K, dtype=dtype) if norm else None, eps=1e-5,
+                                      residual=meta_tensor(B, N, dtype=dtype) if residual else None)
+    return grid, args, dict(meta, PDL=dense)  # (pdl_enabled is False for meta tensors)
 
 
 # The tuned configs of the Llama-3-8B block, fused as the model runs them, plus a tl.dot batch
@@ -98,6 +101,9 @@ MATVEC_CASES = [(op, 1, K, N, splits, torch.bfloat16, None, fused) for op, K, N,
     ("linear", 1, 4096, 3072, [2048, 512, 512], torch.bfloat16, None, dict(norm=True)),
     ("silu_down", 1, 7168, 4096, [4096], torch.bfloat16, None, {}),
     ("linear", 8, 4096, 12288, [4096, 4096, 4096], torch.bfloat16, None, dict(norm=True)),  # Llama-2-7B, derived
+    # dense (no thresholds, PDL), as the model's dense decode runs them
+    ("linear", 8, 4096, 6144, [4096, 1024, 1024], torch.bfloat16, None, dict(norm=True, dense=True)),
+    ("silu_down", 1, 1536, 1000, [1000], torch.float16, None, dict(residual=True, dense=True)),
 ]
 
 
@@ -111,7 +117,8 @@ def test_tuned_configs_are_the_ones_compiled_here():
 def test_matvec_kernel_compiles_for_sm90(case):
     op, B, K, N, splits, dtype, cfg, fused = case
     cfg = cfg or ops.pick_config(op, K, N, dtype, B, n_sm=132)  # as ops.run_triton on an H100/H200
-    cfg = ops.fit_to_segments(cfg, [sum(splits[:i]) for i in range(1, len(splits))])  # as ops.run_triton
+    bounds = [] if fused.get("dense") else [sum(splits[:i]) for i in range(1, len(splits))]
+    cfg = ops.fit_to_segments(cfg, bounds)  # as ops.run_triton
     grid, args, meta = matvec_plan(op, B, K, N, splits, dtype, cfg, **fused)
     assert meta["STATIC_ITERS"] == 0 and not meta["DOT_F32"] and not meta["RTNE_BY_BITS"]  # the GPU variant
     compiled = compile_for_hopper(tk.sparse_matvec_kernel, args, meta)
@@ -167,8 +174,8 @@ def streaming_loop(sass: str) -> list:
 
 def tuned_sass(kernel_module, op, K, N, splits, fused) -> tuple:
     """The tuned B=1 bf16 config of a shape, fitted to its segments as ops.run_triton does, and its SASS."""
-    cfg = ops.fit_to_segments(ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)],
-                              [sum(splits[:i]) for i in range(1, len(splits))])
+    bounds = [] if fused.get("dense") else [sum(splits[:i]) for i in range(1, len(splits))]
+    cfg = ops.fit_to_segments(ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)], bounds)
     grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
     return cfg, disassemble(compile_for_hopper(kernel_module.sparse_matvec_kernel, args, meta))
 
@@ -196,12 +203,32 @@ def loop_stalls(kernel_module, op, K, N, splits, fused) -> dict:
                 barriers=sum(op.startswith("BAR") for op, _ in body), copies_of_loads=sorted(copied))
 
 
-@pytest.mark.parametrize("case", LLAMA3_8B, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}")
-def test_streaming_loop_keeps_its_loads_in_flight(case):
+@pytest.mark.parametrize("case,dense", [(c, d) for c in LLAMA3_8B for d in (False, True)],
+                         ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}" if isinstance(c, tuple) else ("dense" if c else "sparse"))
+def test_streaming_loop_keeps_its_loads_in_flight(case, dense):
     op, K, N, splits, fused = case
-    stalls = loop_stalls(tk, op, K, N, splits, fused)
+    stalls = loop_stalls(tk, op, K, N, splits, dict(fused, dense=dense))
     assert stalls["weight_loads"] == stalls["expected_loads"] > 0, stalls  # all DEPTH tiles' loads in the loop
     assert stalls["barriers"] == 0 and stalls["copies_of_loads"] == [], stalls
+
+
+@pytest.mark.parametrize("case,pdl", [(c, p) for c in LLAMA3_8B for p in (True, False)],
+                         ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}" if isinstance(c, tuple) else ("pdl" if c else "no_pdl"))
+def test_dense_kernel_requests_its_first_rows_first(case, pdl):
+    """Dense: the first DEPTH steps' rows are the kernel's first global loads. With PDL they go out
+    before griddepcontrol.wait (SASS ACQBULK) and nothing else does: the input comes from the
+    kernel before, so it must be read after the wait."""
+    op, K, N, splits, fused = case
+    cfg = ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)]
+    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused, dense=True)
+    sass = disassemble(compile_for_hopper(tk.sparse_matvec_kernel, args, dict(meta, PDL=pdl)))
+    assert ("ACQBULK" in sass) == pdl
+    loads = [op for op, _ in INSTRUCTION.findall(sass) if op.startswith("LDG")]
+    first = cfg.get("DEPTH", 2) * cfg["BLOCK_N"] * cfg["BLOCK_K"] * 2 // 16 // (32 * cfg["num_warps"])
+    assert all(is_weight_load(op) for op in loads[:first]) and not is_weight_load(loads[first]), loads[:first + 1]
+    if pdl:
+        head = INSTRUCTION.findall(sass[:sass.index("ACQBULK")])
+        assert [op for op, _ in head if op.startswith("LDG")] == loads[:first]
 
 
 def loops_after_arrival(kernel_module, op, K, N, splits, fused) -> list:

@@ -36,6 +36,8 @@ def make_inputs(op, B, K, N, S, dtype, p, seed):
     src = kernel_input(op, x, norm_w)
     # one threshold per segment, each in a gap of |src|: Triton's interpreter rounds fp32 -> bf16
     # by truncation, so a kernel-formed input (silu, norm) can be an ulp off the reference's
+    if p is None:  # dense: no thresholds, every entry kept
+        return x, w, None, norm_w, residual
     levels = [p if p in (0.0, 1.0) else min(0.95, p + 0.05 * s) for s in range(S)]
     thr = torch.tensor([gap_threshold(src, q) for q in levels])
     return x, w, thr.float(), norm_w, residual
@@ -116,6 +118,13 @@ CASES = [
     ("silu_down+res", 8, 200, 1000, [1000], torch.float16, 1.0, dict(BLOCK_N=256, BLOCK_K=32, K_CHUNK=64, **D)),
     ("linear+norm+res", 1, 300, 1000, [1000], torch.float16, 0.5, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **E)),
     ("linear", 1, 700, 1000, [1000], torch.float16, 0.5, dict(BLOCK_N=64, BLOCK_K=16, K_CHUNK=512, DEPTH=4, **E)),
+    # dense (thresholds None, p None here): every row, its first steps requested before the input
+    ("linear+norm", 1, 576, 1536, [576, 480, 480], torch.bfloat16, None, dict(BLOCK_N=64, BLOCK_K=16, K_CHUNK=256,
+                                                                             DEPTH=3, **E)),
+    ("linear+res", 3, 300, 1000, [1000], torch.float32, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **D)),
+    ("silu_down+res", 1, 1536, 576, [576], torch.float16, None, dict(BLOCK_N=64, BLOCK_K=32, K_CHUNK=512, DEPTH=4,
+                                                                    **E)),
+    ("silu_down", 8, 1000, 1000, [1000], torch.bfloat16, None, dict(BLOCK_N=256, BLOCK_K=32, K_CHUNK=256, **D)),
 ]
 
 
