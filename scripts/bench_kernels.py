@@ -9,7 +9,9 @@
 Shapes: Llama-3-8B qkv 4096->6144 (splits 4096/1024/1024), o 4096->4096, gate+up 4096->2x14336,
 down 14336->4096 (sparse_silu_down), Llama-3-70B up 8192->28672 and down 28672->8192, and the
 8B shapes with the block fusions the model uses (RMSNorm into qkv and gate+up, the residual add
-into o and down; their cuBLAS and ideal columns are the unfused ones); bf16; p in 0, 0.1, .., 0.9; x random, thresholds the exact p-quantile of |x| (of |silu(g)*up| for down).
+into o and down; their cuBLAS and ideal columns are the unfused ones), each also without
+thresholds (p "dns": the dense kernel the model's dense decode runs); bf16; p in 0, 0.1, .., 0.9;
+x random, thresholds the exact p-quantile of |x| (of |silu(g)*up| for down).
 Times: triton.testing.do_bench_cudagraph, median, cycling through enough weight buffers (>= 1 GiB)
 that the 60 MB L2 holds none of them. Columns: cuBLAS dense (F.linear on an (N, K) weight; for
 down, on the ready h = silu(g)*up), ideal (cuBLAS over a contiguous (1-p)K slice), ours, the
@@ -105,6 +107,8 @@ class Problem:
         self.step = itertools.count()
 
     def thresholds(self, p):
+        if p is None:  # dense: no thresholds
+            return None
         return torch.full((len(self.splits),), quantile_threshold(self.src, p), device="cuda")
 
     def ours(self, thr, cfg=None):
@@ -123,6 +127,8 @@ class Problem:
         return lambda: F.linear(x, mats[next(self.step) % len(mats)])
 
     def bytes_touched(self, thr):
+        if thr is None:  # dense: every row
+            return (self.K * self.N + self.x.numel() + self.B * self.N) * self.dtype.itemsize
         rows, start = 0, 0
         for s, width in enumerate(self.splits):
             rows += int((self.src.abs().float() > thr[s]).any(0).sum()) * width
@@ -194,7 +200,8 @@ def check_case(op, B, K, N, splits, dtype, p, cfg=None, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x, norm_w, residual = fused_inputs(op, B, K, N, dtype, g)
     w = torch.randn(K, N, device="cuda", generator=g).mul_(K ** -0.5).to(dtype)
-    thr = torch.full((len(splits),), gap_threshold(kernel_input(op, x, norm_w), p), device="cuda")
+    thr = None if p is None else torch.full((len(splits),), gap_threshold(kernel_input(op, x, norm_w), p),
+                                            device="cuda")  # None: dense
     ref = reference_op(op, x, w, thr, splits, norm_w, residual)
     if cfg is None:
         y = run_op(op, x, w, thr, splits, norm_w, residual)
@@ -241,6 +248,9 @@ def check_cases():
             cases.append(("silu_down+res", B, 1536, 576, [576], dname, p, None))
         cases.append(("linear+norm+res", B, 4096, 4096, [4096], dname, 0.5, dict(BLOCK_N=128, BLOCK_K=64, K_CHUNK=512, **E)))
         cases.append(("linear+res", B, 4096, 6144, [4096, 1024, 1024], dname, 0.5, dict(BLOCK_N=256, BLOCK_K=64, K_CHUNK=512, **D)))
+        for op, K, N, splits in (("linear+norm", 4096, 6144, [4096, 1024, 1024]), ("silu_down+res", 14336, 4096, [4096]),
+                                 ("linear+norm", 576, 1536, [576, 480, 480]), ("silu_down", 1536, 1000, [1000])):
+            cases.append((op, B, K, N, splits, dname, None, None))  # dense, as the model's dense decode runs it
     cases.append(("linear", 9, 576, 1536, [576, 480, 480], "bf16", 0.5, None))  # B > 8: reference fallback
     cases.append(("linear+norm+res", 9, 576, 1536, [576, 480, 480], "bf16", 0.5, None))
     return cases
@@ -464,13 +474,14 @@ def main():
     for name, op, K, N, splits in SHAPES:
         for B in [int(b) for b in args.batches.split(",")]:
             prob = Problem(op, K, N, splits, B, torch.bfloat16)
-            for p in LEVELS:
+            for p in LEVELS + ([None] if "+" in op else []):  # None: the fused dense kernel (dense decode)
                 thr = prob.thresholds(p)
                 t_ours = bench_us(prob.ours(thr), args.rep)
-                if (K, N, B, p) not in dense:
-                    dense[(K, N, B, p)] = (bench_us(prob.cublas(), args.rep),
-                                           bench_us(prob.cublas(max(1, round((1 - p) * K))), args.rep))
-                t_dense, t_ideal = dense[(K, N, B, p)]
+                q = p or 0.0
+                if (K, N, B, q) not in dense:
+                    dense[(K, N, B, q)] = (bench_us(prob.cublas(), args.rep),
+                                           bench_us(prob.cublas(max(1, round((1 - q) * K))), args.rep))
+                t_dense, t_ideal = dense[(K, N, B, q)]
                 nbytes = prob.bytes_touched(thr)
                 rows.append(dict(shape=name, op=op, K=K, N=N, B=B, p=p, cublas_us=t_dense, ideal_us=t_ideal,
                                  ours_us=t_ours, speedup=t_dense / t_ours, ideal_speedup=t_dense / t_ideal,
@@ -489,7 +500,8 @@ def main():
     print(f"{'shape':11s} {'B':>1s} {'p':>3s} {'cuBLAS':>7s} {'ideal':>7s} {'ours':>7s} {'speedup':>7s} "
           f"{'ideal x':>7s} {'GB/s':>6s} {'%4.3TB/s':>8s}")
     for r in rows:
-        print(f"{r['shape']:11s} {r['B']:1d} {r['p']:3.1f} {r['cublas_us']:7.1f} {r['ideal_us']:7.1f} {r['ours_us']:7.1f} "
+        level = "dns" if r["p"] is None else f"{r['p']:3.1f}"
+        print(f"{r['shape']:11s} {r['B']:1d} {level:>3s} {r['cublas_us']:7.1f} {r['ideal_us']:7.1f} {r['ours_us']:7.1f} "
               f"{r['speedup']:7.2f} {r['ideal_speedup']:7.2f} {r['GBps']:6.0f} {100 * r['GBps'] / COPY_GBPS:8.0f}")
 
 

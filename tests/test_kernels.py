@@ -157,6 +157,9 @@ def test_reference_semantics():
     y = sparse_linear_ref(x, w, t, [1, 1, 1])
     expect = [(-2 * 3 + 3 * 9), (1 * 1 - 2 * 4 + 0.5 * 7 + 3 * 10), (3 * 11)]
     assert y.tolist() == [expect]
+    dense = [sum(float(x[0, k]) * float(w[k, n]) for k in range(4)) for n in range(3)]
+    assert sparse_linear_ref(x, w, None, [1, 1, 1]).tolist() == [dense]  # no thresholds: every entry
+    assert sparse_linear(x, w, None, [3]).tolist() == [dense]
     h = silu_mul(torch.tensor([[1.0, -1.0, 2.0, 3.0]]))
     assert torch.allclose(h, torch.tensor([[2 * 0.7310586, -3 * 0.2689414]]))
 
@@ -175,7 +178,8 @@ def test_ops_compile_on_cpu(dtype):
     def block(x, thr):  # the fused norm on q/k/v and the fused residual on down, as in model.Block
         qkv = sparse_linear(x, w_qkv, thr[0:3], [64, 32, 32], norm_weight=norm_w, eps=1e-5)
         gate_up = sparse_linear(x, w13, thr[4:6], [I, I])
-        return qkv, sparse_silu_down(gate_up, w2, thr[6:7], residual=x)
+        dense = sparse_silu_down(gate_up, w2, None, residual=x)  # no thresholds: the dense product
+        return qkv, sparse_silu_down(gate_up, w2, thr[6:7], residual=x), dense
 
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True)
@@ -183,11 +187,14 @@ def test_ops_compile_on_cpu(dtype):
     for level in (0.0, 0.4, 0.8):
         x = torch.randn(2, K, generator=g).to(dtype)
         thr.copy_(torch.rand(7, generator=g) * level * 2)
-        qkv, y = compiled(x, thr)
+        qkv, y, yd = compiled(x, thr)
         rq = sparse_linear_ref(x, w_qkv, thr[0:3], [64, 32, 32], norm_weight=norm_w, eps=1e-5)
-        ry = sparse_silu_down_ref(sparse_linear_ref(x, w13, thr[4:6], [I, I]), w2, thr[6:7], residual=x)
+        gate_up = sparse_linear_ref(x, w13, thr[4:6], [I, I])
+        ry = sparse_silu_down_ref(gate_up, w2, thr[6:7], residual=x)
         torch.testing.assert_close(qkv, rq, atol=TOL[dtype], rtol=TOL[dtype])
         torch.testing.assert_close(y, ry, atol=TOL[dtype], rtol=TOL[dtype])
+        torch.testing.assert_close(yd, x + (silu_mul(gate_up).float() @ w2.float()).to(dtype), atol=TOL[dtype],
+                                   rtol=TOL[dtype])
 
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
