@@ -13,12 +13,20 @@ max, sum and (G, hd) accumulator as fp32 partials and increments the head's arri
 the last program to arrive merges the partials (all splits' m and l in one load, the
 accumulators a few splits per load, summed in split order: deterministic), writes the output
 and resets the counter to 0 for the next call (no memset, CUDA-graph safe).
+
+On Hopper and newer the decode step is launched with programmatic dependent launch: the
+position, its angles and the first cache tile (all written long before) are requested before
+the kernel waits for the q/k/v projection (gdc_wait), and once every program has attended, the
+o projection may launch during the merge. Every kernel of the step lets its successor launch
+early that way (triton_kernels.py).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import _round, next_pow2
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .triton_kernels import _round, next_pow2, pdl_enabled
 
 
 @triton.jit
@@ -32,6 +40,7 @@ def decode_attention_kernel(
     G_PAD: tl.constexpr, G_M: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_PAD: tl.constexpr,
     RS: tl.constexpr, ROPE: tl.constexpr,
     STATIC_STEPS: tl.constexpr, DOT_F32: tl.constexpr, RTNE_BY_BITS: tl.constexpr,
+    PDL: tl.constexpr, TRIGGER: tl.constexpr,
 ):
     # As in the matvec kernel: static loop bounds, fp32 dots and bit-exact bf16 rounding under
     # Triton's interpreter.
@@ -45,10 +54,19 @@ def decode_attention_kernel(
     q_ok = g_ok[:, None] & d_ok[None, :]
     start = split * per_split
     end = tl.minimum(start + per_split, S)
-    if ROPE:  # rotate adjacent channel pairs (2j, 2j+1) by the position's angle j
+    offs_b = tl.arange(0, BLOCK_S)
+    if ROPE:
+        # What does not come from the kernel before (the position, its angles and the first cache
+        # tile, written by earlier steps) is requested first; with PDL, before the wait for q/k/v.
         pos = tl.load(pos_ptr).to(tl.int32)
         cos = tl.load(freqs_ptr + pos * stride_f + (offs_d // 2) * 2, mask=d_ok, other=0.0)
         sin = tl.load(freqs_ptr + pos * stride_f + (offs_d // 2) * 2 + 1, mask=d_ok, other=0.0)
+        k, v, valid = _cache_tile(k_ptr, v_ptr, mask_ptr, head, start, end, pos, offs_b, offs_d, d_ok, stride_kh,
+                                  stride_ks, ROPE)
+        tl.debug_barrier()  # a fence for the compiler, which would otherwise move the loads to their first use
+    if PDL:  # the kernel before (q/k/v) has finished writing from here on
+        gdc_wait()
+    if ROPE:  # rotate adjacent channel pairs (2j, 2j+1) by the position's angle j
         sin = tl.where(offs_d % 2 == 0, -sin, sin)
         partner = offs_d ^ 1
         q = _rotate(q_ptrs + offs_d[None, :], q_ptrs + partner[None, :], q_ok, cos[None, :], sin[None, :], RTNE_BY_BITS)
@@ -59,41 +77,23 @@ def decode_attention_kernel(
         tl.store(k_ptr + head * stride_kh + pos * stride_ks + offs_d, k_new, mask=mine)
         tl.store(v_ptr + head * stride_kh + pos * stride_ks + offs_d, v_new, mask=mine)
     else:
+        pos = 0
+        k_new = tl.zeros((HD_PAD,), q_ptr.dtype.element_ty)  # (unused without ROPE)
+        v_new = k_new
         q = tl.load(q_ptrs + offs_d[None, :], mask=q_ok, other=0.0)  # (G_PAD, HD_PAD)
+        k, v, valid = _cache_tile(k_ptr, v_ptr, mask_ptr, head, start, end, pos, offs_b, offs_d, d_ok, stride_kh,
+                                  stride_ks, ROPE)
     m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((G_PAD,), tl.float32)
     acc = tl.zeros((G_PAD, HD_PAD), tl.float32)
-    offs_b = tl.arange(0, BLOCK_S)
-    for i in range(0, STATIC_STEPS if STATIC_STEPS > 0 else tl.cdiv(end - start, BLOCK_S)):
-        offs_s = start + i * BLOCK_S + offs_b
-        if ROPE:
-            valid = (offs_s < end) & (offs_s <= pos)  # causal
-        else:
-            valid = (offs_s < end) & (tl.load(mask_ptr + offs_s, mask=offs_s < end, other=0) != 0)
-        kv_off = head * stride_kh + offs_s[:, None] * stride_ks + offs_d[None, :]
-        kv_ok = valid[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0.0)  # (BLOCK_S, HD_PAD)
-        v = tl.load(v_ptr + kv_off, mask=kv_ok, other=0.0)
-        if ROPE:  # this step's position, if here, from registers (the cache write may still be in flight)
-            here = (offs_s == pos)[:, None]
-            k = tl.where(here, k_new[None, :], k)
-            v = tl.where(here, v_new[None, :], v)
-        if DOT_F32:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))  # (G_PAD, BLOCK_S) fp32
-        s = tl.where(valid[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep sums at 0
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DOT_F32:
-            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    m_i, l_i, acc = _attend(q, k, v, valid, start + offs_b, pos, k_new, v_new, m_i, l_i, acc, scale, ROPE, DOT_F32)
+    for i in range(1, STATIC_STEPS if STATIC_STEPS > 0 else tl.cdiv(end - start, BLOCK_S)):
+        k, v, valid = _cache_tile(k_ptr, v_ptr, mask_ptr, head, start + i * BLOCK_S, end, pos, offs_b, offs_d, d_ok,
+                                  stride_kh, stride_ks, ROPE)
+        m_i, l_i, acc = _attend(q, k, v, valid, start + i * BLOCK_S + offs_b, pos, k_new, v_new, m_i, l_i, acc, scale,
+                                ROPE, DOT_F32)
+    if TRIGGER:  # the next kernel may launch during the merge
+        gdc_launch_dependents()
 
     # Merge the splits: partials (m, l, acc) per split; the last to arrive combines them, reading
     # every split's m and l in one load and the accumulators RS splits per load (unrolled, so all
@@ -134,6 +134,48 @@ def decode_attention_kernel(
             tl.store(merged_ptrs, (total / l_all[:, None]).to(out_ptr.dtype.element_ty),
                      mask=gm_ok[:, None] & d_ok[None, :])
             tl.store(count_ptr + head, 0)  # ready for the next call
+
+
+@triton.jit
+def _cache_tile(k_ptr, v_ptr, mask_ptr, head, s0, end, pos, offs_b, offs_d, d_ok, stride_kh, stride_ks,
+                ROPE: tl.constexpr):
+    """The BLOCK_S cache positions from s0 (k and v, (BLOCK_S, HD_PAD)) and which of them attend:
+    below end and, causal (ROPE), up to pos, else where the mask is set. The rest are not loaded."""
+    offs_s = s0 + offs_b
+    if ROPE:
+        valid = (offs_s < end) & (offs_s <= pos)
+    else:
+        valid = (offs_s < end) & (tl.load(mask_ptr + offs_s, mask=offs_s < end, other=0) != 0)
+    kv_off = head * stride_kh + offs_s[:, None] * stride_ks + offs_d[None, :]
+    kv_ok = valid[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + kv_off, mask=kv_ok, other=0.0)
+    v = tl.load(v_ptr + kv_off, mask=kv_ok, other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def _attend(q, k, v, valid, offs_s, pos, k_new, v_new, m_i, l_i, acc, scale, ROPE: tl.constexpr,
+            DOT_F32: tl.constexpr):
+    """One tile's step of the online softmax: (m_i, l_i, acc) updated with positions offs_s."""
+    if ROPE:  # this step's position, if here, from registers (the cache write may still be in flight)
+        here = (offs_s == pos)[:, None]
+        k = tl.where(here, k_new[None, :], k)
+        v = tl.where(here, v_new[None, :], v)
+    if DOT_F32:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))  # (G_PAD, BLOCK_S) fp32
+    s = tl.where(valid[None, :], s * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep sums at 0
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if DOT_F32:
+        pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -220,5 +262,8 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
     meta = dict(G_PAD=g_pad, G_M=g_m, HD_PAD=hd_pad, BLOCK_S=block_s, SPLIT_PAD=split_pad, RS=rs, ROPE=rope is not None,
                 STATIC_STEPS=per_split // block_s if interpreted else 0,
                 DOT_F32=q.dtype == torch.float32 or interpreted,  # fp32: exact (ieee) dots
-                RTNE_BY_BITS=interpreted and q.dtype == torch.bfloat16, num_warps=num_warps)
+                RTNE_BY_BITS=interpreted and q.dtype == torch.bfloat16, num_warps=num_warps,
+                PDL=False, TRIGGER=pdl_enabled(q.device, interpreted))
+    if rope is not None and meta["TRIGGER"]:  # the decode step waits for q/k/v only after its cache loads
+        meta.update(PDL=True, launch_pdl=True)
     return (H, n_split), args, meta

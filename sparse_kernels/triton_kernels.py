@@ -19,12 +19,13 @@ counter to 0 for the next call.
 
 DENSE (no thresholds: every row is read, the plain product with the same fusions): the rows
 of a program's chunk are known before its input is, so the first DEPTH steps' rows are
-requested first, ahead of the input and its norm. On Hopper and newer the dense kernels are
-also launched with programmatic dependent launch (pdl_enabled): those weight loads go out
-before the kernel waits for the one before it (gdc_wait), and once every program has streamed
-its rows the next kernel may launch, so launch latency and the first rows' latency hide behind
-the previous kernel's split-K tail. (Sparse rows depend on the input, so nothing can go out
-early there; PDL alone gave them no gain: NOTES.md, sessions 4 and 6.)
+requested first, ahead of the input and its norm. On Hopper and newer (pdl_enabled) the dense
+kernels are also launched with programmatic dependent launch: those weight loads go out before
+the kernel waits for the one before it (gdc_wait). Every kernel there, sparse or dense, lets its
+successor launch once all its programs have streamed their rows (TRIGGER), so a dense matvec or
+the decode attention launches, and requests what it can, during the split-K tail. (Sparse rows
+depend on the input, so a sparse kernel has nothing to request early and is launched without
+PDL; PDL alone gave it no gain: NOTES.md, sessions 4 and 6.)
 """
 import os
 
@@ -44,7 +45,7 @@ def sparse_matvec_kernel(
     K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, DOT: tl.constexpr, SILU: tl.constexpr, RED_R: tl.constexpr,
     EVEN_N: tl.constexpr, STATIC_ITERS: tl.constexpr, DOT_F32: tl.constexpr,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr, RESIDUAL: tl.constexpr,
-    RTNE_BY_BITS: tl.constexpr, DENSE: tl.constexpr, PDL: tl.constexpr,
+    RTNE_BY_BITS: tl.constexpr, DENSE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr,
 ):
     # Loop bounds are runtime values on GPUs. Triton's interpreter cannot take a runtime range
     # bound with numpy >= 2.4 (int() of a 1-element array; it also turns every assigned value
@@ -99,7 +100,7 @@ def sparse_matvec_kernel(
                                      DENSE)
     acc = _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, offs_b, b_ok, offs_n, n_ok, stride_w,
                   B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, DOT_F32, EVEN_N, STATIC_ITERS, DENSE)
-    if PDL:  # rows streamed: the next kernel may launch during the split-K reduction
+    if TRIGGER:  # rows streamed: the next kernel, if launched with PDL, may launch during the split-K reduction
         gdc_launch_dependents()
 
     # 3. Split-K reduction: partials to the workspace, the last program to arrive sums them.
@@ -396,7 +397,8 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
         DOT_F32=interpreted and dot and x.dtype == torch.bfloat16,
         NORM=norm_weight is not None, NORM_BLOCK=norm_block, NORM_STEPS=triton.cdiv(K, norm_block),
         RESIDUAL=residual is not None, RTNE_BY_BITS=interpreted and x.dtype == torch.bfloat16,
-        DENSE=dense, PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        DENSE=dense, PDL=pdl, TRIGGER=pdl_enabled(x.device, interpreted), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     if pdl:
         meta["launch_pdl"] = True
     return (n_tiles, split), args, meta

@@ -144,6 +144,25 @@ def test_attention_kernel_compiles_for_sm90(dtype, G, hd, S, rope):
     assert len(compiled.asm["cubin"]) > 0 and math.prod(grid) >= 1
 
 
+def test_attention_step_requests_the_cache_before_it_waits():
+    """With PDL the decode step loads the position, its angles and the first cache tile (k and v:
+    16-byte loads) before griddepcontrol.wait (SASS ACQBULK): none of them comes from the q/k/v
+    projection it waits for. The merge is preceded by the trigger for the next kernel."""
+    B, KV, G, hd, S, dtype = 1, 8, 4, 128, 205, torch.bfloat16
+    q, out = meta_tensor(B, KV, G, hd, dtype=dtype), meta_tensor(B * KV, G, hd, dtype=dtype)
+    k, v = meta_tensor(B, KV, S, hd, dtype=dtype), meta_tensor(B, KV, S, hd, dtype=dtype)
+    n_words, n_counts = attention.workspace_sizes(B * KV, G, hd, S)
+    part, counts = meta_tensor(n_words, dtype=torch.float32), meta_tensor(n_counts, dtype=torch.int32)
+    rope = (meta_tensor(B, KV, hd, dtype=dtype), meta_tensor(B, KV, hd, dtype=dtype),
+            meta_tensor(S, hd // 2, 2, dtype=torch.float32), meta_tensor(1, dtype=torch.int64))
+    grid, args, meta = attention.launch_plan(q, k, v, None, out, part, counts, rope=rope)
+    sass = disassemble(compile_for_hopper(attention.decode_attention_kernel, args, dict(meta, PDL=True, TRIGGER=True)))
+    head = [op for op, _ in INSTRUCTION.findall(sass[:sass.index("ACQBULK")]) if op.startswith("LDG")]
+    tile_loads = 2 * meta["BLOCK_S"] * hd * 2 // 16 // (32 * meta["num_warps"])
+    assert head.count("LDG.E.128") == tile_loads and len(head) == tile_loads + 5, head  # + position, 4 angles
+    assert "ATOM" in sass[sass.index("ACQBULK"):]  # the merge's arrival comes after the wait
+
+
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 REGISTER = re.compile(r"\bR(\d+)\b")
 
