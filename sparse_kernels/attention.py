@@ -24,9 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-from .triton_kernels import _round, next_pow2, pdl_enabled
+from .triton_kernels import _round, gdc_launch_dependents, gdc_wait, next_pow2, pdl_enabled
 
 
 @triton.jit

@@ -32,7 +32,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # programmatic dependent launch (recent Triton: 3.6 has it)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # older Triton: pdl_enabled is False, so the kernels never reach these names
+    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
@@ -335,9 +339,9 @@ _pdl_devices = {}
 
 
 def pdl_enabled(device: torch.device, interpreted: bool = False) -> bool:
-    """Whether dense kernels launch with programmatic dependent launch: CUDA devices of compute
-    capability 9.0 and newer, not under the interpreter, unless TEAL_NO_PDL is set."""
-    if interpreted or device.type != "cuda" or os.environ.get("TEAL_NO_PDL"):
+    """Whether the kernels use programmatic dependent launch: CUDA devices of compute capability
+    9.0 and newer, a Triton that has it, not under the interpreter, unless TEAL_NO_PDL is set."""
+    if interpreted or device.type != "cuda" or os.environ.get("TEAL_NO_PDL") or gdc_wait is None:
         return False
     if device.index not in _pdl_devices:
         _pdl_devices[device.index] = torch.cuda.get_device_capability(device)[0] >= 9
