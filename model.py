@@ -133,9 +133,10 @@ class RMSNorm(nn.Module):
 
 
 def fused_dense(x: Tensor) -> bool:
-    """Whether a dense projection of x (B, T, K) takes the fused kernel: a CUDA decode step (T == 1).
-    There the matvec, its norm and its residual add are one launch (the first weight rows requested
-    before the input is ready); a prompt's matmuls are compute-bound and stay with cuBLAS."""
+    """Whether a dense projection of x (B, T, K) takes the fused op: a CUDA decode step (T == 1).
+    There the matvec, its norm and its residual add are one launch of the dense kernel (its first
+    weight rows requested before the input is ready; more than 8 sequences take the op's torch
+    math). A prompt's matmuls are compute-bound and stay with cuBLAS."""
     return x.is_cuda and x.dim() == 3 and x.shape[1] == 1
 
 

@@ -272,7 +272,7 @@ def parallel(fn, chunks, workers):
 
 def check_compiled():
     """Both ops inside torch.compile(fullgraph, reduce-overhead): new thresholds and inputs,
-    no recompilation, equal to the reference each time."""
+    no recompilation, equal to the reference each time; then the dense chain (check_dense_chain)."""
     torch._dynamo.config.error_on_recompile = True
     K, I, N = 576, 1536, 576
 
@@ -299,6 +299,37 @@ def check_compiled():
         ry = sparse_silu_down_ref(gu, w2, thr[6:7], residual=x)
         errs.append(max((qkv.float() - rq.float()).abs().max().item(), (y.float() - ry.float()).abs().max().item()))
     torch._dynamo.config.error_on_recompile = False
+    return errs + check_dense_chain()
+
+
+def check_dense_chain(device="cuda", steps=3) -> list:
+    """The dense block as the model's dense decode runs it, in one compiled CUDA graph: each op's
+    input is the previous op's output, which a kernel launched with programmatic dependent launch
+    must wait for. Each output against the reference on the kernel's actual inputs (a stale read
+    would be far off); max errors, one per step."""
+    K, I = 576, 1536
+    g = torch.Generator(device=device).manual_seed(2)
+    w_qkv, w_o = (torch.randn(K, n, device=device, generator=g).div_(K ** 0.5).bfloat16() for n in (960, K))
+    w13 = torch.randn(K, 2 * I, device=device, generator=g).div_(K ** 0.5).bfloat16()
+    w2 = torch.randn(I, K, device=device, generator=g).div_(I ** 0.5).bfloat16()
+    norm_w = (0.5 + torch.rand(K, device=device, generator=g)).bfloat16()
+
+    def block(x):  # (1, K) -> the four outputs
+        qkv = sparse_linear(x, w_qkv, None, [960], norm_weight=norm_w, eps=EPS)
+        h = sparse_linear(qkv[:, :K], w_o, None, [K], residual=x)
+        gate_up = sparse_linear(h, w13, None, [2 * I], norm_weight=norm_w, eps=EPS)
+        return qkv, h, gate_up, sparse_silu_down(gate_up, w2, None, residual=h)
+
+    f = torch.compile(block, fullgraph=True, mode="reduce-overhead" if device == "cuda" else None)
+    errs = []
+    for _ in range(steps):
+        x = torch.randn(1, K, device=device, generator=g).bfloat16()
+        qkv, h, gate_up, out = (t.clone() for t in f(x))
+        refs = (sparse_linear_ref(x, w_qkv, None, [960], norm_weight=norm_w, eps=EPS),
+                sparse_linear_ref(qkv[:, :K].contiguous(), w_o, None, [K], residual=x),
+                sparse_linear_ref(h, w13, None, [2 * I], norm_weight=norm_w, eps=EPS),
+                sparse_silu_down_ref(gate_up, w2, None, residual=h))
+        errs.append(max((a.float() - r.float()).abs().max().item() for a, r in zip((qkv, h, gate_up, out), refs)))
     return errs
 
 
@@ -477,11 +508,11 @@ def main():
             for p in LEVELS + ([None] if "+" in op else []):  # None: the fused dense kernel (dense decode)
                 thr = prob.thresholds(p)
                 t_ours = bench_us(prob.ours(thr), args.rep)
-                q = p or 0.0
-                if (K, N, B, q) not in dense:
-                    dense[(K, N, B, q)] = (bench_us(prob.cublas(), args.rep),
-                                           bench_us(prob.cublas(max(1, round((1 - q) * K))), args.rep))
-                t_dense, t_ideal = dense[(K, N, B, q)]
+                level = p or 0.0  # the dense kernel's cuBLAS and ideal are p = 0's
+                if (K, N, B, level) not in dense:
+                    dense[(K, N, B, level)] = (bench_us(prob.cublas(), args.rep),
+                                               bench_us(prob.cublas(max(1, round((1 - level) * K))), args.rep))
+                t_dense, t_ideal = dense[(K, N, B, level)]
                 nbytes = prob.bytes_touched(thr)
                 rows.append(dict(shape=name, op=op, K=K, N=N, B=B, p=p, cublas_us=t_dense, ideal_us=t_ideal,
                                  ours_us=t_ours, speedup=t_dense / t_ours, ideal_speedup=t_dense / t_ideal,

@@ -17,8 +17,9 @@ and resets the counter to 0 for the next call (no memset, CUDA-graph safe).
 On Hopper and newer the decode step is launched with programmatic dependent launch: the
 position, its angles and the first cache tile (all written long before) are requested before
 the kernel waits for the q/k/v projection (gdc_wait), and once every program has attended, the
-o projection may launch during the merge. Every kernel of the step lets its successor launch
-early that way (triton_kernels.py).
+o projection may launch during the merge. The matvec kernels let a successor launched this way
+start early too (triton_kernels.py). A caller must therefore not write the caches, the RoPE
+table or the position in the kernel right before the step (TEAL_NO_PDL=1 turns this off).
 """
 import torch
 import triton

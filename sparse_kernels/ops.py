@@ -175,8 +175,9 @@ def fit_to_segments(cfg: dict, bounds: List[int]) -> dict:
     return dict(cfg, BLOCK_N=block_n)
 
 
-def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List[int], cfg=None,
-               norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None) -> Tensor:
+def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int], cfg=None,
+               norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
+               early_weights: bool = True) -> Tensor:
     from . import triton_kernels as tk
 
     B, (K, N) = x.shape[0], w_t.shape
@@ -196,7 +197,7 @@ def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Tensor, splits: List
     for wp, tp, bp, yp, rp in pieces:
         sizes = tk.workspace_sizes(B, K, wp.shape[1], cfg)
         tk.launch(x, wp, tp, bp, yp, *workspace(x.device, *sizes), cfg, silu=silu, norm_weight=norm_weight,
-                  eps=eps, residual=rp)
+                  eps=eps, residual=rp, early_weights=early_weights)
     return y
 
 
@@ -204,14 +205,22 @@ def _contiguous_rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _weights(w_t: Tensor):
+    """(w_t with unit column stride, whether that took a copy): a dense kernel must not read a
+    copy made by the kernel just before it ahead of its wait (triton_kernels.launch)."""
+    rows = _contiguous_rows(w_t)
+    return rows, rows is not w_t
+
+
 @torch.library.custom_op("teal::sparse_linear", mutates_args=())
 def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int],
                       norm_weight: Optional[Tensor] = None, eps: float = 0.0,
                       residual: Optional[Tensor] = None) -> Tensor:
-    x, w_t = _contiguous_rows(x), _contiguous_rows(w_t)
+    x, (w_t, copied) = _contiguous_rows(x), _weights(w_t)
     residual = None if residual is None else _contiguous_rows(residual)
     if use_triton(x):
-        return run_triton("linear", x, w_t, thresholds, splits, norm_weight=norm_weight, eps=eps, residual=residual)
+        return run_triton("linear", x, w_t, thresholds, splits, norm_weight=norm_weight, eps=eps, residual=residual,
+                          early_weights=not copied)
     # CPU: the reference; CUDA without the kernel (B > 8): the same math, no fp32 copy of the weights
     return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual, matmul=masked_matmul)
 
@@ -224,10 +233,11 @@ def _(x, w_t, thresholds, splits, norm_weight=None, eps=0.0, residual=None):
 @torch.library.custom_op("teal::sparse_silu_down", mutates_args=())
 def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor],
                          residual: Optional[Tensor] = None) -> Tensor:
-    gate_up, w_t = _contiguous_rows(gate_up), _contiguous_rows(w_t)
+    gate_up, (w_t, copied) = _contiguous_rows(gate_up), _weights(w_t)
     residual = None if residual is None else _contiguous_rows(residual)
     if use_triton(gate_up):
-        return run_triton("silu_down", gate_up, w_t, threshold, [w_t.shape[1]], residual=residual)
+        return run_triton("silu_down", gate_up, w_t, threshold, [w_t.shape[1]], residual=residual,
+                          early_weights=not copied)
     return masked_linear(silu_mul(gate_up), w_t, None if threshold is None else threshold[:1], [w_t.shape[1]],
                          residual=residual, matmul=masked_matmul)  # as in _sparse_linear_op
 
@@ -240,7 +250,9 @@ def _(gate_up, w_t, threshold, residual=None):
 def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight: Optional[Tensor] = None,
                   eps: Optional[float] = None, residual: Optional[Tensor] = None) -> Tensor:
     """x (B, K) @ w_t (K, N) keeping only |x| > thresholds[s] for the columns of segment s
-    (thresholds None: every entry, the dense product through the same fused kernel).
+    (thresholds None: every entry, the dense product through the same fused kernel; on Hopper that
+    kernel reads its first rows of w_t before it waits for the kernel before it, so w_t must not be
+    written by that kernel, unless the op copies it itself for a non-unit column stride).
     Fused on request: x := rms_norm(x, norm_weight, eps) first (eps required with norm_weight);
     residual (B, N) added to the output."""
     splits = [int(s) for s in splits]
@@ -346,7 +358,9 @@ def decode_attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Te
     rope_table (>= S, hd/2, 2) the cos/sin of every position; input_pos: the step's position (one
     element, 0 <= input_pos < S: it stays on the device, so the kernel cannot check it). Writes k
     (rotated) and v into the caches at input_pos, in place; returns the rotated q's attention over
-    positions 0..input_pos: (B, KV, G, hd), head h = kv * G + g."""
+    positions 0..input_pos: (B, KV, G, hd), head h = kv * G + g. On Hopper the kernel reads the caches,
+    the table and input_pos before it waits for the kernel before it (attention.py): that kernel must
+    not write them (or set TEAL_NO_PDL=1)."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"decode_attention_step: caches (B, KV, S, hd) expected; got {tuple(k_cache.shape)}, "
                          f"{tuple(v_cache.shape)}")

@@ -3,7 +3,7 @@
 sparse_linear:   y[b, n] = sum_k x[b, k] * (|x[b, k]| > t_s(n)) * w_t[k, n]
                  where column n lies in segment s of `splits` and t_s = thresholds[s];
                  thresholds None keeps every entry (the dense product, with the same fusions).
-sparse_silu_down: h = silu_mul(gate_up), then sparse_linear(h, w_t, threshold[:1], [N]).
+sparse_silu_down: h = silu_mul(gate_up), then sparse_linear(h, w_t, threshold[:1] (or None), [N]).
 Optional fusions of a decoder block: norm_weight -> the input is rms_norm(x, norm_weight, eps)
 (sparse_linear); residual -> the output is residual + y (both ops).
 
@@ -14,6 +14,8 @@ rms_norm rounds the normalised x to x.dtype, then multiplies by the weight in th
 order); the residual add rounds y first, then the sum (as `residual + y` in the model).
 The GPU kernels follow these roundings but sum in other orders, so they match within an ulp.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,7 +39,7 @@ def keep_mask(x: Tensor, threshold: Tensor) -> Tensor:
     return x.abs().float() > threshold.float()
 
 
-def check_args(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weight=None, residual=None) -> None:
+def check_args(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight=None, residual=None) -> None:
     if x.dim() != 2 or w_t.dim() != 2:
         raise ValueError(f"x must be (B, K) and w_t (K, N); got {tuple(x.shape)} and {tuple(w_t.shape)}")
     if x.shape[1] != w_t.shape[0]:
@@ -70,7 +72,7 @@ def fp32_matmul(xm: Tensor, w: Tensor) -> Tensor:
     return (xm.float() @ w.float()).to(xm.dtype)
 
 
-def masked_linear(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weight=None, eps: float = 0.0,
+def masked_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight=None, eps: float = 0.0,
                   residual=None, matmul=fp32_matmul) -> Tensor:
     """sparse_linear_ref's math on checked arguments; matmul(xm (B, K), w (K, n)) -> (B, n) in x.dtype
     (the ops' CUDA fallback passes masked_matmul: no fp32 copy of the weights)."""
@@ -88,7 +90,7 @@ def masked_linear(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weigh
     return y if residual is None else residual + y
 
 
-def sparse_linear_ref(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_weight=None, eps: float = 0.0,
+def sparse_linear_ref(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight=None, eps: float = 0.0,
                       residual=None) -> Tensor:
     """x (B, K), w_t (K, N), thresholds (S,) fp32 or None (dense), splits S ints summing to N -> (B, N);
     norm_weight (K,) and residual (B, N) optional (see the module docstring)."""
@@ -96,7 +98,7 @@ def sparse_linear_ref(x: Tensor, w_t: Tensor, thresholds: Tensor, splits, norm_w
     return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual)
 
 
-def sparse_silu_down_ref(gate_up: Tensor, w_t: Tensor, threshold: Tensor, residual=None) -> Tensor:
+def sparse_silu_down_ref(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], residual=None) -> Tensor:
     """gate_up (B, 2I) = [gate | up], w_t (I, N), threshold (>=1,) fp32 or None (dense), residual (B, N)
     optional -> (B, N)."""
     if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:

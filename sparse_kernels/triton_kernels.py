@@ -349,24 +349,26 @@ def pdl_enabled(device: torch.device, interpreted: bool = False) -> bool:
 
 
 def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False, norm_weight=None, eps=0.0,
-           residual=None, kernel=None):
+           residual=None, kernel=None, early_weights=True):
     """Run the kernel: x (B, K) [or gate_up (B, 2K) if silu], w_t (K, N) row stride free,
     y (B, N) row stride free; thresholds: one per segment, or None to keep every input (dense);
     bounds: first columns of segments 1.. (multiples of BLOCK_N);
     workspaces (see workspace_sizes): part fp32, counts int32 zeros, idx int32, xs fp32 (holds x.dtype).
     norm_weight (K,): the input is rms_norm(x, norm_weight, eps); residual (B, N), unit column
     stride: y = residual + the product. cfg: dict BLOCK_N, BLOCK_K, K_CHUNK, DEPTH (2, 3 or 4 steps
-    of rows in flight), DOT, num_warps, num_stages."""
+    of rows in flight), DOT, num_warps, num_stages. On Hopper a dense launch reads its first rows of
+    w_t before it waits for the kernel before it (PDL); early_weights=False when that kernel wrote
+    w_t (a copy made just before, say): the launch then waits first."""
     kernel = sparse_matvec_kernel if kernel is None else kernel
     interp = type(kernel).__name__ == "InterpretedFunction"
     grid, args, meta = launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu, norm_weight,
-                                   eps, residual, interp)
+                                   eps, residual, interp, early_weights)
     kernel[grid](*args, **meta)
     return y
 
 
 def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False, norm_weight=None, eps=0.0,
-                residual=None, interpreted=False):
+                residual=None, interpreted=False, early_weights=True):
     """launch's grid, positional arguments and keyword arguments (constexprs and launch options),
     for Triton's interpreter or for a GPU; the tests also compile the GPU variant from it."""
     B = x.shape[0]
@@ -389,7 +391,8 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
     if silu and norm_weight is not None:
         raise ValueError("sparse_kernels: silu and a fused norm do not combine")
     norm_block = min(next_pow2(K), max(64, 4096 // next_pow2(B)))
-    pdl = dense and pdl_enabled(x.device, interpreted)
+    trigger = pdl_enabled(x.device, interpreted)  # every kernel lets a PDL-launched successor start early
+    pdl = trigger and dense and early_weights  # launched with PDL: rows first, then the wait
     args = (x, w_t, x if dense else thresholds, y, part, counts, idx, xs.view(x.dtype),
             x if norm_weight is None else norm_weight, y if residual is None else residual,
             B, K, N, x.stride(0), w_t.stride(0), y.stride(0), y.stride(0) if residual is None else residual.stride(0),
@@ -401,8 +404,7 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
         DOT_F32=interpreted and dot and x.dtype == torch.bfloat16,
         NORM=norm_weight is not None, NORM_BLOCK=norm_block, NORM_STEPS=triton.cdiv(K, norm_block),
         RESIDUAL=residual is not None, RTNE_BY_BITS=interpreted and x.dtype == torch.bfloat16,
-        DENSE=dense, PDL=pdl, TRIGGER=pdl_enabled(x.device, interpreted), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        DENSE=dense, PDL=pdl, TRIGGER=trigger, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if pdl:
         meta["launch_pdl"] = True
     return (n_tiles, split), args, meta

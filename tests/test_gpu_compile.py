@@ -81,7 +81,7 @@ def matvec_plan(op, B, K, N, splits, dtype, cfg, norm=False, residual=False, den
                                       meta_tensor(B, N, dtype=dtype), *workspaces, cfg, silu=silu,
                                       norm_weight=meta_tensor(K, dtype=dtype) if norm else None, eps=1e-5,
                                       residual=meta_tensor(B, N, dtype=dtype) if residual else None)
-    return grid, args, dict(meta, PDL=dense)  # (pdl_enabled is False for meta tensors)
+    return grid, args, dict(meta, PDL=dense, TRIGGER=True)  # as on Hopper (pdl_enabled is False for meta tensors)
 
 
 # The tuned configs of the Llama-3-8B block, fused as the model runs them, plus a tl.dot batch
@@ -160,7 +160,7 @@ def test_attention_step_requests_the_cache_before_it_waits():
     head = [op for op, _ in INSTRUCTION.findall(sass[:sass.index("ACQBULK")]) if op.startswith("LDG")]
     tile_loads = 2 * meta["BLOCK_S"] * hd * 2 // 16 // (32 * meta["num_warps"])
     assert head.count("LDG.E.128") == tile_loads and len(head) == tile_loads + 5, head  # + position, 4 angles
-    assert "ATOM" in sass[sass.index("ACQBULK"):]  # the merge's arrival comes after the wait
+    assert sass.index("ACQBULK") < sass.index("PREEXIT") < sass.index("ATOM")  # wait, trigger, then the merge
 
 
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
@@ -248,6 +248,44 @@ def test_dense_kernel_requests_its_first_rows_first(case, pdl):
     if pdl:
         head = INSTRUCTION.findall(sass[:sass.index("ACQBULK")])
         assert [op for op, _ in head if op.startswith("LDG")] == loads[:first]
+
+
+@pytest.mark.parametrize("case", LLAMA3_8B, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}")
+def test_kernel_lets_its_successor_launch_after_streaming(case):
+    """griddepcontrol.launch_dependents (SASS PREEXIT) after the last weight-row load, before the
+    split-K arrival: a PDL-launched successor may start during the reduction, not earlier."""
+    op, K, N, splits, fused = case
+    _, sass = tuned_sass(tk, op, K, N, splits, fused)
+    last_row_load = max(m.start() for m in re.finditer(r"LDG\.E\.EF\.128", sass))
+    assert sass.count("PREEXIT") == 1 and last_row_load < sass.index("PREEXIT") < sass.index("ATOM")
+
+
+def test_launch_plans_choose_pdl_as_documented(monkeypatch):
+    """On Hopper: every matvec triggers its successor; only a dense one is launched with PDL (and
+    waits), unless its weights were just written; the decode attention step is launched with PDL."""
+    monkeypatch.setattr(tk, "pdl_enabled", lambda device, interpreted=False: True)
+    monkeypatch.setattr(attention, "pdl_enabled", lambda device, interpreted=False: True)
+    cfg = ops.tuned_configs()[ops.config_key("linear", 4096, 4096, torch.bfloat16, 1)]
+    x, w, y = meta_tensor(1, 4096), meta_tensor(4096, 4096), meta_tensor(1, 4096)
+    sizes = tk.workspace_sizes(1, 4096, 4096, cfg)
+    ws = [meta_tensor(max(1, n), dtype=dt) for n, dt in zip(sizes, (torch.float32, torch.int32, torch.int32,
+                                                                     torch.float32))]
+    plans = {name: tk.launch_plan(x, w, thr, [], y, *ws, cfg, early_weights=early)[2] for name, thr, early in
+             [("sparse", meta_tensor(1, dtype=torch.float32), True), ("dense", None, True),
+              ("dense, weights just written", None, False)]}
+    assert {name: (m["PDL"], m.get("launch_pdl", False), m["TRIGGER"]) for name, m in plans.items()} == {
+        "sparse": (False, False, True), "dense": (True, True, True), "dense, weights just written": (False, False, True)}
+    B, KV, G, hd, S = 1, 8, 4, 128, 205
+    q, out = meta_tensor(B, KV, G, hd), meta_tensor(B * KV, G, hd)
+    k, v = meta_tensor(B, KV, S, hd), meta_tensor(B, KV, S, hd)
+    part, counts = (meta_tensor(n, dtype=dt) for n, dt in zip(attention.workspace_sizes(B * KV, G, hd, S),
+                                                                (torch.float32, torch.int32)))
+    rope = (meta_tensor(B, KV, hd), meta_tensor(B, KV, hd), meta_tensor(S, hd // 2, 2, dtype=torch.float32),
+            meta_tensor(1, dtype=torch.int64))
+    step = attention.launch_plan(q, k, v, None, out, part, counts, rope=rope)[2]
+    plain = attention.launch_plan(q, k, v, meta_tensor(S, dtype=torch.bool), out, part, counts)[2]
+    assert (step["PDL"], step.get("launch_pdl"), step["TRIGGER"]) == (True, True, True)
+    assert (plain["PDL"], plain.get("launch_pdl", False), plain["TRIGGER"]) == (False, False, True)
 
 
 def loops_after_arrival(kernel_module, op, K, N, splits, fused) -> list:

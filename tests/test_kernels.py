@@ -33,11 +33,11 @@ def make_inputs(op, B, K, N, S, dtype, p, seed):
         norm_w = (0.5 + torch.rand(K, generator=g)).to(dtype)
     if "+res" in op:
         residual = torch.randn(B, N, generator=g).to(dtype)
+    if p is None:  # dense: no thresholds, every entry kept
+        return x, w, None, norm_w, residual
     src = kernel_input(op, x, norm_w)
     # one threshold per segment, each in a gap of |src|: Triton's interpreter rounds fp32 -> bf16
     # by truncation, so a kernel-formed input (silu, norm) can be an ulp off the reference's
-    if p is None:  # dense: no thresholds, every entry kept
-        return x, w, None, norm_w, residual
     levels = [p if p in (0.0, 1.0) else min(0.95, p + 0.05 * s) for s in range(S)]
     thr = torch.tensor([gap_threshold(src, q) for q in levels])
     return x, w, thr.float(), norm_w, residual
