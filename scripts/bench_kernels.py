@@ -209,7 +209,7 @@ def check_case(op, B, K, N, splits, dtype, p, cfg=None, seed=0):
         y = torch.full((B, N), float("nan"), device="cuda", dtype=dtype)
         ws = ops.workspace(x.device, *tk.workspace_sizes(B, K, N, cfg))
         counts = ws[1]
-        bounds = [sum(splits[:i]) for i in range(1, len(splits))]
+        bounds = ops.segment_starts(splits)
         fused = dict(silu=op.startswith("silu_down"), norm_weight=norm_w, eps=EPS, residual=residual)
         tk.launch(x, w, thr, bounds, y, *ws, cfg, **fused)
         y2 = y.clone()

@@ -54,14 +54,17 @@ def decode_attention_kernel(
     start = split * per_split
     end = tl.minimum(start + per_split, S)
     offs_b = tl.arange(0, BLOCK_S)
+    # What does not come from the kernel before (the position, its angles and the first cache
+    # tile, written by earlier steps) is requested first; with PDL, before the wait for q/k/v.
     if ROPE:
-        # What does not come from the kernel before (the position, its angles and the first cache
-        # tile, written by earlier steps) is requested first; with PDL, before the wait for q/k/v.
         pos = tl.load(pos_ptr).to(tl.int32)
         cos = tl.load(freqs_ptr + pos * stride_f + (offs_d // 2) * 2, mask=d_ok, other=0.0)
         sin = tl.load(freqs_ptr + pos * stride_f + (offs_d // 2) * 2 + 1, mask=d_ok, other=0.0)
-        k, v, valid = _cache_tile(k_ptr, v_ptr, mask_ptr, head, start, end, pos, offs_b, offs_d, d_ok, stride_kh,
-                                  stride_ks, ROPE)
+    else:
+        pos = 0  # (unused without ROPE)
+    k, v, valid = _cache_tile(k_ptr, v_ptr, mask_ptr, head, start, end, pos, offs_b, offs_d, d_ok, stride_kh,
+                              stride_ks, ROPE)
+    if ROPE:
         tl.debug_barrier()  # a fence for the compiler, which would otherwise move the loads to their first use
     if PDL:  # the kernel before (q/k/v) has finished writing from here on
         gdc_wait()
@@ -76,12 +79,9 @@ def decode_attention_kernel(
         tl.store(k_ptr + head * stride_kh + pos * stride_ks + offs_d, k_new, mask=mine)
         tl.store(v_ptr + head * stride_kh + pos * stride_ks + offs_d, v_new, mask=mine)
     else:
-        pos = 0
         k_new = tl.zeros((HD_PAD,), q_ptr.dtype.element_ty)  # (unused without ROPE)
         v_new = k_new
         q = tl.load(q_ptrs + offs_d[None, :], mask=q_ok, other=0.0)  # (G_PAD, HD_PAD)
-        k, v, valid = _cache_tile(k_ptr, v_ptr, mask_ptr, head, start, end, pos, offs_b, offs_d, d_ok, stride_kh,
-                                  stride_ks, ROPE)
     m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((G_PAD,), tl.float32)
     acc = tl.zeros((G_PAD, HD_PAD), tl.float32)
@@ -258,11 +258,13 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
             q.stride(0), q.stride(1), q.stride(2), k_new.stride(0), k_new.stride(1) if rope is not None else 0,
             freqs.stride(0) if rope is not None else 0,
             k.stride(1), k.stride(2), out.stride(0))
+    trigger = pdl_enabled(q.device, interpreted)  # the o projection may launch during the merge
+    pdl = trigger and rope is not None  # the decode step waits for q/k/v only after its cache loads
     meta = dict(G_PAD=g_pad, G_M=g_m, HD_PAD=hd_pad, BLOCK_S=block_s, SPLIT_PAD=split_pad, RS=rs, ROPE=rope is not None,
                 STATIC_STEPS=per_split // block_s if interpreted else 0,
                 DOT_F32=q.dtype == torch.float32 or interpreted,  # fp32: exact (ieee) dots
                 RTNE_BY_BITS=interpreted and q.dtype == torch.bfloat16, num_warps=num_warps,
-                PDL=False, TRIGGER=pdl_enabled(q.device, interpreted))
-    if rope is not None and meta["TRIGGER"]:  # the decode step waits for q/k/v only after its cache loads
-        meta.update(PDL=True, launch_pdl=True)
+                PDL=pdl, TRIGGER=trigger)
+    if pdl:
+        meta["launch_pdl"] = True
     return (H, n_split), args, meta

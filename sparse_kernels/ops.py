@@ -166,6 +166,12 @@ def use_triton(x: Tensor) -> bool:
     return True
 
 
+def segment_starts(splits: List[int], dense: bool = False) -> List[int]:
+    """The first columns of segments 1.. of `splits`; none for a dense product (segments only
+    choose thresholds, so it is one launch over all columns)."""
+    return [] if dense else [sum(splits[:i]) for i in range(1, len(splits))]
+
+
 def fit_to_segments(cfg: dict, bounds: List[int]) -> dict:
     """cfg with BLOCK_N halved until it divides every segment start in bounds (down to 16), so
     that a tile never straddles two segments; what is still odd then takes one launch per segment."""
@@ -184,8 +190,7 @@ def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], sp
     y = torch.empty(B, N, dtype=x.dtype, device=x.device)
     if B == 0:
         return y
-    # segments matter only for their thresholds: a dense product is one launch over all columns
-    bounds = [] if thresholds is None else [sum(splits[:i]) for i in range(1, len(splits))]
+    bounds = segment_starts(splits, dense=thresholds is None)
     cfg = fit_to_segments(cfg or pick_config(op, K, N, x.dtype, B, sm_count(x.device)), bounds)
     silu = op == "silu_down"
     if len(bounds) <= 3 and not any(b % cfg["BLOCK_N"] for b in bounds):

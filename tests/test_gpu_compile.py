@@ -75,7 +75,7 @@ def matvec_plan(op, B, K, N, splits, dtype, cfg, norm=False, residual=False, den
     sizes = tk.workspace_sizes(B, K, N, cfg)
     workspaces = (meta_tensor(max(1, sizes[0]), dtype=torch.float32), meta_tensor(sizes[1], dtype=torch.int32),
                   meta_tensor(sizes[2], dtype=torch.int32), meta_tensor(sizes[3], dtype=torch.float32))
-    bounds = [sum(splits[:i]) for i in range(1, len(splits))]
+    bounds = ops.segment_starts(splits)
     thresholds = None if dense else meta_tensor(len(splits), dtype=torch.float32)
     grid, args, meta = tk.launch_plan(x, meta_tensor(K, N, dtype=dtype), thresholds, bounds,
                                       meta_tensor(B, N, dtype=dtype), *workspaces, cfg, silu=silu,
@@ -117,8 +117,7 @@ def test_tuned_configs_are_the_ones_compiled_here():
 def test_matvec_kernel_compiles_for_sm90(case):
     op, B, K, N, splits, dtype, cfg, fused = case
     cfg = cfg or ops.pick_config(op, K, N, dtype, B, n_sm=132)  # as ops.run_triton on an H100/H200
-    bounds = [] if fused.get("dense") else [sum(splits[:i]) for i in range(1, len(splits))]
-    cfg = ops.fit_to_segments(cfg, bounds)  # as ops.run_triton
+    cfg = ops.fit_to_segments(cfg, ops.segment_starts(splits, fused.get("dense", False)))  # as ops.run_triton
     grid, args, meta = matvec_plan(op, B, K, N, splits, dtype, cfg, **fused)
     assert meta["STATIC_ITERS"] == 0 and not meta["DOT_F32"] and not meta["RTNE_BY_BITS"]  # the GPU variant
     compiled = compile_for_hopper(tk.sparse_matvec_kernel, args, meta)
@@ -193,8 +192,8 @@ def streaming_loop(sass: str) -> list:
 
 def tuned_sass(kernel_module, op, K, N, splits, fused) -> tuple:
     """The tuned B=1 bf16 config of a shape, fitted to its segments as ops.run_triton does, and its SASS."""
-    bounds = [] if fused.get("dense") else [sum(splits[:i]) for i in range(1, len(splits))]
-    cfg = ops.fit_to_segments(ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)], bounds)
+    cfg = ops.fit_to_segments(ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)],
+                              ops.segment_starts(splits, fused.get("dense", False)))
     grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
     return cfg, disassemble(compile_for_hopper(kernel_module.sparse_matvec_kernel, args, meta))
 

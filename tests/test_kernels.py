@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from scripts.bench_kernels import EPS, kernel_input, reference_op  # the GPU checks' definitions of the fused ops
-from sparse_kernels import silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref
+from sparse_kernels import ops, silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref
 from sparse_kernels.reference import gap_threshold
 from tests.interpreted import compare, run_child
 
@@ -50,7 +50,7 @@ def run_kernel(tk, op, x, w, thr, splits, cfg, norm_w=None, residual=None):
     part = torch.full((max(n_part, 1),), float("nan"))
     counts = torch.zeros(n_count, dtype=torch.int32)
     idx, xs = torch.full((n_idx,), -1, dtype=torch.int32), torch.full((n_xs,), float("nan"))
-    bounds = [sum(splits[:i]) for i in range(1, len(splits))]
+    bounds = ops.segment_starts(splits)
     tk.launch(x, w, thr, bounds, y, part, counts, idx, xs, cfg, silu=op.startswith("silu_down"), norm_weight=norm_w,
               eps=EPS, residual=residual)
     return y, int(counts.abs().sum())
@@ -239,7 +239,6 @@ def test_untuned_shapes_take_the_nearest_tuned_tile(monkeypatch):
     tile of the nearest tuned shape, with about as many programs as that shape's grid. The shards
     are tuned now too, so the tensor-parallel shapes are taken out of the table here."""
     from scripts.bench_kernels import TP_SHAPES
-    from sparse_kernels import ops
 
     shard_keys = {ops.config_key(op, K, N, torch.bfloat16, 1) for _, op, K, N, _ in TP_SHAPES}
     assert shard_keys <= set(ops.tuned_configs())
