@@ -17,15 +17,20 @@ persistent workspace (SPLIT, B, N) and increments the tile's arrival counter; th
 to arrive sums the partials in split order (deterministic), writes y and resets the
 counter to 0 for the next call.
 
+RANKED (sparse, where DEPTH * BLOCK_K * K_CHUNK is small: the MLP's tuned tiles): the first
+DEPTH steps' row indices are ranked in registers from the cumsum (the j-th kept row is the
+number of rows placed before j), so those rows are requested before the scratch is written and
+read back; the rest of the stream reads its indices from the scratch.
+
 DENSE (no thresholds: every row is read, the plain product with the same fusions): the rows
 of a program's chunk are known before its input is, so the first DEPTH steps' rows are
-requested first, ahead of the input and its norm. On Hopper and newer (pdl_enabled) the dense
-kernels are also launched with programmatic dependent launch: those weight loads go out before
-the kernel waits for the one before it (gdc_wait). Every kernel there, sparse or dense, lets its
-successor launch once all its programs have streamed their rows (TRIGGER), so a dense matvec or
-the decode attention launches, and requests what it can, during the split-K tail. (Sparse rows
-depend on the input, so a sparse kernel has nothing to request early and is launched without
-PDL; PDL alone gave it no gain: NOTES.md, sessions 4 and 6.)
+requested first, ahead of the input and its norm.
+
+On Hopper and newer (pdl_enabled) the kernels are launched with programmatic dependent launch
+and wait for the kernel before them (gdc_wait) only once they have requested what does not
+depend on it: a dense kernel its first rows, a sparse one its threshold. Every kernel lets its
+successor launch once all its programs have streamed their rows (TRIGGER), so the next matvec or
+the decode attention launches during the split-K tail.
 """
 import os
 
@@ -49,7 +54,8 @@ def sparse_matvec_kernel(
     K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, DOT: tl.constexpr, SILU: tl.constexpr, RED_R: tl.constexpr,
     EVEN_N: tl.constexpr, STATIC_ITERS: tl.constexpr, DOT_F32: tl.constexpr,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr, RESIDUAL: tl.constexpr,
-    RTNE_BY_BITS: tl.constexpr, DENSE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr,
+    RTNE_BY_BITS: tl.constexpr, DENSE: tl.constexpr, RANKED: tl.constexpr, PDL: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):
     # Loop bounds are runtime values on GPUs. Triton's interpreter cannot take a runtime range
     # bound with numpy >= 2.4 (int() of a 1-element array; it also turns every assigned value
@@ -71,7 +77,7 @@ def sparse_matvec_kernel(
     if DENSE:  # every row of the chunk: the first DEPTH steps' rows go out before anything else
         count = tl.minimum(K - k0, K_CHUNK)
         wa, wb, wc, wd = _first_rows(w_ptr, idx_base, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K, DEPTH, EVEN_N,
-                                     DENSE)
+                                     DENSE, False)
         tl.debug_barrier()  # a fence for the compiler, which would otherwise move the loads to their first use
     else:  # the segment's threshold, loaded with the input
         seg = (n0 >= bound1).to(tl.int32) + (n0 >= bound2).to(tl.int32) + (n0 >= bound3).to(tl.int32)
@@ -99,9 +105,16 @@ def sparse_matvec_kernel(
     else:
         keep = (tl.abs(x_chunk.to(tl.float32)) > t) & bc_ok  # (B_X, K_CHUNK)
         need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
-        count = _compact(idx_base, xs_base, x_chunk, keep, need, offs_c, offs_bx, bc_ok, K_CHUNK)
-        wa, wb, wc, wd = _first_rows(w_ptr, idx_base, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K, DEPTH, EVEN_N,
-                                     DENSE)
+        pos = tl.cumsum(need, axis=0) - 1  # (K_CHUNK,) each kept row's place in the compacted order
+        count = tl.sum(need, axis=0)
+        if RANKED:  # the first rows' indices from pos in registers: requested before the scratch round trip
+            wa, wb, wc, wd = _first_rows(w_ptr, pos, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K, DEPTH,
+                                         EVEN_N, DENSE, RANKED)
+            tl.debug_barrier()  # a fence for the compiler (see DENSE above)
+        _compact(idx_base, xs_base, x_chunk, keep, need, pos, offs_c, offs_bx, bc_ok, K_CHUNK)
+        if not RANKED:
+            wa, wb, wc, wd = _first_rows(w_ptr, idx_base, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K, DEPTH,
+                                         EVEN_N, DENSE, RANKED)
     acc = _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, offs_b, b_ok, offs_n, n_ok, stride_w,
                   B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, DOT_F32, EVEN_N, STATIC_ITERS, DENSE)
     if TRIGGER:  # rows streamed: the next kernel, if launched with PDL, may launch during the split-K reduction
@@ -134,15 +147,13 @@ def sparse_matvec_kernel(
 
 
 @triton.jit
-def _compact(idx_base, xs_base, x_chunk, keep, need, offs_c, offs_bx, bc_ok, K_CHUNK: tl.constexpr):
+def _compact(idx_base, xs_base, x_chunk, keep, need, pos, offs_c, offs_bx, bc_ok, K_CHUNK: tl.constexpr):
     """Store the kept rows' indices and inputs (zero where a batch row drops the row) in this
-    program's scratch, in order; returns how many rows are kept."""
-    pos = tl.cumsum(need, axis=0) - 1
+    program's scratch at their places pos."""
     tl.store(idx_base + pos, offs_c, mask=need > 0)
     tl.store(xs_base + offs_bx[:, None] * K_CHUNK + pos[None, :],
              tl.where(keep, x_chunk, 0.0).to(xs_base.dtype.element_ty), mask=(need > 0)[None, :] & bc_ok)
     tl.debug_barrier()  # the whole CTA's scratch stores are visible before they are read back
-    return tl.sum(need, axis=0)
 
 
 @triton.jit
@@ -193,20 +204,36 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, offs_b,
 
 
 @triton.jit
-def _first_rows(w_ptr, idx_base, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K: tl.constexpr,
-                DEPTH: tl.constexpr, EVEN_N: tl.constexpr, DENSE: tl.constexpr):
-    """The rows of the first DEPTH steps, one buffer each (c and d repeat a and b below DEPTH 3, 4)."""
-    wa = _rows(w_ptr, _indices(idx_base, offs_j, count, k0, DENSE), offs_j, count, offs_n, n_ok, stride_w, EVEN_N)
+def _first_rows(w_ptr, where, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K: tl.constexpr,
+                DEPTH: tl.constexpr, EVEN_N: tl.constexpr, DENSE: tl.constexpr, RANKED: tl.constexpr):
+    """The rows of the first DEPTH steps, one buffer each (c and d repeat a and b below DEPTH 3, 4).
+    Their indices: k0 + j (DENSE), ranked from the places `where` = pos (RANKED), else loaded from
+    the scratch at `where` = idx_base."""
+    wa = _rows(w_ptr, _first_indices(where, offs_j, count, k0, DENSE, RANKED), offs_j, count, offs_n, n_ok, stride_w,
+               EVEN_N)
     j = BLOCK_K + offs_j
-    wb = _rows(w_ptr, _indices(idx_base, j, count, k0, DENSE), j, count, offs_n, n_ok, stride_w, EVEN_N)
+    wb = _rows(w_ptr, _first_indices(where, j, count, k0, DENSE, RANKED), j, count, offs_n, n_ok, stride_w, EVEN_N)
     wc, wd = wa, wb
     if DEPTH >= 3:
         j = 2 * BLOCK_K + offs_j
-        wc = _rows(w_ptr, _indices(idx_base, j, count, k0, DENSE), j, count, offs_n, n_ok, stride_w, EVEN_N)
+        wc = _rows(w_ptr, _first_indices(where, j, count, k0, DENSE, RANKED), j, count, offs_n, n_ok, stride_w,
+                   EVEN_N)
     if DEPTH == 4:
         j = 3 * BLOCK_K + offs_j
-        wd = _rows(w_ptr, _indices(idx_base, j, count, k0, DENSE), j, count, offs_n, n_ok, stride_w, EVEN_N)
+        wd = _rows(w_ptr, _first_indices(where, j, count, k0, DENSE, RANKED), j, count, offs_n, n_ok, stride_w,
+                   EVEN_N)
     return wa, wb, wc, wd
+
+
+@triton.jit
+def _first_indices(where, j, count, k0, DENSE: tl.constexpr, RANKED: tl.constexpr):
+    """Row indices of the first steps' positions j. RANKED: the j-th kept row of the chunk is the
+    number of rows placed before j (pos < j), a (len(j), K_CHUNK) compare and sum in registers."""
+    if RANKED:
+        kk = tl.where(j < count, k0 + tl.sum((where[None, :] < j[:, None]).to(tl.int32), axis=1), 0)
+    else:
+        kk = _indices(where, j, count, k0, DENSE)
+    return kk
 
 
 @triton.jit
@@ -336,6 +363,7 @@ def next_pow2(v: int) -> int:
 
 
 _pdl_devices = {}
+RANK_WORK = 128  # compares per thread up to which a sparse launch ranks its first rows' indices in registers
 
 
 def pdl_enabled(device: torch.device, interpreted: bool = False) -> bool:
@@ -392,7 +420,10 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
         raise ValueError("sparse_kernels: silu and a fused norm do not combine")
     norm_block = min(next_pow2(K), max(64, 4096 // next_pow2(B)))
     trigger = pdl_enabled(x.device, interpreted)  # every kernel lets a PDL-launched successor start early
-    pdl = trigger and dense and early_weights  # launched with PDL: rows first, then the wait
+    # launched with PDL: dense rows (unless this op just wrote w_t) or a sparse threshold first, then the wait
+    pdl = trigger and (early_weights or not dense)
+    # the first steps' row indices ranked in registers where that costs at most RANK_WORK compares a thread
+    ranked = not dense and depth * bk * kc <= RANK_WORK * 32 * cfg["num_warps"]
     args = (x, w_t, x if dense else thresholds, y, part, counts, idx, xs.view(x.dtype),
             x if norm_weight is None else norm_weight, y if residual is None else residual,
             B, K, N, x.stride(0), w_t.stride(0), y.stride(0), y.stride(0) if residual is None else residual.stride(0),
@@ -404,7 +435,7 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
         DOT_F32=interpreted and dot and x.dtype == torch.bfloat16,
         NORM=norm_weight is not None, NORM_BLOCK=norm_block, NORM_STEPS=triton.cdiv(K, norm_block),
         RESIDUAL=residual is not None, RTNE_BY_BITS=interpreted and x.dtype == torch.bfloat16,
-        DENSE=dense, PDL=pdl, TRIGGER=trigger, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        DENSE=dense, RANKED=ranked, PDL=pdl, TRIGGER=trigger, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if pdl:
         meta["launch_pdl"] = True
     return (n_tiles, split), args, meta

@@ -69,7 +69,7 @@ def meta_tensor(*shape, dtype=torch.bfloat16):
 
 
 def matvec_plan(op, B, K, N, splits, dtype, cfg, norm=False, residual=False, dense=False):
-    """launch_plan for meta tensors; dense: no thresholds, launched with PDL as on a Hopper GPU."""
+    """launch_plan for meta tensors (dense: no thresholds), launched with PDL as on a Hopper GPU."""
     silu = op == "silu_down"
     x = meta_tensor(B, 2 * K if silu else K, dtype=dtype)
     sizes = tk.workspace_sizes(B, K, N, cfg)
@@ -81,7 +81,7 @@ def matvec_plan(op, B, K, N, splits, dtype, cfg, norm=False, residual=False, den
                                       meta_tensor(B, N, dtype=dtype), *workspaces, cfg, silu=silu,
                                       norm_weight=meta_tensor(K, dtype=dtype) if norm else None, eps=1e-5,
                                       residual=meta_tensor(B, N, dtype=dtype) if residual else None)
-    return grid, args, dict(meta, PDL=dense, TRIGGER=True)  # as on Hopper (pdl_enabled is False for meta tensors)
+    return grid, args, dict(meta, PDL=True, TRIGGER=True)  # as on Hopper (pdl_enabled is False for meta tensors)
 
 
 # The tuned configs of the Llama-3-8B block, fused as the model runs them, plus a tl.dot batch
@@ -250,6 +250,23 @@ def test_dense_kernel_requests_its_first_rows_first(case, pdl):
 
 
 @pytest.mark.parametrize("case", LLAMA3_8B, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}")
+def test_sparse_kernel_ranks_its_first_rows_where_cheap(case):
+    """Sparse: a launch whose first DEPTH steps hold few rows (the MLP's tuned configs) finds their
+    indices in registers, so their loads go out before the compacted scratch is written (STG) and
+    read back; the attention's wide steps (64 x 64 tiles) go through the scratch."""
+    op, K, N, splits, fused = case
+    cfg = ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)]
+    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
+    assert meta["RANKED"] == (N == 28672 or op == "silu_down")
+    ops_in_order = [op for op, _ in INSTRUCTION.findall(disassemble(compile_for_hopper(tk.sparse_matvec_kernel, args,
+                                                                                       meta)))]
+    first_store = next(i for i, o in enumerate(ops_in_order) if o.startswith("STG"))
+    first = cfg["DEPTH"] * cfg["BLOCK_N"] * cfg["BLOCK_K"] * 2 // 16 // (32 * cfg["num_warps"])
+    rows_before_store = sum(is_weight_load(o) for o in ops_in_order[:first_store])
+    assert rows_before_store == (first if meta["RANKED"] else 0), (rows_before_store, first)
+
+
+@pytest.mark.parametrize("case", LLAMA3_8B, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}")
 def test_kernel_lets_its_successor_launch_after_streaming(case):
     """griddepcontrol.launch_dependents (SASS PREEXIT) after the last weight-row load, before the
     split-K arrival: a PDL-launched successor may start during the reduction, not earlier."""
@@ -260,8 +277,8 @@ def test_kernel_lets_its_successor_launch_after_streaming(case):
 
 
 def test_launch_plans_choose_pdl_as_documented(monkeypatch):
-    """On Hopper: every matvec triggers its successor; only a dense one is launched with PDL (and
-    waits), unless its weights were just written; the decode attention step is launched with PDL."""
+    """On Hopper: every matvec triggers its successor and is launched with PDL (and waits), but a
+    dense one whose weights were just written; the decode attention step is launched with PDL."""
     monkeypatch.setattr(tk, "pdl_enabled", lambda device, interpreted=False: True)
     monkeypatch.setattr(attention, "pdl_enabled", lambda device, interpreted=False: True)
     cfg = ops.tuned_configs()[ops.config_key("linear", 4096, 4096, torch.bfloat16, 1)]
@@ -273,7 +290,7 @@ def test_launch_plans_choose_pdl_as_documented(monkeypatch):
              [("sparse", meta_tensor(1, dtype=torch.float32), True), ("dense", None, True),
               ("dense, weights just written", None, False)]}
     assert {name: (m["PDL"], m.get("launch_pdl", False), m["TRIGGER"]) for name, m in plans.items()} == {
-        "sparse": (False, False, True), "dense": (True, True, True), "dense, weights just written": (False, False, True)}
+        "sparse": (True, True, True), "dense": (True, True, True), "dense, weights just written": (False, False, True)}
     B, KV, G, hd, S = 1, 8, 4, 128, 205
     q, out = meta_tensor(B, KV, G, hd), meta_tensor(B * KV, G, hd)
     k, v = meta_tensor(B, KV, S, hd), meta_tensor(B, KV, S, hd)

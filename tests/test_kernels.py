@@ -143,6 +143,25 @@ def test_kernel_matches_reference(interpreted, case):
         assert r["all_zero"], "every input dropped: the output must be exactly 0"
 
 
+def test_cases_cover_both_ways_to_find_the_first_rows():
+    """Sparse launches rank their first rows' indices in registers where that is cheap (RANKED) and
+    read them back from the compacted scratch otherwise: the cases above run both."""
+    from sparse_kernels import triton_kernels as tk
+
+    ranked = set()
+    for op, B, K, N, splits, dtype, p, cfg in CASES:
+        if p is None:
+            continue
+        meta = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device="meta")  # noqa: E731
+        sizes = tk.workspace_sizes(B, K, N, cfg)
+        ws = [meta(max(1, n), dt=t) for n, t in zip(sizes, (torch.float32, torch.int32, torch.int32, torch.float32))]
+        x = meta(B, 2 * K if op.startswith("silu_down") else K)
+        plan = tk.launch_plan(x, meta(K, N), meta(len(splits), dt=torch.float32), ops.segment_starts(splits),
+                              meta(B, N), *ws, cfg, silu=op.startswith("silu_down"), interpreted=True)
+        ranked.add(plan[2]["RANKED"])
+    assert ranked == {True, False}
+
+
 def test_kernel_comparison_can_fail(interpreted):
     assert interpreted["wrong_threshold"]["n_bad"] > 0
     assert interpreted["unweighted_norm"]["n_bad"] > 0
