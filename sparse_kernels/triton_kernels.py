@@ -26,11 +26,11 @@ DENSE (no thresholds: every row is read, the plain product with the same fusions
 of a program's chunk are known before its input is, so the first DEPTH steps' rows are
 requested first, ahead of the input and its norm.
 
-On Hopper and newer (pdl_enabled) the kernels are launched with programmatic dependent launch
-and wait for the kernel before them (gdc_wait) only once they have requested what does not
-depend on it: a dense kernel its first rows, a sparse one its threshold. Every kernel lets its
-successor launch once all its programs have streamed their rows (TRIGGER), so the next matvec or
-the decode attention launches during the split-K tail.
+On Hopper and newer (pdl_enabled) the kernels are launched with programmatic dependent launch:
+they are placed on the GPU while the kernel before them drains, and wait for it (gdc_wait) before
+their first load, except a dense kernel, which requests its first rows before it waits. Every
+kernel lets its successor launch once all its programs have streamed their rows (TRIGGER), so the
+next matvec or the decode attention launches during the split-K tail.
 """
 import os
 
@@ -79,11 +79,12 @@ def sparse_matvec_kernel(
         wa, wb, wc, wd = _first_rows(w_ptr, idx_base, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K, DEPTH, EVEN_N,
                                      DENSE, False)
         tl.debug_barrier()  # a fence for the compiler, which would otherwise move the loads to their first use
-    else:  # the segment's threshold, loaded with the input
-        seg = (n0 >= bound1).to(tl.int32) + (n0 >= bound2).to(tl.int32) + (n0 >= bound3).to(tl.int32)
-        t = tl.load(thr_ptr + seg).to(tl.float32)
     if PDL:  # the previous kernel's writes (x, the workspace) are visible from here on
         gdc_wait()
+    if not DENSE:  # the segment's threshold, requested with the input (after the wait: a copy just before may
+        # have written it)
+        seg = (n0 >= bound1).to(tl.int32) + (n0 >= bound2).to(tl.int32) + (n0 >= bound3).to(tl.int32)
+        t = tl.load(thr_ptr + seg).to(tl.float32)
 
     # 1. Which rows of this K chunk does any batch row keep?
     offs_c = k0 + tl.arange(0, K_CHUNK)
@@ -420,7 +421,8 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
         raise ValueError("sparse_kernels: silu and a fused norm do not combine")
     norm_block = min(next_pow2(K), max(64, 4096 // next_pow2(B)))
     trigger = pdl_enabled(x.device, interpreted)  # every kernel lets a PDL-launched successor start early
-    # launched with PDL: dense rows (unless this op just wrote w_t) or a sparse threshold first, then the wait
+    # launched with PDL: placed early, waits before its loads (dense: after its first rows, unless this op just
+    # copied w_t)
     pdl = trigger and (early_weights or not dense)
     # the first steps' row indices ranked in registers where that costs at most RANK_WORK compares a thread
     ranked = not dense and depth * bk * kc <= RANK_WORK * 32 * cfg["num_warps"]

@@ -267,6 +267,22 @@ def test_sparse_kernel_ranks_its_first_rows_where_cheap(case):
 
 
 @pytest.mark.parametrize("case", LLAMA3_8B, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}")
+def test_sparse_kernel_waits_before_its_first_load(case):
+    """Sparse, launched with PDL: nothing is read before griddepcontrol.wait (ACQBULK), not even the
+    threshold (a copy right before the launch may have written it), and the threshold's load goes
+    out with the input's, before the first CTA barrier."""
+    op, K, N, splits, fused = case
+    cfg = ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)]
+    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
+    ops_in_order = [o for o, _ in INSTRUCTION.findall(disassemble(compile_for_hopper(tk.sparse_matvec_kernel, args,
+                                                                                         meta)))]
+    wait = ops_in_order.index("ACQBULK")
+    assert not any(o.startswith("LDG") for o in ops_in_order[:wait])
+    first_barrier = next(i for i, o in enumerate(ops_in_order) if o.startswith("BAR"))
+    assert "LDG.E" in ops_in_order[wait:first_barrier]  # the 4-byte threshold
+
+
+@pytest.mark.parametrize("case", LLAMA3_8B, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}")
 def test_kernel_lets_its_successor_launch_after_streaming(case):
     """griddepcontrol.launch_dependents (SASS PREEXIT) after the last weight-row load, before the
     split-K arrival: a PDL-launched successor may start during the reduction, not earlier."""
