@@ -17,7 +17,7 @@ persistent workspace (SPLIT, B, N) and increments the tile's arrival counter; th
 to arrive sums the partials in split order (deterministic), writes y and resets the
 counter to 0 for the next call.
 
-RANKED (sparse, where DEPTH * BLOCK_K * K_CHUNK is small: the MLP's tuned tiles): the first
+RANKED (sparse B == 1 tiles where DEPTH * BLOCK_K * K_CHUNK is small: the MLP's tuned ones): the first
 DEPTH steps' row indices are ranked in registers from the cumsum (the j-th kept row is the
 number of rows placed before j), so those rows are requested before the scratch is written and
 read back; the rest of the stream reads its indices from the scratch.
@@ -28,7 +28,8 @@ requested first, ahead of the input and its norm.
 
 On Hopper and newer (pdl_enabled) the kernels are launched with programmatic dependent launch:
 they are placed on the GPU while the kernel before them drains, and wait for it (gdc_wait) before
-their first load, except a dense kernel, which requests its first rows before it waits. Every
+their first load, except a dense kernel, which requests its first rows before it waits (and is
+launched without PDL right after the op's own copy of its weights). Every
 kernel lets its successor launch once all its programs have streamed their rows (TRIGGER), so the
 next matvec or the decode attention launches during the split-K tail.
 """
@@ -385,9 +386,10 @@ def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False
     workspaces (see workspace_sizes): part fp32, counts int32 zeros, idx int32, xs fp32 (holds x.dtype).
     norm_weight (K,): the input is rms_norm(x, norm_weight, eps); residual (B, N), unit column
     stride: y = residual + the product. cfg: dict BLOCK_N, BLOCK_K, K_CHUNK, DEPTH (2, 3 or 4 steps
-    of rows in flight), DOT, num_warps, num_stages. On Hopper a dense launch reads its first rows of
-    w_t before it waits for the kernel before it (PDL); early_weights=False when that kernel wrote
-    w_t (a copy made just before, say): the launch then waits first."""
+    of rows in flight), DOT, num_warps, num_stages. On Hopper every launch is placed while the kernel
+    before it drains (PDL) and waits for it before its loads, except that a dense launch reads its
+    first rows of w_t before it waits; early_weights=False when that kernel wrote w_t (a copy made
+    just before, say): the dense launch then goes without PDL."""
     kernel = sparse_matvec_kernel if kernel is None else kernel
     interp = type(kernel).__name__ == "InterpretedFunction"
     grid, args, meta = launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu, norm_weight,
@@ -421,11 +423,12 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
         raise ValueError("sparse_kernels: silu and a fused norm do not combine")
     norm_block = min(next_pow2(K), max(64, 4096 // next_pow2(B)))
     trigger = pdl_enabled(x.device, interpreted)  # every kernel lets a PDL-launched successor start early
-    # launched with PDL: placed early, waits before its loads (dense: after its first rows, unless this op just
-    # copied w_t)
+    # launched with PDL: placed early, waits before its loads (dense: after its first rows); not a dense launch
+    # right after this op's own copy of w_t
     pdl = trigger and (early_weights or not dense)
-    # the first steps' row indices ranked in registers where that costs at most RANK_WORK compares a thread
-    ranked = not dense and depth * bk * kc <= RANK_WORK * 32 * cfg["num_warps"]
+    # B == 1 (the measured path): the first steps' row indices ranked in registers where that costs at most
+    # RANK_WORK compares a thread
+    ranked = not dense and not dot and depth * bk * kc <= RANK_WORK * 32 * cfg["num_warps"]
     args = (x, w_t, x if dense else thresholds, y, part, counts, idx, xs.view(x.dtype),
             x if norm_weight is None else norm_weight, y if residual is None else residual,
             B, K, N, x.stride(0), w_t.stride(0), y.stride(0), y.stride(0) if residual is None else residual.stride(0),

@@ -118,6 +118,9 @@ CASES = [
     ("silu_down+res", 8, 200, 1000, [1000], torch.float16, 1.0, dict(BLOCK_N=256, BLOCK_K=32, K_CHUNK=64, **D)),
     ("linear+norm+res", 1, 300, 1000, [1000], torch.float16, 0.5, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **E)),
     ("linear", 1, 700, 1000, [1000], torch.float16, 0.5, dict(BLOCK_N=64, BLOCK_K=16, K_CHUNK=512, DEPTH=4, **E)),
+    # RANKED with four steps in flight, as the 8B down projection runs (K not a multiple of K_CHUNK)
+    ("silu_down+res", 1, 1000, 1000, [1000], torch.bfloat16, 0.5, dict(BLOCK_N=128, BLOCK_K=8, K_CHUNK=256, DEPTH=4,
+                                                                       **E)),
     # dense (thresholds None, p None here): every row, its first steps requested before the input
     ("linear+norm", 1, 576, 1536, [576, 480, 480], torch.bfloat16, None, dict(BLOCK_N=64, BLOCK_K=16, K_CHUNK=256,
                                                                              DEPTH=3, **E)),
@@ -144,8 +147,9 @@ def test_kernel_matches_reference(interpreted, case):
 
 
 def test_cases_cover_both_ways_to_find_the_first_rows():
-    """Sparse launches rank their first rows' indices in registers where that is cheap (RANKED) and
-    read them back from the compacted scratch otherwise: the cases above run both."""
+    """Sparse B == 1 launches rank their first rows' indices in registers where that is cheap
+    (RANKED) and read them back from the compacted scratch otherwise: the cases above run both,
+    RANKED with DEPTH 2, 3 and 4."""
     from sparse_kernels import triton_kernels as tk
 
     ranked = set()
@@ -158,8 +162,8 @@ def test_cases_cover_both_ways_to_find_the_first_rows():
         x = meta(B, 2 * K if op.startswith("silu_down") else K)
         plan = tk.launch_plan(x, meta(K, N), meta(len(splits), dt=torch.float32), ops.segment_starts(splits),
                               meta(B, N), *ws, cfg, silu=op.startswith("silu_down"), interpreted=True)
-        ranked.add(plan[2]["RANKED"])
-    assert ranked == {True, False}
+        ranked.add((plan[2]["RANKED"], plan[2]["DEPTH"] if plan[2]["RANKED"] else 0))
+    assert ranked == {(False, 0), (True, 2), (True, 3), (True, 4)}
 
 
 def test_kernel_comparison_can_fail(interpreted):
