@@ -10,6 +10,7 @@ The SASS (Triton's nvdisasm) of the tuned configs is also checked for two silent
 the streaming loop, register copies that wait for the loads just issued (found in session 5); in
 the split-K reduction, a loop that waits for each load of partials before the next (session 6).
 """
+import functools
 import json
 import math
 import os
@@ -191,11 +192,23 @@ def streaming_loop(sass: str) -> list:
 
 
 def tuned_sass(kernel_module, op, K, N, splits, fused) -> tuple:
-    """The tuned B=1 bf16 config of a shape, fitted to its segments as ops.run_triton does, and its SASS."""
+    """The tuned B=1 bf16 config of a shape, fitted to its segments as ops.run_triton does, its
+    launch plan's keywords and its SASS (compiled once per case: several tests read the same)."""
+    return _tuned_sass(kernel_module, op, K, N, tuple(splits), tuple(sorted(fused.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_sass(kernel_module, op, K, N, splits, fused) -> tuple:
+    fused = dict(fused)
     cfg = ops.fit_to_segments(ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)],
-                              ops.segment_starts(splits, fused.get("dense", False)))
-    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
-    return cfg, disassemble(compile_for_hopper(kernel_module.sparse_matvec_kernel, args, meta))
+                              ops.segment_starts(list(splits), fused.get("dense", False)))
+    grid, args, meta = matvec_plan(op, 1, K, N, list(splits), torch.bfloat16, cfg, **fused)
+    return cfg, meta, disassemble(compile_for_hopper(kernel_module.sparse_matvec_kernel, args, meta))
+
+
+def row_loads_per_step(cfg) -> int:
+    """16-byte loads of W^T rows a thread issues per step of BLOCK_K rows (bf16)."""
+    return cfg["BLOCK_N"] * cfg["BLOCK_K"] * 2 // 16 // (32 * cfg["num_warps"])
 
 
 def loop_stalls(kernel_module, op, K, N, splits, fused) -> dict:
@@ -203,7 +216,7 @@ def loop_stalls(kernel_module, op, K, N, splits, fused) -> dict:
     load's destination while that load may be pending (after the load, before anything else writes
     the register: the copy waits for the load, so the next rows are not in flight while this step
     is summed), and CTA barriers. Also the weight loads per iteration against DEPTH tiles' worth."""
-    cfg, sass = tuned_sass(kernel_module, op, K, N, splits, fused)
+    cfg, _, sass = tuned_sass(kernel_module, op, K, N, splits, fused)
     body = streaming_loop(sass)
     pending, copied, loads = set(), [], 0
     for opcode, operands in body:
@@ -216,8 +229,7 @@ def loop_stalls(kernel_module, op, K, N, splits, fused) -> dict:
             copied += [r for r in regs[1:] if r in pending]
         if regs and not opcode.startswith(("ST", "RED", "BAR", "BRA")):
             pending.discard(regs[0])  # written: no longer the loaded value
-    per_step = cfg["BLOCK_N"] * cfg["BLOCK_K"] * 2 // 16 // (32 * cfg["num_warps"])  # 16-byte loads a thread
-    return dict(weight_loads=loads, expected_loads=cfg.get("DEPTH", 2) * per_step,
+    return dict(weight_loads=loads, expected_loads=cfg.get("DEPTH", 2) * row_loads_per_step(cfg),
                 barriers=sum(op.startswith("BAR") for op, _ in body), copies_of_loads=sorted(copied))
 
 
@@ -242,7 +254,7 @@ def test_dense_kernel_requests_its_first_rows_first(case, pdl):
     sass = disassemble(compile_for_hopper(tk.sparse_matvec_kernel, args, dict(meta, PDL=pdl)))
     assert ("ACQBULK" in sass) == pdl
     loads = [op for op, _ in INSTRUCTION.findall(sass) if op.startswith("LDG")]
-    first = cfg.get("DEPTH", 2) * cfg["BLOCK_N"] * cfg["BLOCK_K"] * 2 // 16 // (32 * cfg["num_warps"])
+    first = cfg.get("DEPTH", 2) * row_loads_per_step(cfg)
     assert all(is_weight_load(op) for op in loads[:first]) and not is_weight_load(loads[first]), loads[:first + 1]
     if pdl:
         head = INSTRUCTION.findall(sass[:sass.index("ACQBULK")])
@@ -254,14 +266,12 @@ def test_sparse_kernel_ranks_its_first_rows_where_cheap(case):
     """Sparse: a launch whose first DEPTH steps hold few rows (the MLP's tuned configs) finds their
     indices in registers, so their loads go out before the compacted scratch is written (STG) and
     read back; the attention's wide steps (64 x 64 tiles) go through the scratch."""
-    op, K, N, splits, fused = case
-    cfg = ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)]
-    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
+    cfg, meta, sass = tuned_sass(tk, *case)
+    op, N = case[0], case[2]
     assert meta["RANKED"] == (N == 28672 or op == "silu_down")
-    ops_in_order = [op for op, _ in INSTRUCTION.findall(disassemble(compile_for_hopper(tk.sparse_matvec_kernel, args,
-                                                                                       meta)))]
+    ops_in_order = [o for o, _ in INSTRUCTION.findall(sass)]
     first_store = next(i for i, o in enumerate(ops_in_order) if o.startswith("STG"))
-    first = cfg["DEPTH"] * cfg["BLOCK_N"] * cfg["BLOCK_K"] * 2 // 16 // (32 * cfg["num_warps"])
+    first = cfg["DEPTH"] * row_loads_per_step(cfg)
     rows_before_store = sum(is_weight_load(o) for o in ops_in_order[:first_store])
     assert rows_before_store == (first if meta["RANKED"] else 0), (rows_before_store, first)
 
@@ -271,11 +281,7 @@ def test_sparse_kernel_waits_before_its_first_load(case):
     """Sparse, launched with PDL: nothing is read before griddepcontrol.wait (ACQBULK), not even the
     threshold (a copy right before the launch may have written it), and the threshold's load goes
     out with the input's, before the first CTA barrier."""
-    op, K, N, splits, fused = case
-    cfg = ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)]
-    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
-    ops_in_order = [o for o, _ in INSTRUCTION.findall(disassemble(compile_for_hopper(tk.sparse_matvec_kernel, args,
-                                                                                         meta)))]
+    ops_in_order = [o for o, _ in INSTRUCTION.findall(tuned_sass(tk, *case)[2])]
     wait = ops_in_order.index("ACQBULK")
     assert not any(o.startswith("LDG") for o in ops_in_order[:wait])
     first_barrier = next(i for i, o in enumerate(ops_in_order) if o.startswith("BAR"))
@@ -287,7 +293,7 @@ def test_kernel_lets_its_successor_launch_after_streaming(case):
     """griddepcontrol.launch_dependents (SASS PREEXIT) after the last weight-row load, before the
     split-K arrival: a PDL-launched successor may start during the reduction, not earlier."""
     op, K, N, splits, fused = case
-    _, sass = tuned_sass(tk, op, K, N, splits, fused)
+    _, _, sass = tuned_sass(tk, op, K, N, splits, fused)
     last_row_load = max(m.start() for m in re.finditer(r"LDG\.E\.EF\.128", sass))
     assert sass.count("PREEXIT") == 1 and last_row_load < sass.index("PREEXIT") < sass.index("ATOM")
 
@@ -323,7 +329,7 @@ def test_launch_plans_choose_pdl_as_documented(monkeypatch):
 def loops_after_arrival(kernel_module, op, K, N, splits, fused) -> list:
     """Labels that a later branch jumps back to, after the split-K arrival (the atomic): loops in the
     last arriver's reduction, which then waits for each load of partials before issuing the next."""
-    _, sass = tuned_sass(kernel_module, op, K, N, splits, fused)
+    _, _, sass = tuned_sass(kernel_module, op, K, N, splits, fused)
     tail = sass[sass.index("ATOM"):]
     loops = []
     for label in re.finditer(r"^(\.L_x_\d+):", tail, re.M):
