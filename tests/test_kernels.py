@@ -150,19 +150,13 @@ def test_cases_cover_both_ways_to_find_the_first_rows():
     """Sparse B == 1 launches rank their first rows' indices in registers where that is cheap
     (RANKED) and read them back from the compacted scratch otherwise: the cases above run both,
     RANKED with DEPTH 2, 3 and 4."""
-    from sparse_kernels import triton_kernels as tk
+    from tests.test_gpu_compile import matvec_plan  # launch_plan on meta tensors
 
     ranked = set()
     for op, B, K, N, splits, dtype, p, cfg in CASES:
-        if p is None:
-            continue
-        meta = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device="meta")  # noqa: E731
-        sizes = tk.workspace_sizes(B, K, N, cfg)
-        ws = [meta(max(1, n), dt=t) for n, t in zip(sizes, (torch.float32, torch.int32, torch.int32, torch.float32))]
-        x = meta(B, 2 * K if op.startswith("silu_down") else K)
-        plan = tk.launch_plan(x, meta(K, N), meta(len(splits), dt=torch.float32), ops.segment_starts(splits),
-                              meta(B, N), *ws, cfg, silu=op.startswith("silu_down"), interpreted=True)
-        ranked.add((plan[2]["RANKED"], plan[2]["DEPTH"] if plan[2]["RANKED"] else 0))
+        if p is not None:
+            meta = matvec_plan(op.split("+")[0], B, K, N, splits, dtype, cfg)[2]
+            ranked.add((meta["RANKED"], meta["DEPTH"] if meta["RANKED"] else 0))
     assert ranked == {(False, 0), (True, 2), (True, 3), (True, 4)}
 
 
