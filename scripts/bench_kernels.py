@@ -200,6 +200,8 @@ def check_case(op, B, K, N, splits, dtype, p, cfg=None, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x, norm_w, residual = fused_inputs(op, B, K, N, dtype, g)
     w = torch.randn(K, N, device="cuda", generator=g).mul_(K ** -0.5).to(dtype)
+    if "+wview" in op:  # a transposed view (unit row stride): the op copies it, and the dense launch waits first
+        w = w.t().contiguous().t()
     thr = None if p is None else torch.full((len(splits),), gap_threshold(kernel_input(op, x, norm_w), p),
                                             device="cuda")  # None: dense
     ref = reference_op(op, x, w, thr, splits, norm_w, residual)
@@ -249,7 +251,9 @@ def check_cases():
         cases.append(("linear+norm+res", B, 4096, 4096, [4096], dname, 0.5, dict(BLOCK_N=128, BLOCK_K=64, K_CHUNK=512, **E)))
         cases.append(("linear+res", B, 4096, 6144, [4096, 1024, 1024], dname, 0.5, dict(BLOCK_N=256, BLOCK_K=64, K_CHUNK=512, **D)))
         for op, K, N, splits in (("linear+norm", 4096, 6144, [4096, 1024, 1024]), ("silu_down+res", 14336, 4096, [4096]),
-                                 ("linear+norm", 576, 1536, [576, 480, 480]), ("silu_down", 1536, 1000, [1000])):
+                                 ("linear+norm", 576, 1536, [576, 480, 480]), ("silu_down", 1536, 1000, [1000]),
+                                 ("linear+norm+wview", 576, 1536, [576, 480, 480]),
+                                 ("silu_down+res+wview", 1536, 576, [576])):
             cases.append((op, B, K, N, splits, dname, None, None))  # dense, as the model's dense decode runs it
     cases.append(("linear", 9, 576, 1536, [576, 480, 480], "bf16", 0.5, None))  # B > 8: reference fallback
     cases.append(("linear+norm+res", 9, 576, 1536, [576, 480, 480], "bf16", 0.5, None))
@@ -305,8 +309,9 @@ def check_compiled():
 def check_dense_chain(device="cuda", steps=3) -> list:
     """The dense block as the model's dense decode runs it, in one compiled CUDA graph: each op's
     input is the previous op's output, which a kernel launched with programmatic dependent launch
-    must wait for. Each output against the reference on the kernel's actual inputs (a stale read
-    would be far off); max errors, one per step."""
+    must wait for. Last, a dense launch on weights the op copies right before it (a transposed view:
+    launched without PDL, early_weights=False). Each output against the reference on the kernel's
+    actual inputs (a stale read would be far off); max errors, one per step."""
     K, I = 576, 1536
     g = torch.Generator(device=device).manual_seed(2)
     w_qkv, w_o = (torch.randn(K, n, device=device, generator=g).div_(K ** 0.5).bfloat16() for n in (960, K))
@@ -314,22 +319,25 @@ def check_dense_chain(device="cuda", steps=3) -> list:
     w2 = torch.randn(I, K, device=device, generator=g).div_(I ** 0.5).bfloat16()
     norm_w = (0.5 + torch.rand(K, device=device, generator=g)).bfloat16()
 
-    def block(x):  # (1, K) -> the four outputs
+    w_view = w_o.t().contiguous().t()  # o's weights with unit row stride: the op copies them before its launch
+
+    def block(x):  # (1, K) -> the five outputs
         qkv = sparse_linear(x, w_qkv, None, [960], norm_weight=norm_w, eps=EPS)
         h = sparse_linear(qkv[:, :K], w_o, None, [K], residual=x)
         gate_up = sparse_linear(h, w13, None, [2 * I], norm_weight=norm_w, eps=EPS)
-        return qkv, h, gate_up, sparse_silu_down(gate_up, w2, None, residual=h)
+        out = sparse_silu_down(gate_up, w2, None, residual=h)
+        return qkv, h, gate_up, out, sparse_linear(out, w_view, None, [K])  # a dense launch right after a copy
 
     f = torch.compile(block, fullgraph=True, mode="reduce-overhead" if device == "cuda" else None)
     errs = []
     for _ in range(steps):
         x = torch.randn(1, K, device=device, generator=g).bfloat16()
-        qkv, h, gate_up, out = (t.clone() for t in f(x))
+        qkv, h, gate_up, out, y = (t.clone() for t in f(x))
         refs = (sparse_linear_ref(x, w_qkv, None, [960], norm_weight=norm_w, eps=EPS),
                 sparse_linear_ref(qkv[:, :K].contiguous(), w_o, None, [K], residual=x),
                 sparse_linear_ref(h, w13, None, [2 * I], norm_weight=norm_w, eps=EPS),
-                sparse_silu_down_ref(gate_up, w2, None, residual=h))
-        errs.append(max((a.float() - r.float()).abs().max().item() for a, r in zip((qkv, h, gate_up, out), refs)))
+                sparse_silu_down_ref(gate_up, w2, None, residual=h), sparse_linear_ref(out, w_view, None, [K]))
+        errs.append(max((a.float() - r.float()).abs().max().item() for a, r in zip((qkv, h, gate_up, out, y), refs)))
     return errs
 
 
