@@ -44,6 +44,12 @@ def check_args(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, nor
         raise ValueError(f"x must be (B, K) and w_t (K, N); got {tuple(x.shape)} and {tuple(w_t.shape)}")
     if x.shape[1] != w_t.shape[0]:
         raise ValueError(f"x has K={x.shape[1]} but w_t has {w_t.shape[0]} rows (weights are stored (K, N))")
+    if x.shape[1] == 0:
+        raise ValueError("x and w_t have K=0 inputs: there is no product to take")
+    others = [t for t in (w_t, thresholds, norm_weight, residual) if t is not None]
+    if any(t.device != x.device for t in others):
+        raise ValueError(f"x is on {x.device} but {[str(t.device) for t in others]} were given with it: move the "
+                         f"weights, thresholds, norm weight and residual to x's device")
     if x.dtype != w_t.dtype:
         raise ValueError(f"x is {x.dtype} but w_t is {w_t.dtype}: cast one of them")
     if len(splits) == 0 or sum(splits) != w_t.shape[1] or min(splits) <= 0:
@@ -125,7 +131,7 @@ def gap_threshold(values, p):
 def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """q (B, KV, G, hd), k/v (B, KV, S, hd), mask (S,) bool -> (B, KV, G, hd). Scores in fp32,
     softmax over the masked-in positions, probabilities rounded to q.dtype for p @ v."""
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, KV, G, S)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, KV, G, S), fp32 as the kernel's
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
     return probs @ v
 
