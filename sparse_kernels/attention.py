@@ -185,10 +185,16 @@ def _rotate(x_ptrs, partner_ptrs, ok, cos, sin, RTNE_BY_BITS: tl.constexpr):
     return _round(x.to(tl.float32) * cos + partner * sin, x.dtype, RTNE_BY_BITS)
 
 
+def head_stride(k) -> int:
+    """Elements from the cache of head b * KV + kv to the next one's: stride(1), or stride(0) with one kv head
+    (torch's contiguity ignores the stride of a size-1 dim, so it can be anything there)."""
+    return k.stride(1) if k.shape[1] > 1 else k.stride(0)
+
+
 def walkable(k, v) -> bool:
     """Whether the kernel walks caches k and v (B, KV, S, hd) as they are: one set of strides for
     both, unit stride along hd, each batch row's heads right after the previous row's."""
-    batch_ok = k.shape[0] == 1 or k.stride(0) == k.shape[1] * k.stride(1)
+    batch_ok = k.shape[0] == 1 or k.stride(0) == k.shape[1] * head_stride(k)
     return k.stride() == v.stride() and k.stride(3) == 1 and batch_ok
 
 
@@ -214,7 +220,7 @@ def workspace_sizes(n_heads: int, G: int, hd: int, S: int, block_s: int = 0, n_s
 
 
 def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 2, n_sm: int = 132,
-           rope=None, kernel=None):
+           rope=None):
     """q (B, KV, G, hd) with unit stride in hd, out (B * KV, G, hd) contiguous; k, v: the caches
     (B, KV, S, hd), contiguous per (b, kv) head with unit stride in hd; mask (S,) bool/uint8
     (None with rope); n_sm: the device's SM count; block_s 0: default_block_s(S). rope: None, or
@@ -222,10 +228,9 @@ def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 
     with unit inner strides, pos (1,) int) for the causal decode step (q and k_new unrotated;
     k_new, v_new written to the caches at pos; positions <= pos attend).
     Workspaces: see workspace_sizes (same block_s and n_sm)."""
-    kernel = decode_attention_kernel if kernel is None else kernel
     grid, args, meta = launch_plan(q, k, v, mask, out, part, counts, block_s, num_warps, n_sm, rope,
-                                   interpreted=type(kernel).__name__ == "InterpretedFunction")
-    kernel[grid](*args, **meta)
+                                   interpreted=type(decode_attention_kernel).__name__ == "InterpretedFunction")
+    decode_attention_kernel[grid](*args, **meta)
     return out
 
 
@@ -245,7 +250,7 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
     split_pad = next_pow2(n_split)
     g_m = next_pow2(G)
     rs = min(split_pad, max(1, 4096 // (g_m * hd_pad)))  # splits per merge load: 16 KB of fp32
-    if B * KV * k.stride(1) >= 2 ** 31 or q.shape[0] * q.stride(0) >= 2 ** 31:
+    if B * KV * head_stride(k) >= 2 ** 31 or q.shape[0] * q.stride(0) >= 2 ** 31:
         raise ValueError("decode attention: caches of 2^31 elements or more are not supported (int32 offsets)")
     k_new, v_new, freqs, pos = rope if rope is not None else (q, q, q, q)  # unused without rope
     if rope is not None and (k_new.stride() != v_new.stride() or k_new.stride(2) != 1 or freqs.stride(1) != 2
@@ -257,7 +262,7 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
             S, G, hd, KV, per_split, n_split, hd ** -0.5,
             q.stride(0), q.stride(1), q.stride(2), k_new.stride(0), k_new.stride(1) if rope is not None else 0,
             freqs.stride(0) if rope is not None else 0,
-            k.stride(1), k.stride(2), out.stride(0))
+            head_stride(k), k.stride(2), out.stride(0))
     trigger = pdl_enabled(q.device, interpreted)  # the o projection may launch during the merge
     pdl = trigger and rope is not None  # the decode step waits for q/k/v only after its cache loads
     meta = dict(G_PAD=g_pad, G_M=g_m, HD_PAD=hd_pad, BLOCK_S=block_s, SPLIT_PAD=split_pad, RS=rs, ROPE=rope is not None,

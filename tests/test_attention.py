@@ -28,6 +28,8 @@ CASES = [
     (1, 2, 2, 50, 8, torch.bfloat16, "random"),  # hd below the 16-wide padding
     (2, 2, 4, 150, 64, torch.float16, "slice"),  # k and v are views into longer caches
     (1, 2, 1, 700, 64, torch.float32, "random"),  # one query row per kv head, several splits
+    (2, 1, 4, 150, 64, torch.bfloat16, "transposed"),  # one kv head from a (B, S, 1, hd) layout: torch calls it
+    # contiguous, though its head stride is hd; the kernel steps from batch row to batch row by stride(0)
 ]
 # the fused decode step: (B, KV, G, S, hd, dtype, position); causal: positions <= position attend
 STEP_CASES = [
@@ -44,7 +46,9 @@ def make_inputs(B, KV, G, S, hd, dtype, pattern, seed):
     k, v = (torch.randn(B, KV, S, hd, generator=g).to(dtype) for _ in range(2))
     if pattern == "slice":
         k, v = (torch.randn(B, KV, S + 37, hd, generator=g).to(dtype)[:, :, :S] for _ in range(2))
-    if pattern in ("prefix", "slice"):
+    if pattern == "transposed":
+        k, v = (torch.randn(B, S, KV, hd, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    if pattern in ("prefix", "slice", "transposed"):
         mask = torch.arange(S) <= int(S * 0.7)
     elif pattern == "random":
         mask = torch.rand(S, generator=g) < 0.5
@@ -68,6 +72,8 @@ def _child():
         attention.launch(q, k, v, mask, y, part, counts)
         if pattern == "slice":
             assert k.stride(1) == (S + 37) * hd  # a real strided view reached the kernel
+        if pattern == "transposed":
+            assert k.is_contiguous() and k.stride(1) == hd and attention.walkable(k, v)
         ref = decode_attention_ref(q, k, v, mask).reshape(B * KV, G, hd).float()
         wrong = decode_attention_ref(q, k, v, torch.ones_like(mask)).reshape(B * KV, G, hd).float()
         out[str(i)] = dict(compare(y, ref, TOL[dtype]), counters=int(counts.abs().sum()),
@@ -181,8 +187,12 @@ def test_decode_attention_op_registration():
     torch.library.opcheck(_decode_attention_op, (q_t, k, v, mask))
 
 
-def test_decode_attention_op_on_cpu_is_the_reference():
+def test_decode_attention_rejects_bad_inputs():
+    """One-line errors, not a failure deep in the op: wrong mask, a cache that is not 4-D, mixed dtypes."""
     q, k, v, mask = make_inputs(1, 2, 4, 33, 16, torch.float32, "prefix", seed=7)
-    torch.testing.assert_close(decode_attention(q, k, v, mask), decode_attention_ref(q, k, v, mask), rtol=0, atol=0)
     with pytest.raises(ValueError, match="mask must be"):
         decode_attention(q, k, v, mask[:-1])
+    with pytest.raises(ValueError, match="expected"):
+        decode_attention(q, k[0], v[0], mask)
+    with pytest.raises(ValueError, match="cast them"):
+        decode_attention(q, k.bfloat16(), v.bfloat16(), mask)
