@@ -129,10 +129,9 @@ class Problem:
     def bytes_touched(self, thr):
         if thr is None:  # dense: every row
             return (self.K * self.N + self.x.numel() + self.B * self.N) * self.dtype.itemsize
-        rows, start = 0, 0
+        rows = 0
         for s, width in enumerate(self.splits):
             rows += int((self.src.abs().float() > thr[s]).any(0).sum()) * width
-            start += width
         return rows * self.dtype.itemsize + (self.x.numel() + self.B * self.N) * self.dtype.itemsize
 
 

@@ -118,7 +118,8 @@ def derived_config(op: str, K: int, N: int, B: int, tuned: dict) -> dict:
     cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], next_pow2(N)))
     n_tiles = -(-N // cfg["BLOCK_N"])
     k_chunk = 1 << max(0, round(math.log2(max(1.0, K * n_tiles / programs))))
-    # the tuner's bounds: 128 to 4096 rows, at most 8192 inputs (B * K_CHUNK) in phase 1's registers
+    # 128 to 4096 rows (the tuner's bounds; it goes down to 64 only for tiles of 512 columns or more), at most
+    # 8192 inputs (B * K_CHUNK) in phase 1's registers
     cfg["K_CHUNK"] = max(cfg["BLOCK_K"], 128, min(k_chunk, next_pow2(K), 4096, 8192 // next_pow2(B)))
     return cfg
 
@@ -157,7 +158,8 @@ def workspace(device: torch.device, n_part: int, n_count: int, n_idx: int, n_xs:
 
 
 def use_triton(x: Tensor) -> bool:
-    if not x.is_cuda or x.shape[0] > MAX_B or os.environ.get("TEAL_NO_TRITON"):
+    """Whether the ops run their Triton kernels for input x: CUDA, bf16/fp16/fp32, at most MAX_B rows."""
+    if not x.is_cuda or x.shape[0] > MAX_B or x.dtype not in DTYPE_NAMES or os.environ.get("TEAL_NO_TRITON"):
         return False
     try:
         import triton  # noqa: F401
@@ -210,6 +212,10 @@ def _contiguous_rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def _weights(w_t: Tensor):
     """(w_t with unit column stride, whether that took a copy): a dense kernel must not read a
     copy made by the kernel just before it ahead of its wait (triton_kernels.launch)."""
@@ -223,6 +229,7 @@ def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], spli
                       residual: Optional[Tensor] = None) -> Tensor:
     x, (w_t, copied) = _contiguous_rows(x), _weights(w_t)
     residual = None if residual is None else _contiguous_rows(residual)
+    thresholds, norm_weight = _unit_stride(thresholds), _unit_stride(norm_weight)  # the kernel reads them so
     if use_triton(x):
         return run_triton("linear", x, w_t, thresholds, splits, norm_weight=norm_weight, eps=eps, residual=residual,
                           early_weights=not copied)
@@ -239,7 +246,7 @@ def _(x, w_t, thresholds, splits, norm_weight=None, eps=0.0, residual=None):
 def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor],
                          residual: Optional[Tensor] = None) -> Tensor:
     gate_up, (w_t, copied) = _contiguous_rows(gate_up), _weights(w_t)
-    residual = None if residual is None else _contiguous_rows(residual)
+    residual, threshold = None if residual is None else _contiguous_rows(residual), _unit_stride(threshold)
     if use_triton(gate_up):
         return run_triton("silu_down", gate_up, w_t, threshold, [w_t.shape[1]], residual=residual,
                           early_weights=not copied)
@@ -346,9 +353,13 @@ def _(qkv, n_head, k_cache, v_cache, rope_table, input_pos):
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """One query position per sequence with grouped heads: q (B, KV, G, hd), the cache k, v
     (B, KV, S, hd), mask (S,) bool of the positions to attend to -> (B, KV, G, hd)."""
-    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"decode_attention: q (B, KV, G, hd) and k, v (B, KV, S, hd) expected; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"decode_attention: q is {q.dtype} but k, v are {k.dtype}, {v.dtype}: cast them to one dtype")
+    if len({t.device for t in (q, k, v, mask)}) != 1:
+        raise ValueError("decode_attention: q, k, v and mask must be on one device")
     if k.shape[2] == 0:
         raise ValueError("decode_attention: the cache has no positions")
     if mask.shape != (k.shape[2],) or mask.dtype != torch.bool:

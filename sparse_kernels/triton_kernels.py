@@ -379,7 +379,7 @@ def pdl_enabled(device: torch.device, interpreted: bool = False) -> bool:
 
 
 def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False, norm_weight=None, eps=0.0,
-           residual=None, kernel=None, early_weights=True):
+           residual=None, early_weights=True):
     """Run the kernel: x (B, K) [or gate_up (B, 2K) if silu], w_t (K, N) row stride free,
     y (B, N) row stride free; thresholds: one per segment, or None to keep every input (dense);
     bounds: first columns of segments 1.. (multiples of BLOCK_N);
@@ -390,11 +390,10 @@ def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False
     before it drains (PDL) and waits for it before its loads, except that a dense launch reads its
     first rows of w_t before it waits; early_weights=False when that kernel wrote w_t (a copy made
     just before, say): the dense launch then goes without PDL."""
-    kernel = sparse_matvec_kernel if kernel is None else kernel
-    interp = type(kernel).__name__ == "InterpretedFunction"
+    interp = type(sparse_matvec_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1
     grid, args, meta = launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu, norm_weight,
                                    eps, residual, interp, early_weights)
-    kernel[grid](*args, **meta)
+    sparse_matvec_kernel[grid](*args, **meta)
     return y
 
 
@@ -411,6 +410,8 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
     if depth not in (2, 3, 4):
         raise ValueError(f"sparse_kernels: DEPTH={depth} steps in flight is not supported; use 2, 3 or 4")
     dense = thresholds is None
+    if any(t is not None and t.stride(-1) != 1 for t in (thresholds, norm_weight)):
+        raise ValueError("sparse_kernels: thresholds and norm_weight must have unit stride (.contiguous())")
     bounds = [] if dense else bounds  # segments only choose thresholds
     if len(bounds) > 3 or any(b % bn for b in bounds):
         raise ValueError(f"segment starts {list(bounds)} must be at most 3 multiples of BLOCK_N={bn}")
