@@ -70,13 +70,13 @@ def random_model(config_name: str, device, dtype, seed: int = 0, tp=None) -> Tra
         shard_model(model, rank, world)
     model = model.to(dtype).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed + rank)
+    replicated = torch.Generator(device=device).manual_seed(seed)  # the same draws on every rank
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(("embeddings.weight", "output.weight")):
-                torch.manual_seed(seed)  # replicated tensors must agree across ranks
-                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5, generator=replicated)
             else:
                 full_fan_in = {"wo_t": args.n_head * args.head_dim, "w2_t": args.intermediate_size}
                 fan_in = full_fan_in.get(name.rsplit(".", 1)[-1], p.shape[0])  # input-sharded: the full K
@@ -192,6 +192,15 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_s
 
 # ---------------------------------------------------------------------------- CLI
 
+def shown_ids(ids: list, prompt_len: int, stop_ids, answer_only: bool, skip_id: Optional[int] = None) -> list:
+    """The ids of a generated row to print: the answer alone (answer_only) or the prompt and the answer, which
+    ends before its first stop token; skip_id (the bos token) is not text either."""
+    answer = ids[prompt_len:]
+    stop = next((i for i, t in enumerate(answer) if stop_ids and t in stop_ids), len(answer))
+    shown = answer[:stop] if answer_only else ids[:prompt_len] + answer[:stop]
+    return [t for t in shown if t != skip_id] if skip_id is not None else shown
+
+
 def configure_inductor():
     """Readable kernel names and cached graphs. (gpt-fast's coordinate_descent_tuning is left off:
     on an H200 it turned the matvecs into Triton reductions slower than cuBLAS, 163 vs 190 tok/s.)"""
@@ -262,6 +271,9 @@ def build_model(args, tp=None) -> Transformer:
     if args.sparsity is not None and not 0.0 <= args.sparsity <= MAX_LEVEL:
         raise ValueError(f"--sparsity must be in [0, 1) and at most {MAX_LEVEL}, the highest calibrated level; "
                          f"got {args.sparsity}")
+    if args.sparsity is None and (args.sparsity_file or args.sparse_prefill or args.sparsity_mode):
+        raise ValueError("--sparsity_file, --sparsity_mode and --sparse_prefill apply to a sparsity level: "
+                         "add --sparsity P")
     if getattr(args, "sparsity_mode", None) is None:  # random weights have no structure for greedy to find
         args.sparsity_mode = "uniform" if args.random_weights else "greedy"
     dtype = resolve_dtype(args)
@@ -314,7 +326,7 @@ def run(args):
     synchronize(args.device)
     print(f"Loaded {'random ' + args.random_weights if args.random_weights else args.checkpoint_path} "
           f"in {time.perf_counter() - t0:.2f} s on {args.device}", flush=True)
-    tokenizer = None if args.random_weights else load_tokenizer(args.checkpoint_path)
+    tokenizer = None if args.random_weights else load_tokenizer(args.checkpoint_path, model.args.vocab_size)
 
     decode_fn, prefill_fn = decode_one_token, prefill
     if args.compile:
@@ -352,9 +364,9 @@ def run(args):
             print(f"Compilation time: {elapsed:.2f} s", flush=True)
             continue
         new_tokens = seq.shape[1] - prompt.numel()
-        if tokenizer is not None:  # chat shows the answer alone; a stop token is not text
-            ids = seq[0, prompt.numel() if (args.chat or args.interactive) else 0:].tolist()
-            print(tokenizer.decode(ids[:-1] if stop_ids and ids and ids[-1] in stop_ids else ids))
+        if tokenizer is not None:  # chat shows the answer alone; the text ends before the first stop token
+            print(tokenizer.decode(shown_ids(seq[0].tolist(), prompt.numel(), stop_ids, args.chat or args.interactive,
+                                             skip_id=tokenizer.bos_id if tokenizer.add_bos else None)))
         realized = None
         if model.sparse_decode:
             from eval import measure_sparsity

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate import argmax_last, generate, load_model, random_model
+from generate import argmax_last, generate, load_model, random_model, shown_ids
 from model import ModelArgs, Transformer, transformer_configs
 from scripts.convert_hf_checkpoint import convert, permute_rotary
 
@@ -111,6 +111,26 @@ def test_generate_greedy_is_deterministic_and_stops():
     first = int(a[0, 5])
     c = generate(model, prompt, 6, stop_ids={first})
     assert c.shape[1] == 6  # stopped right after the stop token
+
+
+def test_shown_text_ends_at_the_first_stop_token():
+    """Row 0 of a sampled batch goes on after its stop token while other rows run: the printed text ends at
+    the first one; a prepended bos is not text."""
+    ids = [7, 1, 2, 3, 9, 4, 9, 5]  # prompt [7, 1, 2], then 3, stop 9, 4 ...
+    assert shown_ids(ids, 3, {9}, answer_only=True) == [3]
+    assert shown_ids(ids, 3, {9}, answer_only=False) == [7, 1, 2, 3]
+    assert shown_ids(ids, 3, {9}, answer_only=False, skip_id=7) == [1, 2, 3]
+    assert shown_ids(ids, 3, None, answer_only=True) == [3, 9, 4, 9, 5]
+
+
+def test_random_weights_leave_the_global_rng_alone():
+    """generate.py seeds torch before it builds the model: random weights must not reseed it, or --seed
+    would no longer change what is sampled."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    random_model("SmolLM2-135M", "cpu", torch.bfloat16)
+    assert torch.equal(torch.rand(3), expected)
 
 
 @pytest.mark.parametrize("V", [128256, 49152, 32000, 1000, 37])  # two stages (256, 256, 256, 8 -> one) or one
