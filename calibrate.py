@@ -405,8 +405,8 @@ class SparsityFile:
         on a CPU a coarse search (4 x 128 tokens, step 0.05; about a minute for SmolLM2 shapes).
         Under tensor parallelism (a sharded model) the greedy is skipped: uniform levels only."""
         device = model.tok_embeddings.weight.device
-        if device.type == "cpu":  # smoke tests of random models on a CPU: a coarse, cheap search
-            n_seq, seq_len, greedy_seqs, greedy_positions, step = 4, 128, 2, 16, 0.05
+        if device.type == "cpu":  # smoke tests of random models on a CPU: a coarse, cheap search (none if none asked)
+            n_seq, seq_len, greedy_seqs, greedy_positions, step = 4, 128, min(greedy_seqs, 2), 16, 0.05
         seq_len = min(seq_len, model.args.block_size)
         gen = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, model.args.vocab_size, (n_seq, seq_len), generator=gen)
@@ -545,6 +545,8 @@ def run(args):
     from generate import DTYPES, load_model
     from tokenizer import load_tokenizer
 
+    if args.out is not None and args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give a file path (e.g. {args.out / 'sparsity.json'})")
     if args.tokens < args.seq_len or args.seq_len < 2:
         raise ValueError(f"--tokens ({args.tokens}) must be at least --seq_len ({args.seq_len}), which must be >= 2")
     if args.batch_size < 1:
@@ -553,7 +555,8 @@ def run(args):
         raise ValueError("--greedy_seqs must be >= 1 and --greedy_tokens >= --greedy_seqs")
     t0 = time.perf_counter()
     model = load_model(args.checkpoint_path, args.device, DTYPES[args.precision])
-    tokens = calibration_tokens(load_tokenizer(args.checkpoint_path), args.data, args.tokens, args.seq_len)
+    tokens = calibration_tokens(load_tokenizer(args.checkpoint_path, model.args.vocab_size), args.data, args.tokens,
+                                args.seq_len)
     print(f"{args.data}: {tokens.shape[0]} sequences x {tokens.shape[1]} tokens", flush=True)
     sf = calibrate(model, tokens, greedy_seqs=args.greedy_seqs,
                    greedy_positions=math.ceil(args.greedy_tokens / args.greedy_seqs), step=args.step,

@@ -179,6 +179,10 @@ def run(args):
 
     if args.paper:
         args.windows, args.window_len, args.scored = 128, 2048, 512
+    if args.batch_size < 1 or args.windows < 1:
+        raise ValueError("--batch_size and --windows must be at least 1")
+    if args.out is not None and args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give a file path (e.g. {args.out / 'eval.json'})")
     levels = parse_levels(args.sparsity)
     modes = [m for m in args.modes.split(",") if m]
     regimes = [r for r in args.regimes.split(",") if r]
@@ -188,7 +192,7 @@ def run(args):
     dtype = DTYPES[args.precision] if args.precision else (torch.bfloat16 if args.device.startswith("cuda")
                                                            else torch.float32)
     model = load_model(args.checkpoint_path, args.device, dtype)
-    tokenizer = load_tokenizer(args.checkpoint_path)
+    tokenizer = load_tokenizer(args.checkpoint_path, model.args.vocab_size)
     ids = tokenizer.encode(load_text(args.data))
     windows = token_windows(ids, args.windows, args.window_len, args.seed)
     print(f"{args.data}: {len(ids)} tokens, {len(windows)} windows x {args.window_len}", flush=True)

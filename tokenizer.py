@@ -245,8 +245,16 @@ def template_from_config(checkpoint_dir: Path) -> Optional[str]:
     return template
 
 
-def load_tokenizer(checkpoint_dir) -> Tokenizer:
-    checkpoint_dir = Path(checkpoint_dir)
+def load_tokenizer(checkpoint_dir, vocab_size: Optional[int] = None) -> Tokenizer:
+    """The checkpoint's tokenizer; vocab_size: the model's, which every token id must fit."""
+    tokenizer = _load_tokenizer(Path(checkpoint_dir))
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer in {checkpoint_dir} has {tokenizer.vocab_size} tokens but the model only "
+                         f"{vocab_size}: the folder mixes two models' files; convert the model into an empty folder")
+    return tokenizer
+
+
+def _load_tokenizer(checkpoint_dir: Path) -> Tokenizer:
     bpe_path, model_path = checkpoint_dir / "tokenizer_bpe.json", checkpoint_dir / "tokenizer.model"
     if bpe_path.is_file():
         return gguf_bpe_tokenizer(json.loads(bpe_path.read_text(encoding="utf-8")))

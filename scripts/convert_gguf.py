@@ -82,7 +82,8 @@ def config_from_gguf(reader, tensors: dict) -> dict:
     """Every ModelArgs field (model.py), read from the GGUF metadata."""
     arch = read_meta(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"GGUF architecture is {arch!r}; only 'llama' (Llama, Mistral, SmolLM2, ...) is supported")
+        raise ValueError(f"GGUF architecture is {arch!r}; only 'llama' with a byte-level BPE vocabulary (SmolLM2, "
+                         f"Llama-3) is supported: convert other models from their HF checkpoint")
     m = lambda key, default=KeyError: read_meta(reader, f"llama.{key}", default)  # noqa: E731
     dim, n_head = m("embedding_length"), m("attention.head_count")
     head_dim = m("attention.key_length", dim // n_head)

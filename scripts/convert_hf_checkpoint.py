@@ -137,15 +137,21 @@ def convert(src: Path, out: Path, dtype=None):
 
 
 def write_tokenizer(src: Path, out: Path):
-    """Copy the tokenizer files; a byte-level BPE that only has tokenizer.json (SmolLM2 on the hub)
-    is also written as tokenizer_bpe.json, the form tokenizer.py reads."""
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file() and not (out / Path(name).name).exists():
-            shutil.copy(src / name, out / Path(name).name)
+    """Copy the tokenizer files (over older ones: a folder converted into again must not keep another
+    model's tokenizer); a byte-level BPE that only has tokenizer.json (SmolLM2 on the hub) is also
+    written as tokenizer_bpe.json, the form tokenizer.py reads first, so an old one is removed otherwise."""
+    written = set()
+    for name in TOKENIZER_FILES:  # in order of preference: tokenizer.model before original/tokenizer.model
+        dest = out / Path(name).name
+        if (src / name).is_file() and dest.name not in written:
+            shutil.copy(src / name, dest)
+            written.add(dest.name)
     has_model = (src / "tokenizer.model").is_file() or (src / "original/tokenizer.model").is_file()
     if not has_model and (src / "tokenizer.json").is_file():
         spec = bpe_spec_from_hf(src)
         (out / "tokenizer_bpe.json").write_text(json.dumps(spec) + "\n")
+    else:
+        (out / "tokenizer_bpe.json").unlink(missing_ok=True)
 
 
 def bpe_spec_from_hf(src: Path) -> dict:

@@ -255,8 +255,9 @@ def prepare(data_dir: Path, gensim_package: Path, sentencepiece_package: Path) -
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", type=Path, default=Path("data"), help="where the text files go")
-    parser.add_argument("--downloads", type=Path, default=Path("downloads"),
+    root = Path(__file__).resolve().parent.parent  # data.py reads <repo>/data, wherever this runs from
+    parser.add_argument("--data_dir", type=Path, default=root / "data", help="where the text files go")
+    parser.add_argument("--downloads", type=Path, default=root / "downloads",
                         help="where the package files are looked for and downloaded to")
     parser.add_argument("--gensim", type=Path, help="the gensim 4.4.0 wheel or sdist, if already at hand")
     parser.add_argument("--sentencepiece", type=Path, help="the sentencepiece-0.2.0.tar.gz sdist, if already at hand")

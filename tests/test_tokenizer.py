@@ -202,6 +202,30 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused(smollm2_checkpoint):
+    """Another model's tokenizer left in the folder would emit ids past the embedding table."""
+    assert load_tokenizer(smollm2_checkpoint, 49152).vocab_size == 49152
+    with pytest.raises(ValueError, match="mixes two models"):
+        load_tokenizer(smollm2_checkpoint, 1000)
+
+
+def test_converting_again_replaces_the_tokenizer(tmp_path):
+    """convert_hf_checkpoint into a folder that holds another model's tokenizer: the new files replace the old,
+    and an old tokenizer_bpe.json (which load_tokenizer reads first) is removed."""
+    from scripts.convert_hf_checkpoint import write_tokenizer
+
+    src, out = tmp_path / "hf", tmp_path / "out"
+    (src / "original").mkdir(parents=True)
+    out.mkdir()
+    (src / "tokenizer.model").write_bytes(b"new")
+    (src / "original" / "tokenizer.model").write_bytes(b"original")
+    (out / "tokenizer.model").write_bytes(b"old")
+    (out / "tokenizer_bpe.json").write_text("{}")
+    write_tokenizer(src, out)
+    assert (out / "tokenizer.model").read_bytes() == b"new"  # the top-level file is preferred
+    assert not (out / "tokenizer_bpe.json").exists()
+
+
 def test_byte_decoder_is_gpt2s():
     table = gpt2_byte_decoder()
     assert sorted(table.values()) == list(range(256)) and len(table) == 256
