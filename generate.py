@@ -285,8 +285,11 @@ def build_model(args, tp=None) -> Transformer:
         from calibrate import SparsityFile
 
         path = args.sparsity_file or (None if args.random_weights else args.checkpoint_path / "sparsity.json")
-        sparsity = SparsityFile.load(path, model, args.checkpoint_path) if path else \
-            SparsityFile.for_random(model, greedy_seqs=4 if args.sparsity_mode == "greedy" else 0)
+        sparsity = SparsityFile.load(path, model, None if args.random_weights else args.checkpoint_path) if path \
+            else SparsityFile.for_random(model, greedy_seqs=4 if args.sparsity_mode == "greedy" else 0)
+        if args.random_weights and sparsity.model.get("sha256"):
+            raise ValueError(f"{path} was calibrated on a checkpoint's weights, not on random ones: drop "
+                             f"--sparsity_file (random weights calibrate on random tokens at startup)")
         model.set_thresholds(sparsity.thresholds(args.sparsity, args.sparsity_mode).to(args.device))
         broadcast_thresholds(model)  # random-token calibration may differ per rank: use rank 0's
         # Level 0 is dense by definition: take the dense path, exact in every dtype.

@@ -23,7 +23,8 @@ step() { echo "==> $*"; }
 
 if [ "$INSTALL" = 1 ]; then
   step "installing requirements"
-  # torch first and pinned: an open range would pull a multi-GB CUDA build onto CPU-only machines.
+  # A torch already installed is kept. Otherwise the version CI runs is installed; from PyPI that is
+  # the CUDA build on Linux: on a CPU-only machine install the CPU wheel first (README, Quickstart).
   "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
   "$PY" -m pip install -q -r requirements.txt
 fi
