@@ -156,7 +156,7 @@ def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, temperatu
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_size: int = 1,
-             temperature: float = 0.0, top_k: Optional[int] = None, stop_ids=None, callback=None,
+             temperature: float = 0.0, top_k: Optional[int] = None, stop_ids=None,
              decode_fn=decode_one_token, prefill_fn=prefill) -> Tensor:
     """prompt (T,) -> (batch_size, T + n) with n <= max_new_tokens (fewer if every row hit a stop id)."""
     device = prompt.device
@@ -179,14 +179,10 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_s
             done |= torch.isin(next_token.view(-1), stops)
             if bool(done.all()):
                 break
-        if callback is not None:
-            callback(next_token)
         next_token = decode_fn(model, next_token.view(batch_size, 1), input_pos, temperature, top_k).clone()
         seq[:, T + n:T + n + 1] = next_token
         input_pos += 1
         n += 1
-    if callback is not None:
-        callback(next_token)
     return seq[:, :T + n]
 
 
