@@ -40,7 +40,12 @@ def load_model(checkpoint_dir, device, dtype, tp=None) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+    try:
+        f = safe_open(str(weights_path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors' own error types: a truncated or foreign file
+        raise ValueError(f"{weights_path} is not a readable safetensors file ({e}): convert the checkpoint "
+                         f"again") from None
+    with f:
         got = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         if expected != got:
             missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
@@ -217,6 +222,11 @@ def ask_prompt():
 def run_cli(run, args):
     """Run a CLI's body; bad input (missing file, wrong shapes, bad level) becomes one line."""
     try:
+        if hasattr(args, "device"):
+            try:
+                torch.device(args.device)
+            except RuntimeError:
+                raise ValueError(f"--device {args.device!r} is not a device torch knows; use cpu or cuda[:N]") from None
         if str(getattr(args, "device", "")).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("CUDA is not available on this machine; use --device cpu")
         run(args)

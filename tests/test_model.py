@@ -181,6 +181,16 @@ def test_config_weight_mismatch_is_one_line_error(tmp_path):
     assert r.returncode != 0 and len(lines) == 1 and "does not match" in lines[0], r.stderr
 
 
+def test_truncated_weights_and_unknown_device_are_one_line_errors(tmp_path):
+    _, ckpt = make_hf_checkpoint(tmp_path, "tied")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for flags, message in (((), "not a readable safetensors file"), (("--device", "foo"), "not a device")):
+        r = run_generate("--checkpoint_path", str(ckpt), "--device", "cpu", *flags)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
+
+
 def test_convert_refuses_to_overwrite_the_snapshot(tmp_path):
     make_hf_checkpoint(tmp_path, "tied")
     with pytest.raises(ValueError, match="must differ"):
