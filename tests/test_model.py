@@ -176,6 +176,10 @@ def test_config_weight_mismatch_is_one_line_error(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not match"):
         load_model(ckpt, "cpu", torch.float32)
+    (ckpt / "config.json").write_text(json.dumps(dict(cfg, dim="x")))
+    with pytest.raises(ValueError, match="must be numbers"):
+        load_model(ckpt, "cpu", torch.float32)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
     r = run_generate("--checkpoint_path", str(ckpt), "--device", "cpu")
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "does not match" in lines[0], r.stderr
