@@ -208,11 +208,8 @@ def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], sp
     return y
 
 
-def _contiguous_rows(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
+def _contiguous_rows(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t with unit stride along its last axis, as the kernels read every tensor (None stays None)."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
@@ -228,8 +225,7 @@ def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], spli
                       norm_weight: Optional[Tensor] = None, eps: float = 0.0,
                       residual: Optional[Tensor] = None) -> Tensor:
     x, (w_t, copied) = _contiguous_rows(x), _weights(w_t)
-    residual = None if residual is None else _contiguous_rows(residual)
-    thresholds, norm_weight = _unit_stride(thresholds), _unit_stride(norm_weight)  # the kernel reads them so
+    residual, thresholds, norm_weight = (_contiguous_rows(t) for t in (residual, thresholds, norm_weight))
     if use_triton(x):
         return run_triton("linear", x, w_t, thresholds, splits, norm_weight=norm_weight, eps=eps, residual=residual,
                           early_weights=not copied)
@@ -246,7 +242,7 @@ def _(x, w_t, thresholds, splits, norm_weight=None, eps=0.0, residual=None):
 def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor],
                          residual: Optional[Tensor] = None) -> Tensor:
     gate_up, (w_t, copied) = _contiguous_rows(gate_up), _weights(w_t)
-    residual, threshold = None if residual is None else _contiguous_rows(residual), _unit_stride(threshold)
+    residual, threshold = _contiguous_rows(residual), _contiguous_rows(threshold)
     if use_triton(gate_up):
         return run_triton("silu_down", gate_up, w_t, threshold, [w_t.shape[1]], residual=residual,
                           early_weights=not copied)
