@@ -56,7 +56,7 @@ class ModelArgs:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"config has unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
-        numbers = {f.name for f in fields(cls)} - {"rope_scaling", "tie_embeddings"}
+        numbers = known - {"rope_scaling", "tie_embeddings"}
         wrong = sorted(k for k, v in d.items() if k in numbers and v is not None and
                        (isinstance(v, bool) or not isinstance(v, (int, float))))
         if wrong:
