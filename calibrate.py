@@ -542,11 +542,10 @@ def main(argv=None):
 
 def run(args):
     from data import calibration_tokens
-    from generate import DTYPES, load_model
+    from generate import DTYPES, load_model, refuse_directory
     from tokenizer import load_tokenizer
 
-    if args.out is not None and args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a directory; give a file path (e.g. {args.out / 'sparsity.json'})")
+    refuse_directory(args.out, "sparsity.json")
     if args.tokens < args.seq_len or args.seq_len < 2:
         raise ValueError(f"--tokens ({args.tokens}) must be at least --seq_len ({args.seq_len}), which must be >= 2")
     if args.batch_size < 1:

@@ -174,15 +174,14 @@ def main(argv=None):
 def run(args):
     from calibrate import SparsityFile
     from data import load_text, token_windows
-    from generate import DTYPES, load_model
+    from generate import DTYPES, load_model, refuse_directory
     from tokenizer import load_tokenizer
 
     if args.paper:
         args.windows, args.window_len, args.scored = 128, 2048, 512
     if args.batch_size < 1 or args.windows < 1:
         raise ValueError("--batch_size and --windows must be at least 1")
-    if args.out is not None and args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a directory; give a file path (e.g. {args.out / 'eval.json'})")
+    refuse_directory(args.out, "eval.json")
     levels = parse_levels(args.sparsity)
     modes = [m for m in args.modes.split(",") if m]
     regimes = [r for r in args.regimes.split(",") if r]

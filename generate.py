@@ -223,18 +223,29 @@ def run_cli(run, args):
     """Run a CLI's body; bad input (missing file, wrong shapes, bad level) becomes one line."""
     try:
         if hasattr(args, "device"):
-            try:
-                torch.device(args.device)
-            except RuntimeError:
-                raise ValueError(f"--device {args.device!r} is not a device torch knows; use cpu or cuda[:N]") from None
-        if str(getattr(args, "device", "")).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("CUDA is not available on this machine; use --device cpu")
+            check_device(args.device)
         run(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     from tp import close_distributed
 
     close_distributed()
+
+
+def check_device(device: str) -> None:
+    """A one-line error for a device torch does not know, or CUDA where there is none."""
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device torch knows; use cpu or cuda[:N]") from None
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available on this machine; use --device cpu")
+
+
+def refuse_directory(path, example_name: str) -> None:
+    """--out must name a file: say so before a long run, not after it."""
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"--out {path} is a directory; give a file path (e.g. {Path(path) / example_name})")
 
 
 def default_device() -> str:
