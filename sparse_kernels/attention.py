@@ -12,7 +12,10 @@ tl.dot (the G rows padded to 16), masked positions are never loaded. It stores i
 max, sum and (G, hd) accumulator as fp32 partials and increments the head's arrival counter;
 the last program to arrive merges the partials (all splits' m and l in one load, the
 accumulators a few splits per load, summed in split order: deterministic), writes the output
-and resets the counter to 0 for the next call (no memset, CUDA-graph safe).
+and resets the counter to 0 for the next call (no memset, CUDA-graph safe). The decode step
+splits only the positions it attends (0..pos, read from the device, so one CUDA graph serves
+every position): programs left without positions store nothing, and a single live split writes the
+output without a merge; caches of up to 256 positions take one program per head (geometry).
 
 On Hopper and newer the decode step is launched with programmatic dependent launch: the
 position, its angles and the first cache tile (all written long before) are requested before
@@ -51,8 +54,6 @@ def decode_attention_kernel(
     b = head // KV
     q_ptrs = q_ptr + b * stride_qb + (head % KV) * stride_qkv + offs_g[:, None] * stride_qg
     q_ok = g_ok[:, None] & d_ok[None, :]
-    start = split * per_split
-    end = tl.minimum(start + per_split, S)
     offs_b = tl.arange(0, BLOCK_S)
     # What does not come from the kernel before (the position, its angles and the first cache
     # tile, written by earlier steps) is requested first; with PDL, before the wait for q/k/v.
@@ -60,8 +61,18 @@ def decode_attention_kernel(
         pos = tl.load(pos_ptr).to(tl.int32)
         cos = tl.load(freqs_ptr + pos * stride_f + (offs_d // 2) * 2, mask=d_ok, other=0.0)
         sin = tl.load(freqs_ptr + pos * stride_f + (offs_d // 2) * 2 + 1, mask=d_ok, other=0.0)
+        # Only positions 0..pos are split (live_splits): a program that gets none stores nothing and
+        # takes no part in the merge, and with a single live split nothing is merged at all.
+        n_live = tl.minimum(n_split, tl.cdiv(pos + 1, BLOCK_S))
+        per_split = tl.cdiv(tl.cdiv(pos + 1, n_live), BLOCK_S) * BLOCK_S
+        n_live = tl.cdiv(pos + 1, per_split)
+        start = split * per_split
+        end = tl.minimum(start + per_split, pos + 1)
     else:
         pos = 0  # (unused without ROPE)
+        n_live = n_split
+        start = split * per_split
+        end = tl.minimum(start + per_split, S)
     k, v, valid = _cache_tile(k_ptr, v_ptr, mask_ptr, head, start, end, pos, offs_b, offs_d, d_ok, stride_kh,
                               stride_ks, ROPE)
     if ROPE:
@@ -99,21 +110,21 @@ def decode_attention_kernel(
     # the loads are in flight together).
     out_ptrs = out_ptr + head * stride_oh + offs_g[:, None] * HD + offs_d[None, :]
     out_ok = g_ok[:, None] & d_ok[None, :]
-    if n_split == 1:
-        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok)
-    else:
+    if n_live == 1:
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_ok & (split == 0))
+    elif split < n_live:
         row = (head * n_split + split) * G_PAD + offs_g  # (G_PAD,) partial rows
         tl.store(ml_ptr + row * 2, m_i)
         tl.store(ml_ptr + row * 2 + 1, l_i)
         tl.store(part_ptr + row[:, None] * HD_PAD + offs_d[None, :], acc)
         tl.debug_barrier()  # every thread's partial is written before the arrival is published
         arrived = tl.atomic_add(count_ptr + head, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_split - 1:  # only the G real rows now (G_M of them, not the 16 of tl.dot)
+        if arrived == n_live - 1:  # only the G real rows now (G_M of them, not the 16 of tl.dot)
             offs_gm = tl.arange(0, G_M)
             gm_ok = offs_gm < G
             offs_sp = tl.arange(0, SPLIT_PAD)
             rows = (head * n_split + offs_sp[:, None]) * G_PAD + offs_gm[None, :]  # (SPLIT_PAD, G_M)
-            sp_ok = (offs_sp < n_split)[:, None] & gm_ok[None, :]
+            sp_ok = (offs_sp < n_live)[:, None] & gm_ok[None, :]
             m_s = tl.load(ml_ptr + rows * 2, mask=sp_ok, other=float("-inf"), cache_modifier=".cg")
             l_s = tl.load(ml_ptr + rows * 2 + 1, mask=sp_ok, other=0.0, cache_modifier=".cg")
             m_all = tl.max(m_s, axis=0)  # (G_M,)
@@ -124,7 +135,7 @@ def decode_attention_kernel(
             for c in tl.static_range(0, SPLIT_PAD, RS):
                 sp = c + offs_r
                 rc = (head * n_split + sp[:, None]) * G_PAD + offs_gm[None, :]  # (RS, G_M)
-                rc_ok = (sp < n_split)[:, None] & gm_ok[None, :]
+                rc_ok = (sp < n_live)[:, None] & gm_ok[None, :]
                 m_c = tl.load(ml_ptr + rc * 2, mask=rc_ok, other=float("-inf"), cache_modifier=".cg")
                 a = tl.load(part_ptr + rc[:, :, None] * HD_PAD + offs_d[None, None, :],
                             mask=rc_ok[:, :, None], other=0.0, cache_modifier=".cg")  # (RS, G_M, HD_PAD)
@@ -199,8 +210,8 @@ def walkable(k, v) -> bool:
 
 
 def default_block_s(S: int) -> int:
-    """Cache positions per step. On the H200 (scripts/bench_attention.py, 2 warps, Llama-3-8B heads)
-    32 was fastest up to S = 512 (5.9 us at S = 205 against 6.8 for 64), 64 from S = 1024 on."""
+    """Cache positions per step of the plain op. On the H200 (scripts/bench_attention.py, 2 warps, Llama-3-8B
+    heads) 32 was fastest up to S = 512 (5.9 us at S = 205 against 6.8 for 64), 64 from S = 1024 on."""
     return 32 if S <= 512 else 64
 
 
@@ -212,29 +223,58 @@ def plan(S: int, n_heads: int, block_s: int, n_sm: int = 132, max_split: int = 3
     return per_split, -(-S // per_split)
 
 
-def workspace_sizes(n_heads: int, G: int, hd: int, S: int, block_s: int = 0, n_sm: int = 132):
+# The decode step's geometry, measured on the H200 (Llama-3-8B heads, B = 1, bf16; the step's cost in a CUDA
+# graph of q/k/v -> step -> o, session 11 of NOTES.md): with caches of up to 256 positions one program per head
+# walks them 128 at a time (8 warps, no pipelining), since a merge of splits or a second tile costs ~3 us and a
+# single tile ~1; longer caches are split 32 positions at a time (4 warps) over as many programs as the step's
+# position needs.
+STEP_ONE_PROGRAM_MAX_S = 256
+
+
+def geometry(S: int, n_heads: int, n_sm: int = 132, step: bool = False, block_s: int = 0, num_warps: int = 0):
+    """dict(block_s, num_warps, num_stages (0: Triton's default), per_split, n_split) of a launch over caches
+    of S positions; block_s and num_warps override the defaults (0: the defaults)."""
+    if step and S <= STEP_ONE_PROGRAM_MAX_S:
+        block_s = block_s or min(128, max(16, next_pow2(S)))
+        return dict(block_s=block_s, num_warps=num_warps or 8, num_stages=1, per_split=-(-S // block_s) * block_s,
+                    n_split=1)
+    block_s = block_s or (32 if step else default_block_s(S))
+    per_split, n_split = plan(S, n_heads, block_s, n_sm)
+    return dict(block_s=block_s, num_warps=num_warps or (4 if step else 2), num_stages=0, per_split=per_split,
+                n_split=n_split)
+
+
+def live_splits(n_pos: int, n_split: int, block_s: int):
+    """(per_split, n_live): how the decode step's kernel splits the n_pos = pos + 1 positions it attends,
+    in n_live <= n_split splits of per_split positions (a multiple of block_s)."""
+    n_live = min(n_split, -(-n_pos // block_s))
+    per_split = -(-(-(-n_pos // n_live)) // block_s) * block_s
+    return per_split, -(-n_pos // per_split)
+
+
+def workspace_sizes(n_heads: int, G: int, hd: int, S: int, block_s: int = 0, n_sm: int = 132, step: bool = False):
     """fp32 partial words (accumulators, then m and l) and int32 counters one call needs."""
-    _, n_split = plan(S, n_heads, block_s or default_block_s(S), n_sm)
+    n_split = geometry(S, n_heads, n_sm, step, block_s)["n_split"]
     rows = n_heads * n_split * max(16, next_pow2(G))  # as launch pads G
     return rows * (max(16, next_pow2(hd)) + 2), n_heads
 
 
-def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 2, n_sm: int = 132,
+def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 0, n_sm: int = 132,
            rope=None):
     """q (B, KV, G, hd) with unit stride in hd, out (B * KV, G, hd) contiguous; k, v: the caches
     (B, KV, S, hd), contiguous per (b, kv) head with unit stride in hd; mask (S,) bool/uint8
-    (None with rope); n_sm: the device's SM count; block_s 0: default_block_s(S). rope: None, or
+    (None with rope); n_sm: the device's SM count; block_s, num_warps 0: geometry's defaults. rope: None, or
     (k_new, v_new (B, KV, hd) with unit stride in hd, the RoPE table (>= S, hd/2, 2) fp32 cos/sin
     with unit inner strides, pos (1,) int) for the causal decode step (q and k_new unrotated;
     k_new, v_new written to the caches at pos; positions <= pos attend).
-    Workspaces: see workspace_sizes (same block_s and n_sm)."""
+    Workspaces: see workspace_sizes (same block_s and n_sm, step=rope is not None)."""
     grid, args, meta = launch_plan(q, k, v, mask, out, part, counts, block_s, num_warps, n_sm, rope,
                                    interpreted=type(decode_attention_kernel).__name__ == "InterpretedFunction")
     decode_attention_kernel[grid](*args, **meta)
     return out
 
 
-def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 2, n_sm: int = 132,
+def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 0, n_sm: int = 132,
                 rope=None, interpreted=False):
     """launch's grid, positional arguments and keyword arguments, for Triton's interpreter or a GPU."""
     B, KV, G, hd = q.shape
@@ -243,8 +283,11 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
         raise ValueError("decode attention: k and v must share one layout, with unit stride along hd and each "
                          "batch row's heads after the previous row's; q needs unit stride along hd")
     H = B * KV
-    block_s = block_s or default_block_s(S)
-    per_split, n_split = plan(S, H, block_s, n_sm)
+    geo = geometry(S, H, n_sm, rope is not None, block_s, num_warps)
+    block_s, per_split, n_split = geo["block_s"], geo["per_split"], geo["n_split"]
+    if interpreted:  # the loop's bound must be static there; the step's splits follow its position
+        steps = (live_splits(int(rope[3].reshape(-1)[0]) + 1, n_split, block_s)[0] if rope is not None
+                 else per_split) // block_s
     g_pad, hd_pad = max(16, next_pow2(G)), max(16, next_pow2(hd))
     rows = H * n_split * g_pad
     split_pad = next_pow2(n_split)
@@ -266,10 +309,12 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
     trigger = pdl_enabled(q.device, interpreted)  # the o projection may launch during the merge
     pdl = trigger and rope is not None  # the decode step waits for q/k/v only after its cache loads
     meta = dict(G_PAD=g_pad, G_M=g_m, HD_PAD=hd_pad, BLOCK_S=block_s, SPLIT_PAD=split_pad, RS=rs, ROPE=rope is not None,
-                STATIC_STEPS=per_split // block_s if interpreted else 0,
+                STATIC_STEPS=steps if interpreted else 0,
                 DOT_F32=q.dtype == torch.float32 or interpreted,  # fp32: exact (ieee) dots
-                RTNE_BY_BITS=interpreted and q.dtype == torch.bfloat16, num_warps=num_warps,
+                RTNE_BY_BITS=interpreted and q.dtype == torch.bfloat16, num_warps=geo["num_warps"],
                 PDL=pdl, TRIGGER=trigger)
+    if geo["num_stages"]:
+        meta["num_stages"] = geo["num_stages"]
     if pdl:
         meta["launch_pdl"] = True
     return (H, n_split), args, meta

@@ -288,7 +288,8 @@ def _attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], r
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty(B * KV, G, hd, dtype=q.dtype, device=q.device)
     n_sm = sm_count(q.device)
-    part, counts, _, _ = workspace(q.device, *attention.workspace_sizes(B * KV, G, hd, k.shape[2], n_sm=n_sm), 0, 0)
+    part, counts, _, _ = workspace(q.device, *attention.workspace_sizes(B * KV, G, hd, k.shape[2], n_sm=n_sm,
+                                                                       step=rope is not None), 0, 0)
     mask = None if mask is None else mask.contiguous()
     attention.launch(_contiguous_rows(q), k, v, mask, out, part, counts, n_sm=n_sm, rope=rope)
     return out.view(B, KV, G, hd)

@@ -36,7 +36,9 @@ STEP_CASES = [
     (1, 2, 4, 205, 128, torch.bfloat16, 140),
     (2, 3, 3, 100, 64, torch.float16, 0),  # the first position: only the new k/v attend
     (1, 2, 2, 3000, 32, torch.float32, 2999),  # the last position of the last of 32 splits
-    (2, 2, 1, 130, 80, torch.bfloat16, 64),  # hd not a power of two; the position starts a split
+    (2, 2, 1, 130, 80, torch.bfloat16, 64),  # hd not a power of two; the position starts a tile
+    (1, 2, 4, 600, 64, torch.bfloat16, 300),  # split: 10 of the 19 programs per head hold positions, 9 idle
+    (1, 2, 2, 400, 32, torch.float32, 20),  # split, but one program holds every position: nothing to merge
 ]
 
 
@@ -103,7 +105,7 @@ def run_step(attention, B, KV, G, S, hd, dtype, pos, seed):
     q, k, v = split_qkv(qkv, n_head, KV, hd)  # the views the op hands the kernel
     unrotated = decode_attention_ref(q, k_ref, v_ref, torch.arange(S) <= pos).reshape(B * KV, G, hd)
     y = torch.full((B * KV, G, hd), float("nan"), dtype=dtype)
-    n_part, n_count = attention.workspace_sizes(B * KV, G, hd, S)
+    n_part, n_count = attention.workspace_sizes(B * KV, G, hd, S, step=True)
     part, counts = torch.full((n_part,), float("nan")), torch.zeros(n_count, dtype=torch.int32)
     before = k_cache.clone()
     attention.launch(q, k_cache, v_cache, None, y, part, counts, rope=(k, v, table, input_pos))
