@@ -4,12 +4,14 @@
 
 Checks: the op against decode_attention_ref (7 shapes, bf16/fp16/fp32, partial masks, two calls
 equal), the decode step op (RoPE + cache write + attention) against decode_attention_step_ref
-(output and caches), both inside torch.compile(fullgraph, reduce-overhead) with new inputs per
-call. Timing:
-Llama-3-8B heads (8 kv x 4 q heads, hd 128), bf16, one CUDA graph over 32 layers' caches (as in a
-decode step), median per call, for cache lengths S with the first `valid` fraction attended:
+(output and caches; 8 shapes and positions), both inside torch.compile(fullgraph, reduce-overhead)
+with new inputs per call (the step at positions that change its number of splits within one graph).
+Timing: Llama-3-8B heads (8 kv x 4 q heads, hd 128), bf16, one CUDA graph over 32 layers' caches (as
+in a decode step), median per call, for cache lengths S with the first `valid` fraction attended:
 the compiled reference (bmm + softmax + bmm, what inductor makes of it) against the kernel at
 each (BLOCK_S, num_warps, programs per SM) tried; the op uses the defaults of attention.launch.
+Then the decode step op against its compiled reference at three positions per S, and the step's
+cost in a chain of q/k/v -> step -> o launches, as the model runs it (step_in_context).
 """
 import argparse
 import itertools
@@ -34,6 +36,12 @@ CHECKS = [  # B, KV, G, S, hd, dtype, attended fraction
     (1, 8, 8, 1000, 128, torch.float32, 0.6), (8, 8, 4, 205, 128, torch.bfloat16, 1.0),
     (1, 2, 2, 130, 80, torch.bfloat16, 0.5),
 ]
+# the decode step: B, KV, G, S, hd, dtype, position (one program per head up to S = 256, then splits of the
+# positions up to the step's: one, several, all)
+STEP_CHECKS = [(1, 8, 4, 205, 128, torch.bfloat16, 140), (2, 3, 3, 100, 64, torch.float16, 0),
+               (1, 8, 4, 8192, 128, torch.bfloat16, 8191), (2, 2, 1, 130, 80, torch.float32, 64),
+               (1, 8, 4, 256, 128, torch.bfloat16, 255), (1, 8, 4, 257, 128, torch.bfloat16, 256),
+               (1, 8, 4, 2048, 128, torch.bfloat16, 20), (1, 8, 4, 2048, 128, torch.bfloat16, 300)]
 # (BLOCK_S, num_warps, programs per SM that plan() aims at; the op's plan aims at 4)
 CONFIGS = [(32, 2, 4), (64, 2, 4), (64, 2, 2), (64, 4, 4), (128, 4, 4), (128, 8, 4), (128, 8, 2), (128, 4, 1)]
 
@@ -66,8 +74,7 @@ def check_step() -> list:
     """The decode step op: output and the written cache entries against the reference."""
     g = torch.Generator(device="cuda").manual_seed(3)
     failures = []
-    for B, KV, G, S, hd, dtype, pos in [(1, 8, 4, 205, 128, torch.bfloat16, 140), (2, 3, 3, 100, 64, torch.float16, 0),
-                                        (1, 8, 4, 8192, 128, torch.bfloat16, 8191), (2, 2, 1, 130, 80, torch.float32, 64)]:
+    for B, KV, G, S, hd, dtype, pos in STEP_CHECKS:
         qkv, n_head, (kc, vc), table, input_pos = step_inputs(B, KV, G, S, hd, dtype, pos, g)
         if not ops.use_attention_kernel(qkv, hd):  # else the op would only be checking its own fallback
             failures.append(dict(shape=[B, KV, G, S, hd, str(dtype), pos], error="the Triton kernel is not used"))
@@ -109,16 +116,20 @@ def check_compiled() -> list:
         def forward(self, qkv, table, pos):
             return decode_attention_step(qkv, 32, self.kc, self.vc, table, pos)
 
-    qkv, _, (kc, vc), table, _ = step_inputs(1, 8, 4, S, 128, torch.bfloat16, 0, g)
-    step = Step(kc, vc)
-    f_step = torch.compile(step, fullgraph=True, mode="reduce-overhead")
-    kr, vr = kc.clone(), vc.clone()
-    for pos in (3, 4, 5, 6):
-        qkv2 = torch.randn_like(qkv)
-        input_pos = torch.tensor([pos], device="cuda")
-        y = f_step(qkv2, table, input_pos).clone()
-        r = decode_attention_step_ref(qkv2, 32, kr, vr, table, input_pos)
-        errs.append(max((y.float() - r.float()).abs().max().item(), (step.kc.float() - kr.float()).abs().max().item()))
+    # one program per head (S = 205); splits whose number follows the position, in one graph (S = 1024)
+    for S_step, positions in ((S, (3, 4, 5, 6)), (1024, (3, 40, 500, 1023))):
+        torch._dynamo.reset()  # a new cache length is a new graph, not a recompile of the one before
+        qkv, _, (kc, vc), table, _ = step_inputs(1, 8, 4, S_step, 128, torch.bfloat16, 0, g)
+        step = Step(kc, vc)
+        f_step = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+        kr, vr = kc.clone(), vc.clone()
+        for pos in positions:
+            qkv2 = torch.randn_like(qkv)
+            input_pos = torch.tensor([pos], device="cuda")
+            y = f_step(qkv2, table, input_pos).clone()
+            r = decode_attention_step_ref(qkv2, 32, kr, vr, table, input_pos)
+            errs.append(max((y.float() - r.float()).abs().max().item(),
+                            (step.kc.float() - kr.float()).abs().max().item()))
     torch._dynamo.config.error_on_recompile = False
     return errs
 
@@ -127,6 +138,60 @@ def graph_us(fn, calls: int) -> float:
     """One CUDA graph of `calls` calls, fn(i) for the i-th cache set: median replay time per call."""
     step = itertools.count()
     return graph_time_us(lambda: fn(next(step) % calls), calls=calls, replays=9)
+
+
+def step_in_context(lengths, layers: int = 24, device: str = "cuda", timed: bool = True) -> list:
+    """The decode step's cost where the model runs it: one CUDA graph of `layers` x [q/k/v + RMSNorm -> step ->
+    o + residual] (Llama-3-8B shapes, B = 1, bf16, our matvec ops) against the same chain without the step (o
+    reads q's rows from q/k/v's output), per layer, at three positions per cache length, dense and with every
+    matvec input at 50% (thresholds: the median |x| of each chain's own first-layer inputs). With PDL the step
+    requests its cache tiles while q/k/v drains and o launches during its merge, which timing it alone misses.
+    timed=False (CPU smoke): each chain runs once and the rows hold its output's mean magnitude."""
+    from sparse_kernels import sparse_linear
+    from sparse_kernels.reference import rms_norm
+
+    D, N_QKV, KV, HD, bf = 4096, 6144, 8, 128, torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(4)
+    w_qkv = [(torch.randn(D, N_QKV, device=device, generator=g) / 64).to(bf) for _ in range(layers)]
+    w_o = [(torch.randn(D, D, device=device, generator=g) / 64).to(bf) for _ in range(layers)]
+    norm_w = (0.5 + torch.rand(D, device=device, generator=g)).to(bf)
+    x0 = (torch.randn(1, D, device=device, generator=g) * 3).to(bf)
+    rows = []
+    for S in lengths:
+        caches = [[torch.randn(1, KV, S, HD, device=device, generator=g).to(bf) for _ in range(2)]
+                  for _ in range(layers)]
+        angles = torch.rand(S, HD // 2, device=device, generator=g) * 6.0
+        table = torch.stack([angles.cos(), angles.sin()], dim=-1)
+        for pos in sorted({min(S - 1, 20), S // 2, S - 1}):
+            pos_t = torch.tensor([pos], device=device)
+
+            def o_input(qkv, i, attend):
+                return (decode_attention_step(qkv, 32, *caches[i], table, pos_t).view(1, D) if attend
+                        else qkv[:, :D])
+
+            def chain(thr_qkv, thr_o, attend):
+                x = x0
+                for i in range(layers):
+                    qkv = sparse_linear(x, w_qkv[i], thr_qkv, [4096, 1024, 1024], norm_weight=norm_w, eps=1e-5)
+                    x = sparse_linear(o_input(qkv, i, attend), w_o[i], thr_o, [D], residual=x)
+                return x
+
+            row = dict(S=S, pos=pos)
+            for p in (None, 0.5):
+                per_layer = {}
+                for attend in (True, False):
+                    thr_qkv = thr_o = None
+                    if p is not None:
+                        thr_qkv = rms_norm(x0, norm_w, 1e-5).float().abs().quantile(p).expand(3).contiguous()
+                        qkv0 = sparse_linear(x0, w_qkv[0], None, [N_QKV], norm_weight=norm_w, eps=1e-5)
+                        thr_o = o_input(qkv0, 0, attend).float().abs().quantile(p).reshape(1)
+                    run = lambda: chain(thr_qkv, thr_o, attend)  # noqa: E731
+                    per_layer[attend] = (min(graph_time_us(run, calls=1, replays=9) for _ in range(2)) / layers
+                                         if timed else run().float().abs().mean().item())
+                row["dense" if p is None else f"p{p}"] = dict(with_step=per_layer[True], without=per_layer[False],
+                                                              step=per_layer[True] - per_layer[False])
+            rows.append(row)
+    return rows
 
 
 def time_kernel(q, caches, mask, block_s, num_warps, per_sm):
@@ -164,7 +229,7 @@ def main():
     result["checks"] = dict(failures=failures, compiled_max_err=errs,  # a sum of two outputs: twice the tolerance
                             ok=not failures and max(errs) <= 2 * TOL[torch.bfloat16])
     n_bad = len({str(f["shape"]) for f in failures})
-    print(f"checks: {len(CHECKS) + 4 - n_bad}/{len(CHECKS) + 4} shapes pass {failures or ''}; compiled "
+    print(f"checks: {len(CHECKS) + len(STEP_CHECKS) - n_bad}/{len(CHECKS) + len(STEP_CHECKS)} shapes pass {failures or ''}; compiled "
           f"reduce-overhead max errors {['%.3g' % e for e in errs]} ({time.time() - t0:.0f} s)", flush=True)
 
     ref_compiled = torch.compile(decode_attention_ref, fullgraph=True)
@@ -189,12 +254,15 @@ def main():
         qkv, n_head, _, table, _ = step_inputs(1, 8, 4, S, 128, torch.bfloat16, 0, g)
         caches = [tuple(torch.randn(1, 8, S, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
                   for _ in range(32)]
-        pos = torch.tensor([S // 2], device="cuda")
-        row = dict(S=S, valid=0.5,
-                   compiled_ref_us=graph_us(lambda i: ref_step(qkv, n_head, *caches[i], table, pos), 32),
-                   op_us=graph_us(lambda i: decode_attention_step(qkv, n_head, *caches[i], table, pos), 32))
-        step_rows.append(row)
+        for pos in sorted({min(S - 1, 20), S // 2, S - 1}):
+            pos_t = torch.tensor([pos], device="cuda")
+            row = dict(S=S, pos=pos,
+                       compiled_ref_us=graph_us(lambda i: ref_step(qkv, n_head, *caches[i], table, pos_t), 32),
+                       op_us=graph_us(lambda i: decode_attention_step(qkv, n_head, *caches[i], table, pos_t), 32))
+            step_rows.append(row)
     result["step_rows"] = step_rows
+    context_rows = step_in_context([int(s) for s in args.lengths.split(",")])
+    result["step_in_context"] = context_rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}; bf16, Llama-3-8B heads, "
@@ -206,10 +274,14 @@ def main():
     for r in rows:
         print(f"{r['S']:5d} {r['valid']:5.2f} {r['compiled_ref_us']:8.1f} {r['op_us']:6.1f} " +
               " ".join(f"{r['kernel_us'][n]:8.1f}" for n in names))
-    print("decode step (RoPE + cache write + attention), half the cache attended:")
-    print(f"{'S':>5} {'compiled':>8} {'op':>6}")
+    print("decode step (RoPE + cache write + attention) at position pos:")
+    print(f"{'S':>5} {'pos':>5} {'compiled':>8} {'op':>6}")
     for r in step_rows:
-        print(f"{r['S']:5d} {r['compiled_ref_us']:8.1f} {r['op_us']:6.1f}")
+        print(f"{r['S']:5d} {r['pos']:5d} {r['compiled_ref_us']:8.1f} {r['op_us']:6.1f}")
+    print("the step in context: us per layer of q/k/v + step + o minus q/k/v + o (24 layers in one CUDA graph):")
+    print(f"{'S':>5} {'pos':>5} {'dense':>6} {'p=0.5':>6}")
+    for r in context_rows:
+        print(f"{r['S']:5d} {r['pos']:5d} {r['dense']['step']:6.2f} {r['p0.5']['step']:6.2f}")
 
 
 if __name__ == "__main__":
