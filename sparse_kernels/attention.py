@@ -22,7 +22,8 @@ position, its angles and the first cache tile (all written long before) are requ
 the kernel waits for the q/k/v projection (gdc_wait), and once every program has attended, the
 o projection may launch during the merge. The matvec kernels let a successor launched this way
 start early too (triton_kernels.py). A caller must therefore not write the caches, the RoPE
-table or the position in the kernel right before the step (TEAL_NO_PDL=1 turns this off).
+table or the position in the kernel right before the step (TEAL_NO_PDL=1 turns this off): the
+number of splits that merge follows the position, so every program must read the same one.
 """
 import torch
 import triton
@@ -62,12 +63,14 @@ def decode_attention_kernel(
         cos = tl.load(freqs_ptr + pos * stride_f + (offs_d // 2) * 2, mask=d_ok, other=0.0)
         sin = tl.load(freqs_ptr + pos * stride_f + (offs_d // 2) * 2 + 1, mask=d_ok, other=0.0)
         # Only positions 0..pos are split (live_splits): a program that gets none stores nothing and
-        # takes no part in the merge, and with a single live split nothing is merged at all.
-        n_live = tl.minimum(n_split, tl.cdiv(pos + 1, BLOCK_S))
-        per_split = tl.cdiv(tl.cdiv(pos + 1, n_live), BLOCK_S) * BLOCK_S
-        n_live = tl.cdiv(pos + 1, per_split)
+        # takes no part in the merge, and with a single live split nothing is merged at all. A position
+        # past the cache (a caller's error) reads and writes nothing beyond it.
+        n_pos = tl.minimum(pos + 1, S)
+        n_live = tl.minimum(n_split, tl.cdiv(n_pos, BLOCK_S))
+        per_split = tl.cdiv(tl.cdiv(n_pos, n_live), BLOCK_S) * BLOCK_S
+        n_live = tl.cdiv(n_pos, per_split)
         start = split * per_split
-        end = tl.minimum(start + per_split, pos + 1)
+        end = tl.minimum(start + per_split, n_pos)
     else:
         pos = 0  # (unused without ROPE)
         n_live = n_split
@@ -286,7 +289,7 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
     geo = geometry(S, H, n_sm, rope is not None, block_s, num_warps)
     block_s, per_split, n_split = geo["block_s"], geo["per_split"], geo["n_split"]
     if interpreted:  # the loop's bound must be static there; the step's splits follow its position
-        steps = (live_splits(int(rope[3].reshape(-1)[0]) + 1, n_split, block_s)[0] if rope is not None
+        steps = (live_splits(min(int(rope[3].reshape(-1)[0]) + 1, S), n_split, block_s)[0] if rope is not None
                  else per_split) // block_s
     g_pad, hd_pad = max(16, next_pow2(G)), max(16, next_pow2(hd))
     rows = H * n_split * g_pad

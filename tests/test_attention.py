@@ -36,7 +36,7 @@ STEP_CASES = [
     (1, 2, 4, 205, 128, torch.bfloat16, 140),
     (2, 3, 3, 100, 64, torch.float16, 0),  # the first position: only the new k/v attend
     (1, 2, 2, 3000, 32, torch.float32, 2999),  # the last position of the last of 32 splits
-    (2, 2, 1, 130, 80, torch.bfloat16, 64),  # hd not a power of two; the position starts a tile
+    (2, 2, 1, 130, 80, torch.bfloat16, 128),  # hd not a power of two; the position starts the second tile
     (1, 2, 4, 600, 64, torch.bfloat16, 300),  # split: 10 of the 19 programs per head hold positions, 9 idle
     (1, 2, 2, 400, 32, torch.float32, 20),  # split, but one program holds every position: nothing to merge
 ]
@@ -82,7 +82,26 @@ def _child():
                            differs_from_unmasked=float((ref - wrong).abs().max()))
     for i, case in enumerate(STEP_CASES):
         out[f"step{i}"] = run_step(attention, *case, seed=100 + i)
+    out["past_the_cache"] = step_past_the_cache(attention)
     print(json.dumps(out))
+
+
+def step_past_the_cache(attention):
+    """A position at or past the cache's end (a caller's error the op cannot check without a sync):
+    nothing outside the cache is read or written, and the counters stay at zero."""
+    B, KV, G, S, hd, dtype = 1, 2, 2, 300, 32, torch.float32
+    qkv, n_head, (k_cache, v_cache), table, _ = make_step_inputs(B, KV, G, S, hd, dtype, 0, seed=7)
+    from sparse_kernels.reference import split_qkv
+    q, k, v = split_qkv(qkv, n_head, KV, hd)
+    store = torch.randn(2, B, KV, S + 1, hd)  # one guard row after each cache
+    k_cache, v_cache = store[0, :, :, :S], store[1, :, :, :S]
+    before = store.clone()
+    y = torch.full((B * KV, G, hd), float("nan"), dtype=dtype)
+    n_part, n_count = attention.workspace_sizes(B * KV, G, hd, S, step=True)
+    part, counts = torch.full((n_part,), float("nan")), torch.zeros(n_count, dtype=torch.int32)
+    attention.launch(q, k_cache, v_cache, None, y, part, counts, rope=(k, v, table, torch.tensor([S])))
+    return dict(untouched=bool(torch.equal(store, before)), counters=int(counts.abs().sum()),
+                finite=bool(torch.isfinite(y).all()))
 
 
 def make_step_inputs(B, KV, G, S, hd, dtype, pos, seed):
@@ -146,6 +165,11 @@ def test_decode_attention_step_matches_reference(interpreted, i):
     assert r["cache_rel_err"] <= CACHE_TOL[dtype], f"cache entry off by {r['cache_rel_err']:.3g} (relative)"
     if STEP_CASES[i][6] > 0:  # the check has teeth: RoPE changes the result (one position: softmax = 1)
         assert r["differs_unrotated"] > 10 * TOL[dtype]
+
+
+def test_decode_attention_step_past_the_cache_touches_nothing_outside(interpreted):
+    r = interpreted["past_the_cache"]
+    assert r["untouched"] and r["counters"] == 0 and r["finite"], r
 
 
 def test_decode_attention_step_op_on_cpu_is_the_reference():
