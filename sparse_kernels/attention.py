@@ -234,11 +234,13 @@ def plan(S: int, n_heads: int, block_s: int, n_sm: int = 132, max_split: int = 3
 STEP_ONE_PROGRAM_MAX_S = 256
 
 
-def geometry(S: int, n_heads: int, n_sm: int = 132, step: bool = False, block_s: int = 0, num_warps: int = 0):
+def geometry(S: int, n_heads: int, n_sm: int = 132, step: bool = False, block_s: int = 0, num_warps: int = 0,
+             row_bytes: int = 256):
     """dict(block_s, num_warps, num_stages (0: Triton's default), per_split, n_split) of a launch over caches
-    of S positions; block_s and num_warps override the defaults (0: the defaults)."""
-    if step and S <= STEP_ONE_PROGRAM_MAX_S:
-        block_s = block_s or min(128, max(16, next_pow2(S)))
+    of S positions with rows of row_bytes (padded hd x element size); block_s and num_warps override the
+    defaults (0: the defaults)."""
+    if step and S <= STEP_ONE_PROGRAM_MAX_S:  # tiles of at most 64 KB of k (the dots stage k and v in shared memory)
+        block_s = block_s or min(128, max(16, next_pow2(S)), max(16, 65536 // row_bytes))
         return dict(block_s=block_s, num_warps=num_warps or 8, num_stages=1, per_split=-(-S // block_s) * block_s,
                     n_split=1)
     block_s = block_s or (32 if step else default_block_s(S))
@@ -286,7 +288,7 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
         raise ValueError("decode attention: k and v must share one layout, with unit stride along hd and each "
                          "batch row's heads after the previous row's; q needs unit stride along hd")
     H = B * KV
-    geo = geometry(S, H, n_sm, rope is not None, block_s, num_warps)
+    geo = geometry(S, H, n_sm, rope is not None, block_s, num_warps, max(16, next_pow2(hd)) * q.element_size())
     block_s, per_split, n_split = geo["block_s"], geo["per_split"], geo["n_split"]
     if interpreted:  # the loop's bound must be static there; the step's splits follow its position
         steps = (live_splits(min(int(rope[3].reshape(-1)[0]) + 1, S), n_split, block_s)[0] if rope is not None
