@@ -144,8 +144,9 @@ def step_in_context(lengths, layers: int = 24, device: str = "cuda", timed: bool
     """The decode step's cost where the model runs it: one CUDA graph of `layers` x [q/k/v + RMSNorm -> step ->
     o + residual] (Llama-3-8B shapes, B = 1, bf16, our matvec ops) against the same chain without the step (o
     reads q's rows from q/k/v's output), per layer, at three positions per cache length, dense and with every
-    matvec input at 50% (thresholds: the median |x| of each chain's own first-layer inputs). With PDL the step
-    requests its cache tiles while q/k/v drains and o launches during its merge, which timing it alone misses.
+    matvec input at about 50% (thresholds: the median |x| of the first layer's inputs, o's taken after a dense
+    q/k/v; in the sparse chain o then keeps 47-49% of its inputs). With PDL the step requests its cache tiles
+    while q/k/v drains and o launches during its merge, which timing it alone misses.
     timed=False (CPU smoke): each chain runs once and the rows hold its output's mean magnitude."""
     from sparse_kernels import sparse_linear
     from sparse_kernels.reference import rms_norm

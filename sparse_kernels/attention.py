@@ -237,8 +237,9 @@ STEP_ONE_PROGRAM_MAX_S = 256
 def geometry(S: int, n_heads: int, n_sm: int = 132, step: bool = False, block_s: int = 0, num_warps: int = 0,
              row_bytes: int = 256):
     """dict(block_s, num_warps, num_stages (0: Triton's default), per_split, n_split) of a launch over caches
-    of S positions with rows of row_bytes (padded hd x element size); block_s and num_warps override the
-    defaults (0: the defaults)."""
+    of S positions; block_s and num_warps override the defaults (0: the defaults). step: the decode step's
+    geometry, whose kernel takes per_split from the position instead (live_splits); row_bytes (padded hd x
+    element size) bounds its one-program tile."""
     if step and S <= STEP_ONE_PROGRAM_MAX_S:  # tiles of at most 64 KB of k (the dots stage k and v in shared memory)
         block_s = block_s or min(128, max(16, next_pow2(S)), max(16, 65536 // row_bytes))
         return dict(block_s=block_s, num_warps=num_warps or 8, num_stages=1, per_split=-(-S // block_s) * block_s,
@@ -250,8 +251,8 @@ def geometry(S: int, n_heads: int, n_sm: int = 132, step: bool = False, block_s:
 
 
 def live_splits(n_pos: int, n_split: int, block_s: int):
-    """(per_split, n_live): how the decode step's kernel splits the n_pos = pos + 1 positions it attends,
-    in n_live <= n_split splits of per_split positions (a multiple of block_s)."""
+    """(per_split, n_live): how the decode step's kernel splits the n_pos = min(pos + 1, S) positions it
+    attends, in n_live <= n_split splits of per_split positions (a multiple of block_s)."""
     n_live = min(n_split, -(-n_pos // block_s))
     per_split = -(-(-(-n_pos // n_live)) // block_s) * block_s
     return per_split, -(-n_pos // per_split)
