@@ -62,9 +62,10 @@ def decode_attention_kernel(
         pos = tl.load(pos_ptr).to(tl.int32)
         cos = tl.load(freqs_ptr + pos * stride_f + (offs_d // 2) * 2, mask=d_ok, other=0.0)
         sin = tl.load(freqs_ptr + pos * stride_f + (offs_d // 2) * 2 + 1, mask=d_ok, other=0.0)
-        # Only positions 0..pos are split (live_splits): a program that gets none stores nothing and
-        # takes no part in the merge, and with a single live split nothing is merged at all. A position
-        # past the cache (a caller's error) reads and writes nothing beyond it.
+        # Only positions 0..pos are split, n_live <= n_split splits of per_split positions (a multiple of
+        # BLOCK_S, at most the launch's per_split): a program that gets none stores nothing and takes no
+        # part in the merge, and with a single live split nothing is merged at all. A position past the
+        # cache (a caller's error) reads and writes nothing beyond it.
         n_pos = tl.minimum(pos + 1, S)
         n_live = tl.minimum(n_split, tl.cdiv(n_pos, BLOCK_S))
         per_split = tl.cdiv(tl.cdiv(n_pos, n_live), BLOCK_S) * BLOCK_S
@@ -238,8 +239,8 @@ def geometry(S: int, n_heads: int, n_sm: int = 132, step: bool = False, block_s:
              row_bytes: int = 256):
     """dict(block_s, num_warps, num_stages (0: Triton's default), per_split, n_split) of a launch over caches
     of S positions; block_s and num_warps override the defaults (0: the defaults). step: the decode step's
-    geometry, whose kernel takes per_split from the position instead (live_splits); row_bytes (padded hd x
-    element size) bounds its one-program tile."""
+    geometry, whose kernel splits only the positions up to the step's, in at most per_split positions a
+    program; row_bytes (padded hd x element size) bounds its one-program tile."""
     if step and S <= STEP_ONE_PROGRAM_MAX_S:  # tiles of at most 64 KB of k (the dots stage k and v in shared memory)
         block_s = block_s or min(128, max(16, next_pow2(S)), max(16, 65536 // row_bytes))
         return dict(block_s=block_s, num_warps=num_warps or 8, num_stages=1, per_split=-(-S // block_s) * block_s,
@@ -248,14 +249,6 @@ def geometry(S: int, n_heads: int, n_sm: int = 132, step: bool = False, block_s:
     per_split, n_split = plan(S, n_heads, block_s, n_sm)
     return dict(block_s=block_s, num_warps=num_warps or (4 if step else 2), num_stages=0, per_split=per_split,
                 n_split=n_split)
-
-
-def live_splits(n_pos: int, n_split: int, block_s: int):
-    """(per_split, n_live): how the decode step's kernel splits the n_pos = min(pos + 1, S) positions it
-    attends, in n_live <= n_split splits of per_split positions (a multiple of block_s)."""
-    n_live = min(n_split, -(-n_pos // block_s))
-    per_split = -(-(-(-n_pos // n_live)) // block_s) * block_s
-    return per_split, -(-n_pos // per_split)
 
 
 def workspace_sizes(n_heads: int, G: int, hd: int, S: int, block_s: int = 0, n_sm: int = 132, step: bool = False):
@@ -291,9 +284,6 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
     H = B * KV
     geo = geometry(S, H, n_sm, rope is not None, block_s, num_warps, max(16, next_pow2(hd)) * q.element_size())
     block_s, per_split, n_split = geo["block_s"], geo["per_split"], geo["n_split"]
-    if interpreted:  # the loop's bound must be static there; the step's splits follow its position
-        steps = (live_splits(min(int(rope[3].reshape(-1)[0]) + 1, S), n_split, block_s)[0] if rope is not None
-                 else per_split) // block_s
     g_pad, hd_pad = max(16, next_pow2(G)), max(16, next_pow2(hd))
     rows = H * n_split * g_pad
     split_pad = next_pow2(n_split)
@@ -315,7 +305,8 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
     trigger = pdl_enabled(q.device, interpreted)  # the o projection may launch during the merge
     pdl = trigger and rope is not None  # the decode step waits for q/k/v only after its cache loads
     meta = dict(G_PAD=g_pad, G_M=g_m, HD_PAD=hd_pad, BLOCK_S=block_s, SPLIT_PAD=split_pad, RS=rs, ROPE=rope is not None,
-                STATIC_STEPS=steps if interpreted else 0,
+                # the interpreter's static loop bound: per_split also bounds the step's splits of 0..pos
+                STATIC_STEPS=per_split // block_s if interpreted else 0,
                 DOT_F32=q.dtype == torch.float32 or interpreted,  # fp32: exact (ieee) dots
                 RTNE_BY_BITS=interpreted and q.dtype == torch.bfloat16, num_warps=geo["num_warps"],
                 PDL=pdl, TRIGGER=trigger)
