@@ -140,6 +140,11 @@ def graph_us(fn, calls: int) -> float:
     return graph_time_us(lambda: fn(next(step) % calls), calls=calls, replays=9)
 
 
+def step_positions(S: int) -> list:
+    """The decode step's positions timed per cache length: early, the middle, the last."""
+    return sorted({min(S - 1, 20), S // 2, S - 1})
+
+
 def step_in_context(lengths, layers: int = 24, device: str = "cuda", timed: bool = True) -> list:
     """The decode step's cost where the model runs it: one CUDA graph of `layers` x [q/k/v + RMSNorm -> step ->
     o + residual] (Llama-3-8B shapes, B = 1, bf16, our matvec ops) against the same chain without the step (o
@@ -163,7 +168,7 @@ def step_in_context(lengths, layers: int = 24, device: str = "cuda", timed: bool
                   for _ in range(layers)]
         angles = torch.rand(S, HD // 2, device=device, generator=g) * 6.0
         table = torch.stack([angles.cos(), angles.sin()], dim=-1)
-        for pos in sorted({min(S - 1, 20), S // 2, S - 1}):
+        for pos in step_positions(S):
             pos_t = torch.tensor([pos], device=device)
 
             def o_input(qkv, i, attend):
@@ -255,7 +260,7 @@ def main():
         qkv, n_head, _, table, _ = step_inputs(1, 8, 4, S, 128, torch.bfloat16, 0, g)
         caches = [tuple(torch.randn(1, 8, S, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
                   for _ in range(32)]
-        for pos in sorted({min(S - 1, 20), S // 2, S - 1}):
+        for pos in step_positions(S):
             pos_t = torch.tensor([pos], device="cuda")
             row = dict(S=S, pos=pos,
                        compiled_ref_us=graph_us(lambda i: ref_step(qkv, n_head, *caches[i], table, pos_t), 32),
