@@ -238,7 +238,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         return decode_attention(q, k, v, mask[0]).view(B, H, T, hd)  # (B, KV, G, hd) -> (B, H, 1, hd)
     mask = mask.unsqueeze(0).expand(group, T, S).reshape(group * T, S)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, KV, G*T, hd)
-    return y.view(B, H, T, hd)
+    return y.reshape(B, H, T, hd)  # a copy where the backend's output is not contiguous (CUDA's efficient and math)
 
 
 class FeedForward(nn.Module):
