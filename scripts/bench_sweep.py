@@ -8,6 +8,8 @@ Protocol (DESIGN.md section 6): bf16, decode step compiled with mode="reduce-ove
 fullgraph, a 5-token prompt, 200 new tokens, median of 3 runs per level. Thresholds of a random
 model come from calibrate.py's own code on random tokens. A level change is a copy into the
 threshold buffers; the script counts recompilations to prove none happen. Writes JSON and a PNG.
+tokens/s counts every generation's whole time, the prompt's forward included; the table also
+gives that forward alone (prefill ms). --compile_prefill compiles it too (dynamic shapes).
 """
 import argparse
 import json
@@ -24,22 +26,34 @@ sys.path.insert(0, str(ROOT))
 from bench_kernels import copy_bandwidth  # noqa: E402  (this script's folder)
 from calibrate import SparsityFile  # noqa: E402
 from eval import measure_sparsity  # noqa: E402
-from generate import (DTYPES, configure_inductor, decode_one_token, generate, load_model, run_cli,  # noqa: E402
-                      random_model, synchronize, weight_bytes_per_token)
+from generate import (DTYPES, configure_inductor, decode_one_token, generate, load_model, prefill,  # noqa: E402
+                      random_model, run_cli, synchronize, weight_bytes_per_token)
 from tp import broadcast_thresholds, init_distributed  # noqa: E402
 
 
-def time_generation(model, prompt, n_new, decode_fn, runs, device) -> tuple:
+def time_generation(model, prompt, n_new, decode_fn, prefill_fn, runs, device) -> tuple:
     """Median tokens/s over `runs` generations (after one warm-up) and the last sequence."""
     rates = []
     for i in range(runs + 1):
         synchronize(device)
         t0 = time.perf_counter()
-        seq = generate(model, prompt, n_new, decode_fn=decode_fn)
+        seq = generate(model, prompt, n_new, decode_fn=decode_fn, prefill_fn=prefill_fn)
         synchronize(device)
         if i > 0:
             rates.append((seq.shape[1] - prompt.numel()) / (time.perf_counter() - t0))
     return statistics.median(rates), seq
+
+
+def time_prefill(model, prompt, prefill_fn, device, runs: int = 3) -> float:
+    """Median seconds of the prompt's forward and first sample alone (part of every generation's time)."""
+    times = []
+    for _ in range(runs):
+        synchronize(device)
+        t0 = time.perf_counter()
+        prefill_fn(model, prompt.view(1, -1), torch.arange(prompt.numel(), device=prompt.device), 0.0, None)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def dynamo_compiles() -> int:
@@ -116,6 +130,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--no_compile", action="store_true")
+    parser.add_argument("--compile_prefill", action="store_true",
+                        help="also compile the prompt forward (dynamic shapes), as generate.py --compile_prefill")
     parser.add_argument("--prefill_check", action="store_true", help="time prompt matmuls vs gpt-fast's layout")
     parser.add_argument("--out", type=Path, default=ROOT / "results/bench_sweep.json")
     run_cli(run, parser.parse_args(argv))
@@ -151,9 +167,14 @@ def run(args):
     configure_inductor()
     decode_fn = decode_one_token if args.no_compile else torch.compile(
         decode_one_token, mode="reduce-overhead" if on_cuda else None, fullgraph=on_cuda)
+    compile_prefill = args.compile_prefill and not args.no_compile
+    prefill_fn = torch.compile(prefill, fullgraph=on_cuda, dynamic=True) if compile_prefill else prefill
+    compile_s = {}
+    if compile_prefill:  # compiled on its own, so that the decode step's compile time stays its own figure
+        model.setup_caches(max_batch_size=1, max_seq_length=prompt.numel() + args.max_new_tokens)
+        compile_s["prefill"] = time_prefill(model, prompt, prefill_fn, device, runs=1)
 
     results = []
-    compile_s = {}
     for level in [None] + levels:
         sparse = level is not None
         model.sparse_decode = sparse
@@ -164,18 +185,20 @@ def run(args):
         if first not in compile_s:  # the first generation of each path compiles it
             synchronize(device)
             t_c = time.perf_counter()
-            generate(model, prompt, args.max_new_tokens, decode_fn=decode_fn)
+            generate(model, prompt, args.max_new_tokens, decode_fn=decode_fn, prefill_fn=prefill_fn)
             synchronize(device)
             compile_s[first] = time.perf_counter() - t_c
             compiles_after_warmup = dynamo_compiles()
-        tok_s, seq = time_generation(model, prompt, args.max_new_tokens, decode_fn, args.runs, device)
+        tok_s, seq = time_generation(model, prompt, args.max_new_tokens, decode_fn, prefill_fn, args.runs, device)
+        prefill_ms = time_prefill(model, prompt, prefill_fn, device) * 1e3
         realized = measure_sparsity(model, seq, prompt.numel()) if sparse else None
         per_proj = realized.per_projection if sparse else None
         bytes_per_token = weight_bytes_per_token(model, per_proj)
         results.append(dict(level=0.0 if not sparse else level, label="dense" if not sparse else f"{level:.2f}",
                             tokens_per_s=tok_s, realized=realized.model_wide if sparse else 0.0,
-                            gb_per_s_per_rank=bytes_per_token * tok_s / 1e9, tokens=seq.shape[1] - prompt.numel()))
-        print(f"  {results[-1]['label']:>6}: {tok_s:8.1f} tok/s", flush=True)
+                            gb_per_s_per_rank=bytes_per_token * tok_s / 1e9, tokens=seq.shape[1] - prompt.numel(),
+                            prefill_ms=prefill_ms))
+        print(f"  {results[-1]['label']:>6}: {tok_s:8.1f} tok/s (prefill {prefill_ms:.1f} ms)", flush=True)
     recompiles = dynamo_compiles() - compiles_after_warmup
     skips = cudagraph_skips()
     dense_tok = results[0]["tokens_per_s"]
@@ -192,7 +215,8 @@ def run(args):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(model=name, mode=mode, world_size=world, device=torch.cuda.get_device_name(device) if on_cuda
                 else "cpu", dtype=str(dtype), torch=torch.__version__, prompt_tokens=prompt.numel(),
-                new_tokens=args.max_new_tokens, runs=args.runs, compile_s=compile_s, recompiles_after_warmup=recompiles,
+                new_tokens=args.max_new_tokens, runs=args.runs, compile_prefill=compile_prefill, compile_s=compile_s,
+                recompiles_after_warmup=recompiles,
                 cudagraph_skips=skips,
                 copy_bandwidth=copy_bw, weight_bytes_per_token_per_rank=dense_bytes)
     if rank == 0:
@@ -207,12 +231,13 @@ def run(args):
     for row in prefill_rows:
         print(f"prefill {row['tokens']} tokens, block matmuls: ours {row['ours_ms']:.3f} ms, "
               f"gpt-fast layout {row['gpt_fast_layout_ms']:.3f} ms ({row['ratio']:.3f}x)")
-    print(f"\n| {name} {tp_label} | tok/s | speedup | realized | GB/s per rank | limit tok/s |")
-    print("|---|---|---|---|---|---|")
+    prefill_label = "compiled" if compile_prefill else "eager"
+    print(f"\n| {name} {tp_label} | tok/s | speedup | realized | GB/s per rank | limit tok/s | prefill ms ({prefill_label}) |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         limit = copy_bw / bytes_at(r["realized"])
         print(f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / dense_tok:.2f}x | {r['realized']:.3f} | "
-              f"{r['gb_per_s_per_rank']:.0f} | {limit:.0f} |")
+              f"{r['gb_per_s_per_rank']:.0f} | {limit:.0f} | {r['prefill_ms']:.1f} |")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 

@@ -99,3 +99,21 @@ def test_generate_cli_bad_input_is_one_line(smollm2_checkpoint, flags, message):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_bench_sweep_on_random_weights(tmp_path):
+    """scripts/bench_sweep.py end to end on a CPU (eager, tiny run): one JSON row per level, the prompt's
+    forward timed, and the sweep's 50% level skipping about half the block weights."""
+    import json
+
+    out = tmp_path / "sweep.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts/bench_sweep.py"), "--config", "SmolLM2-135M", "--device", "cpu",
+                    "--precision", "fp32", "--no_compile", "--levels", "0.5", "--max_new_tokens", "6", "--runs", "1",
+                    "--out", str(out)], check=True, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    dense, half = report["results"]
+    assert (dense["label"], half["label"]) == ("dense", "0.50")
+    assert dense["realized"] == 0.0 and abs(half["realized"] - 0.5) < 0.05, half
+    assert all(r["tokens_per_s"] > 0 and r["prefill_ms"] > 0 and r["tokens"] == 6 for r in (dense, half))
+    assert half["gb_per_s_per_rank"] / half["tokens_per_s"] < 0.7 * dense["gb_per_s_per_rank"] / dense["tokens_per_s"]
+    assert report["meta"]["compile_prefill"] is False and out.with_suffix(".png").exists()
