@@ -117,3 +117,25 @@ def test_bench_sweep_on_random_weights(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["prefill_ms"] > 0 and r["tokens"] == 6 for r in (dense, half))
     assert half["gb_per_s_per_rank"] / half["tokens_per_s"] < 0.7 * dense["gb_per_s_per_rank"] / dense["tokens_per_s"]
     assert report["meta"]["compile_prefill"] is False and out.with_suffix(".png").exists()
+
+
+def test_bench_sweep_compiles_the_prefill_that_generate_runs():
+    """bench_sweep compiles --compile_prefill's prompt forward on its own (to time it apart from the decode
+    step's compile): generate() must then run that graph, not trace a second one (the grad mode and the
+    prompt's layout are guarded). Dynamo's eager backend: the guards without inductor's compile time."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from torch._dynamo.utils import counters
+
+    from bench_sweep import time_prefill
+    from generate import prefill
+    from test_calibrate import small_model
+
+    torch._dynamo.reset()
+    model, prompt = small_model(), torch.tensor([5, 7, 11, 13, 17], dtype=torch.int)
+    prefill_fn = torch.compile(prefill, backend="eager", dynamic=True)
+    model.setup_caches(max_batch_size=1, max_seq_length=prompt.numel() + 4)
+    time_prefill(model, prompt, prefill_fn, "cpu", runs=1)
+    traced = counters["stats"]["unique_graphs"]
+    assert traced >= 1
+    generate(model, prompt, 4, prefill_fn=prefill_fn)
+    assert counters["stats"]["unique_graphs"] == traced
