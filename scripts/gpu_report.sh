@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement the README reports, in one go (one H200, ~11 minutes):
 # the end-to-end sweep on Llama-3-8B shapes (the prompt compiled; then eager, at 40% and 50%),
-# generate.py itself, and the tensor-parallel path at world size 1 against the plain path. Results (JSON, PNG, logs) go to $OUT (default results/).
+# generate.py itself, and the tensor-parallel path at world size 1 against the plain path.
+# Results (JSON, PNG, logs) go to $OUT (default results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results}
