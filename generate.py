@@ -159,10 +159,15 @@ def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, temperatu
     return sample(model(x, input_pos), temperature, top_k)
 
 
-def prompt_batch(prompt: Tensor, batch_size: int) -> Tensor:
-    """prompt (T,) -> (B, T): the prompt forward's input, a contiguous tensor that is no view (a compiled
-    prefill guards on its layout and on a view's base, so every caller passes this form)."""
-    return prompt.view(1, -1).repeat(batch_size, 1)
+@torch.no_grad()
+def run_prefill(model: Transformer, prompt: Tensor, batch_size: int = 1, temperature: float = 0.0,
+                top_k: Optional[int] = None, prefill_fn=prefill) -> Tensor:
+    """The prompt's forward and first sample as every generation runs them: prompt (T,) -> (B, 1). Its input
+    is a fresh contiguous (B, T) tensor under no_grad; a compiled prefill guards on the grad mode, the layout
+    and whether the input is a view, so a caller that compiles or times the prefill through here gets the
+    graph generate() runs."""
+    rows = prompt.view(1, -1).repeat(batch_size, 1)  # (B, T)
+    return prefill_fn(model, rows, torch.arange(0, prompt.numel(), device=prompt.device), temperature, top_k)
 
 
 @torch.no_grad()
@@ -176,11 +181,9 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_s
     T = prompt.numel()
     total = T + max_new_tokens
     model.setup_caches(max_batch_size=batch_size, max_seq_length=total)
-    prompt_rows = prompt_batch(prompt, batch_size)
     seq = torch.empty(batch_size, total, dtype=torch.int, device=device)
-    seq[:, :T] = prompt_rows
-    input_pos = torch.arange(0, T, device=device)
-    next_token = prefill_fn(model, prompt_rows, input_pos, temperature, top_k).clone()
+    seq[:, :T] = prompt.view(1, -1)
+    next_token = run_prefill(model, prompt, batch_size, temperature, top_k, prefill_fn).clone()
     seq[:, T:T + 1] = next_token
     n = 1
     stops = torch.tensor(sorted(stop_ids), device=device) if stop_ids else None

@@ -27,7 +27,7 @@ from bench_kernels import copy_bandwidth  # noqa: E402  (this script's folder)
 from calibrate import SparsityFile  # noqa: E402
 from eval import measure_sparsity  # noqa: E402
 from generate import (DTYPES, configure_inductor, decode_one_token, generate, load_model, prefill,  # noqa: E402
-                      prompt_batch, random_model, run_cli, synchronize, weight_bytes_per_token)
+                      random_model, run_cli, run_prefill, synchronize, weight_bytes_per_token)
 from tp import broadcast_thresholds, init_distributed  # noqa: E402
 
 
@@ -44,15 +44,14 @@ def time_generation(model, prompt, n_new, decode_fn, prefill_fn, runs, device) -
     return statistics.median(rates), seq
 
 
-@torch.no_grad()  # as generate() runs it: a compiled prefill guards on the grad mode
 def time_prefill(model, prompt, prefill_fn, device, runs: int = 3) -> float:
     """Median seconds of the prompt's forward and first sample alone (part of every generation's time),
-    called as generate() calls it, so a compiled prefill compiled here is the one generations run."""
+    run as generate() runs it, so a prefill compiled here is the one generations run."""
     times = []
     for _ in range(runs):
         synchronize(device)
         t0 = time.perf_counter()
-        prefill_fn(model, prompt_batch(prompt, 1), torch.arange(prompt.numel(), device=prompt.device), 0.0, None)
+        run_prefill(model, prompt, prefill_fn=prefill_fn)
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
