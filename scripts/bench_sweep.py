@@ -4,7 +4,7 @@
     python scripts/bench_sweep.py --checkpoint_path checkpoints/...     # a real model and its sparsity file
     torchrun --nproc_per_node 2 scripts/bench_sweep.py --config Llama-3-8B
 
-Protocol (DESIGN.md section 6): bf16, decode step compiled with mode="reduce-overhead" and
+Protocol (the design page's, section 6): bf16, decode step compiled with mode="reduce-overhead" and
 fullgraph, a 5-token prompt, 200 new tokens, median of 3 runs per level. Thresholds of a random
 model come from calibrate.py's own code on random tokens. A level change is a copy into the
 threshold buffers; the script counts recompilations to prove none happen. Writes JSON and a PNG.

@@ -1,4 +1,4 @@
-"""Prepare the offline text sources once into data/ (see data.py and DESIGN.md section 5).
+"""Prepare the offline text sources once into data/ (see data.py).
 
     python scripts/prepare_data.py [--data_dir data] [--downloads downloads]
 
