@@ -175,13 +175,18 @@ def silu_down_t(gate_up: Tensor, w_t: Tensor, threshold: Tensor, sparse: bool,
 
 
 def all_reduce_if_sharded(x: Tensor, group) -> Tensor:
-    """Sum the partial outputs of input-sharded projections over tensor-parallel ranks.
-    A functional collective, so torch.compile and CUDA graphs capture it."""
+    """Sum the partial outputs of input-sharded projections over tensor-parallel ranks. Traced by
+    torch.compile: the functional collective, which it and CUDA graphs capture. Eager: an in-place
+    all-reduce of x (a fresh output), since the functional form's wrappers cost about 0.4 ms a call
+    (a 5-token Llama-3-8B prompt on two H200s: 36 ms against 62-72)."""
     if group is None:
         return x
-    from torch.distributed import _functional_collectives as funcol
+    if torch.compiler.is_compiling():
+        from torch.distributed import _functional_collectives as funcol
 
-    return funcol.all_reduce(x, "sum", group)
+        return funcol.all_reduce(x, "sum", group)
+    torch.distributed.all_reduce(x, group=group)
+    return x
 
 
 class Attention(nn.Module):

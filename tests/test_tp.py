@@ -62,6 +62,9 @@ def worker(rank: int, world: int, port: int, ckpt: str, out: str):
     model = load_model(ckpt, "cpu", torch.float32, tp=(rank, world))
     tokens = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(5))
     result = logits_pair(model, tokens)
+    # the traced path (a functional all-reduce, as generate.py --compile runs it), against the eager one
+    result["compiled"] = forward_window(torch.compile(model, backend="eager", fullgraph=True), tokens, 10,
+                                        sparse_tail=True)
     if rank == 0:
         torch.save(result, out)
     close_distributed()
@@ -83,6 +86,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for kind in ("dense", "sparse", "decode"):
         # fp32; only the summation order differs (sharded matmuls + all-reduce)
         torch.testing.assert_close(sharded[kind], single[kind], rtol=1e-4, atol=1e-4, msg=kind)
+    torch.testing.assert_close(sharded["compiled"], single["decode"], rtol=1e-4, atol=1e-4, msg="compiled")
     # realized sparsity counts every rank's slice of the o and down inputs, not rank 0's alone
     torch.testing.assert_close(sharded["realized"], single["realized"], rtol=0, atol=1e-3)
 
