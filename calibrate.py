@@ -28,30 +28,22 @@ about 5 minutes on 2 CPU cores (321 s, 186 s of it the greedy).
 """
 import argparse
 import datetime
-import hashlib
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
-from model import PROJECTIONS, STATES, Transformer, apply_rotary_emb, grouped_attention, projection_params
-
-FORMAT = "teal-fast sparsity file v1"
-STATE_NAMES = tuple(STATES)  # attn_in, attn_out, mlp_in, mlp_mid
-STATE_OF = [STATE_NAMES.index(next(s for s, projs in STATES.items() if p in projs)) for p in PROJECTIONS]
-# p grid of the quantile tables: by 0.01 to 0.9, by 0.005 to 0.99, then 0.995, 0.999 and the maximum
-QUANTILE_P = [i / 100 for i in range(90)] + [i / 200 for i in range(180, 199)] + [0.995, 0.999, 1.0]
-LEVELS = [round(i * 0.025, 4) for i in range(37)]  # 0.00 .. 0.90
-MAX_LEVEL = 0.9
-MAX_PROJECTION_SPARSITY = 1.0
-
+from data import calibration_tokens
+from loader import DEFAULT_CHECKPOINT, DTYPES, default_device, load_model, refuse_directory, run_cli
+from model import PROJECTIONS, STATES, Transformer, projection_params
+from teal import (FORMAT, MAX_LEVEL, MAX_PROJECTION_SPARSITY, QUANTILE_P, LEVELS, STATE_NAMES, STATE_OF, SparsityFile,
+                  round_digits, model_identity, next_sparsity, threshold_from_table)
+from tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------- |x| statistics
 
@@ -102,17 +94,7 @@ class ActivationStats:
                          for s in STATE_NAMES])
 
 
-def threshold_from_table(table_row: np.ndarray, sparsity) -> np.ndarray:
-    """Threshold(s) dropping a fraction `sparsity` of entries: the quantile table read at p = s."""
-    return np.interp(sparsity, QUANTILE_P, table_row)
-
-
 # ---------------------------------------------------------------------------- block-wise greedy
-
-def keep(x: Tensor, t: float, magnitude: Optional[Tensor] = None) -> Tensor:
-    """TEAL: keep x iff |x| > t (magnitude: x.abs() when already at hand)."""
-    return x * ((x.abs() if magnitude is None else magnitude) > t)
-
 
 def projection_shares(model: Transformer) -> np.ndarray:
     """(7,) each projection's fraction of a block's linear parameters, from the weight shapes."""
@@ -122,87 +104,60 @@ def projection_shares(model: Transformer) -> np.ndarray:
 
 class BlockProbe:
     """One block evaluated at sampled query positions of dense input sequences, with per-projection
-    thresholds. Keys and values cover every position (the context); q, o and the MLP run only at
-    the sampled positions. Partial results of the current allocation are cached, so a candidate
-    recomputes only what it changes (an MLP candidate never touches attention)."""
+    thresholds, through the block's own pieces (Attention.project_qkv, heads, attend, project_out,
+    FeedForward.project_gate_up, project_down: the code a forward runs). Keys and values cover every
+    position (the context); the attention's query side, o and the MLP run only at the sampled
+    positions. Partial results of the current allocation are cached, so a candidate recomputes only
+    what it changes (an MLP candidate never touches attention)."""
 
     def __init__(self, block, x: Tensor, positions: Tensor, freqs_cis: Tensor):
         # x (B, L, D) dense block inputs; positions (M,) sampled query positions; freqs_cis (>= L, hd/2, 2)
-        attn, ffn = block.attention, block.feed_forward
-        B, L, _ = x.shape
-        n_q, n_kv, _ = attn.splits
-        self.n_head, self.n_kv_head, self.head_dim = attn.n_head, attn.n_kv_head, attn.head_dim
-        w = attn.wqkv_t
-        self.wq, self.wk, self.wv = (w[:, :n_q].contiguous(), w[:, n_q:n_q + n_kv].contiguous(),
-                                     w[:, n_q + n_kv:].contiguous())
-        self.wo, self.w2 = attn.wo_t, ffn.w2_t
-        self.wg, self.wu = ffn.w13_t[:, :ffn.hidden].contiguous(), ffn.w13_t[:, ffn.hidden:].contiguous()
-        self.ffn_norm = block.ffn_norm
-        self.h_in = block.attention_norm(x)  # (B, L, D)
-        self.h_in_at = self.h_in[:, positions]  # (B, M, D)
-        self.h_in_abs, self.h_in_at_abs = self.h_in.abs(), self.h_in_at.abs()
-        self.x_at = x[:, positions]  # (B, M, D)
-        self.freqs_all, self.freqs_at = freqs_cis[:L], freqs_cis[positions]
+        self.block, self.attn, self.ffn = block, block.attention, block.feed_forward
+        L = x.shape[1]
+        self.x, self.x_at, self.positions = x, x[:, positions], positions  # (B, L, D), (B, M, D)
+        self.freqs = freqs_cis[:L]
         self.mask = positions[:, None] >= torch.arange(L, device=x.device)[None, :]  # (M, L)
         self.t = [0.0] * len(PROJECTIONS)
         self.cache = self.full(self.t)
         self.memo = {}  # attention outputs of q/k/v candidates: valid until an attention threshold changes
         self.reference = self.cache["out"]  # the dense block output at the sampled positions
 
-    # pieces
-    def q(self, t):  # (B, H, M, hd)
-        B, M, _ = self.h_in_at.shape
-        q = (keep(self.h_in_at, t, self.h_in_at_abs) @ self.wq).view(B, M, self.n_head, self.head_dim)
-        return apply_rotary_emb(q, self.freqs_at).transpose(1, 2)
+    def thresholds(self, t: list, a: int, b: int) -> Tensor:
+        return torch.tensor(t[a:b], dtype=torch.float32, device=self.x.device)
 
-    def k(self, t):  # (B, KV, L, hd)
-        B, L, _ = self.h_in.shape
-        k = (keep(self.h_in, t, self.h_in_abs) @ self.wk).view(B, L, self.n_kv_head, self.head_dim)
-        return apply_rotary_emb(k, self.freqs_all).transpose(1, 2)
-
-    def v(self, t):  # (B, KV, L, hd)
-        B, L, _ = self.h_in.shape
-        return (keep(self.h_in, t, self.h_in_abs) @ self.wv).view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)
-
-    def attend(self, q, k, v):  # -> (B, M, H hd)
-        y = grouped_attention(q, k, v, self.mask)
-        return y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    # pieces (every projection sparse: a threshold of 0 keeps every nonzero entry)
+    def attention_output(self, t) -> Tensor:  # (B, M, H hd): the o input at the sampled positions
+        qkv = self.attn.project_qkv(self.x, self.block.attention_norm, self.thresholds(t, 0, 3), True)  # (B, L, N)
+        q, k, v = self.attn.heads(qkv, self.freqs)
+        return self.attn.attend(q[:, :, self.positions], k, v, self.mask)
 
     def after_attention(self, y, t):  # the rest of the block from the o input, all thresholds t
-        h = self.x_at + keep(y, t[3]) @ self.wo
-        m_in = self.ffn_norm(h)
-        m_abs = m_in.abs()
-        gate, up = keep(m_in, t[4], m_abs) @ self.wg, keep(m_in, t[5], m_abs) @ self.wu
-        return dict(y=y, h=h, m_in=m_in, m_abs=m_abs, gate=gate, up=up, **self.down(h, F.silu(gate) * up, t[6]))
+        h = self.attn.project_out(y, self.x_at, self.thresholds(t, 3, 4), True)
+        return dict(y=y, h=h, **self.mlp(h, t))
 
-    def down(self, h, mid, t):
-        return dict(mid=mid, out=h + keep(mid, t) @ self.w2)
+    def mlp(self, h, t):
+        gate_up = self.ffn.project_gate_up(h, self.block.ffn_norm, self.thresholds(t, 4, 6), True)
+        return dict(gate_up=gate_up, **self.down(h, gate_up, t))
+
+    def down(self, h, gate_up, t):
+        return dict(out=self.ffn.project_down(gate_up, h, self.thresholds(t, 6, 7), True))
 
     def full(self, t):
-        q, k, v = self.q(t[0]), self.k(t[1]), self.v(t[2])
-        return dict(q=q, k=k, v=v, **self.after_attention(self.attend(q, k, v), t))
+        return self.after_attention(self.attention_output(t), t)
 
     def candidate(self, j: int, t: list) -> dict:
         """Cache entries that change when projection j's threshold becomes t[j] (t: all seven)."""
         c = self.cache
         if j < 3:
-            key = (j, *t[:3])
+            key = tuple(t[:3])
             if key not in self.memo:
-                qkv = dict(q=c["q"], k=c["k"], v=c["v"])
-                name = "qkv"[j]
-                qkv[name] = getattr(self, name)(t[j])
-                self.memo[key] = (name, qkv[name], self.attend(qkv["q"], qkv["k"], qkv["v"]))
-            name, new, y = self.memo[key]
-            return {name: new, **self.after_attention(y, t)}
+                self.memo[key] = self.attention_output(t)
+            return self.after_attention(self.memo[key], t)
         if j == 3:
             return self.after_attention(c["y"], t)
-        if j == 4:
-            gate = keep(c["m_in"], t[4], c["m_abs"]) @ self.wg
-            return dict(gate=gate, **self.down(c["h"], F.silu(gate) * c["up"], t[6]))
-        if j == 5:
-            up = keep(c["m_in"], t[5], c["m_abs"]) @ self.wu
-            return dict(up=up, **self.down(c["h"], F.silu(c["gate"]) * up, t[6]))
-        return self.down(c["h"], c["mid"], t[6])
+        if j < 6:
+            return self.mlp(c["h"], t)
+        return self.down(c["h"], c["gate_up"], t)
 
     def adopt(self, j: int, t: list, change: dict):
         """Make candidate j (thresholds t, cache entries change) the current allocation."""
@@ -240,199 +195,6 @@ def greedy_block(probe: BlockProbe, table: np.ndarray, shares: np.ndarray, step:
     return choices
 
 
-def next_sparsity(s: float, increment: float):
-    """A projection's sparsity after one more greedy step: s + increment, except that the last
-    step of a projection stops at MAX_PROJECTION_SPARSITY (a shorter step); None when already there."""
-    if s >= MAX_PROJECTION_SPARSITY - 1e-9:
-        return None
-    return s + increment if s + increment <= MAX_PROJECTION_SPARSITY + 1e-9 else MAX_PROJECTION_SPARSITY
-
-
-def greedy_path(choices: list, shares: np.ndarray, step: float) -> np.ndarray:
-    """(len(choices) + 1, 7) per-projection sparsities after 0, 1, ... greedy steps."""
-    path = np.zeros((len(choices) + 1, len(PROJECTIONS)))
-    for i, j in enumerate(choices):
-        path[i + 1] = path[i]
-        path[i + 1, j] = next_sparsity(path[i, j], step / shares[j])
-    return path
-
-
-# ---------------------------------------------------------------------------- the sparsity file
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered beside it in <name>.sha256.json under its size and mtime, so
-    a 16 GB checkpoint is hashed once rather than on every start (about 10 s each time). A file
-    that changes gets another size or mtime and is hashed again; where the folder is read-only
-    nothing is remembered."""
-    path = Path(path)
-    stat = path.stat()
-    key = dict(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
-    sidecar = path.with_name(path.name + ".sha256.json")
-    try:
-        cached = json.loads(sidecar.read_text())
-        if {k: cached.get(k) for k in key} == key and len(str(cached.get("sha256"))) == 64:
-            return cached["sha256"]
-    except (OSError, ValueError, AttributeError):
-        pass  # no sidecar yet, or an unreadable one: hash the file
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    try:  # written whole or not at all (several ranks may start together)
-        tmp = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(dict(key, sha256=h.hexdigest())) + "\n")
-        os.replace(tmp, sidecar)
-    except OSError:
-        pass
-    return h.hexdigest()
-
-
-def model_identity(model: Transformer, checkpoint_dir=None) -> dict:
-    a = model.args
-    weights = Path(checkpoint_dir) / "model.safetensors" if checkpoint_dir is not None else None
-    return dict(n_layer=a.n_layer, dim=a.dim, n_head=a.n_head, n_kv_head=a.n_local_heads,
-                intermediate_size=a.intermediate_size, head_dim=a.head_dim,
-                sha256=file_sha256(weights) if weights is not None and weights.is_file() else None)
-
-
-class SparsityFile:
-    """Quantile tables + greedy paths of one model, and the thresholds of any level they imply."""
-
-    def __init__(self, data: dict):
-        self.data = data
-        self.model = data["model"]
-        self.quantiles = np.array([data["quantiles"][s] for s in STATE_NAMES]).transpose(1, 0, 2)  # (n_layer, 4, P)
-        if list(data["quantile_p"]) != QUANTILE_P:
-            raise ValueError("the file's quantile grid differs from this calibrate.py's: recalibrate")
-        n_layer = self.model["n_layer"]
-        if self.quantiles.shape != (n_layer, len(STATE_NAMES), len(QUANTILE_P)) or \
-                (data.get("greedy") and len(data["greedy"]["choices"]) != n_layer):
-            raise ValueError(f"its tables do not cover the {n_layer} layers it names (truncated or edited?)")
-        self.modes = ("uniform", "greedy") if data.get("greedy") else ("uniform",)
-        self.levels = list(data["levels"])
-        self.paths = None
-        if data.get("greedy"):
-            g = data["greedy"]
-            shares = np.array(g["shares"])
-            self.paths = [greedy_path(c, shares, g["step"]) for c in g["choices"]]  # per layer (steps + 1, 7)
-            # block sparsity of each path point, rounded so that k * step is exactly a path point
-            self.path_levels = [np.round(path @ shares, 12) for path in self.paths]
-
-    # levels -> sparsities -> thresholds
-    def sparsities(self, level: float, mode: str) -> Tensor:
-        """(n_layer, 7) intended fraction of each projection's input entries dropped at this level."""
-        self._check(level, mode)
-        n_layer = self.quantiles.shape[0]
-        if mode == "uniform":
-            return torch.full((n_layer, len(PROJECTIONS)), float(level), dtype=torch.float32)
-        s = [[np.interp(level, b, path[:, j]) for j in range(len(PROJECTIONS))]
-             for path, b in zip(self.paths, self.path_levels)]  # linear between the bracketing path points
-        return torch.tensor(s, dtype=torch.float32)
-
-    def thresholds(self, level: float, mode: str) -> Tensor:
-        """(n_layer, 7) float32 thresholds in model.PROJECTIONS order; all zero at level 0."""
-        s = self.sparsities(level, mode).double().numpy()
-        t = np.array([[threshold_from_table(self.quantiles[l, STATE_OF[j]], s[l, j]) for j in range(len(PROJECTIONS))]
-                      for l in range(s.shape[0])])
-        return torch.tensor(t, dtype=torch.float32)
-
-    def _check(self, level, mode):
-        if mode not in self.modes:
-            raise ValueError(f"sparsity mode {mode!r} is not in this file (it has {', '.join(self.modes)})"
-                             + ("; it was calibrated without the greedy search (random tokens under tensor "
-                                "parallelism): use --sparsity_mode uniform" if mode == "greedy" else ""))
-        if not 0.0 <= level < 1.0:
-            raise ValueError(f"sparsity level must be in [0, 1), got {level}")
-        if level > MAX_LEVEL + 1e-9:
-            raise ValueError(f"sparsity level {level} is above {MAX_LEVEL}, the highest calibrated level")
-
-    # identity
-    def check_model(self, model: Transformer, checkpoint_dir=None, path="sparsity file"):
-        ours = model_identity(model)
-        again = f"run `python calibrate.py --checkpoint_path {checkpoint_dir}`" if checkpoint_dir else \
-            "calibrate this model with calibrate.py"
-        for key in ("n_layer", "dim", "n_head", "n_kv_head", "intermediate_size"):
-            if self.model.get(key) != ours[key]:
-                raise ValueError(f"{path} was calibrated for a model with {key} {self.model.get(key)}, "
-                                 f"this model has {key} {ours[key]}: {again} to make one for it")
-        weights = Path(checkpoint_dir) / "model.safetensors" if checkpoint_dir is not None else None
-        if self.model.get("sha256") and weights is not None and weights.is_file():
-            digest = file_sha256(weights)
-            if digest != self.model["sha256"]:
-                raise ValueError(f"{path} was calibrated for other weights (model.safetensors sha256 "
-                                 f"{self.model['sha256'][:12]}..., {weights} has {digest[:12]}...): {again}")
-
-    @classmethod
-    def load(cls, path, model: Transformer, checkpoint_dir=None) -> "SparsityFile":
-        path = Path(path)
-        if not path.is_file():
-            where = f" --checkpoint_path {checkpoint_dir}" if checkpoint_dir else ""
-            raise FileNotFoundError(f"sparsity file {path} not found: run `python calibrate.py{where} --out {path}` "
-                                    f"to calibrate (for the default model: cp sparsity/SmolLM2-135M-Instruct.json "
-                                    f"{path})")
-        try:
-            data = json.loads(path.read_text())
-            if data.get("format") != FORMAT:
-                raise KeyError("format")
-            sf = cls(data)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
-            raise ValueError(f"{path} is not a {FORMAT} ({type(e).__name__}: {e}): recalibrate with "
-                             f"calibrate.py") from None
-        sf.check_model(model, checkpoint_dir, path)
-        return sf
-
-    def level_tables(self) -> dict:
-        """For each mode and grid level: per layer, per projection, sparsity and threshold."""
-        out = {}
-        for mode in self.modes:
-            out[mode] = [dict(level=p, sparsity=_round(self.sparsities(p, mode).tolist(), 4),
-                              threshold=_round(self.thresholds(p, mode).tolist(), 4)) for p in self.levels]
-        return out
-
-    def save(self, path):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {k: v for k, v in self.data.items() if k != "modes"}
-        data["modes"] = self.level_tables()
-        path.write_text(dump_json(data) + "\n")
-
-    @classmethod
-    def for_random(cls, model: Transformer, n_seq: int = 16, seq_len: int = 512, greedy_seqs: int = 4,
-                   greedy_positions: int = 64, step: float = 0.01, seed: int = 0) -> "SparsityFile":
-        """Calibration on uniformly random tokens, for random-weight models (GPU benchmarks): the
-        same code as a real calibration with fewer tokens (n_seq x seq_len for the statistics,
-        greedy_seqs x greedy_positions for the greedy). About 7 s for Llama-3-8B shapes on an H200;
-        on a CPU a coarse search (4 x 128 tokens, step 0.05; about a minute for SmolLM2 shapes).
-        Under tensor parallelism (a sharded model) the greedy is skipped: uniform levels only."""
-        device = model.tok_embeddings.weight.device
-        if device.type == "cpu":  # smoke tests of random models on a CPU: a coarse, cheap search (none if none asked)
-            n_seq, seq_len, greedy_seqs, greedy_positions, step = 4, 128, min(greedy_seqs, 2), 16, 0.05
-        seq_len = min(seq_len, model.args.block_size)
-        gen = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(0, model.args.vocab_size, (n_seq, seq_len), generator=gen)
-        sharded = model.tp[1] > 1
-        return calibrate(model, tokens.to(device), greedy_seqs=0 if sharded else greedy_seqs,
-                         greedy_positions=greedy_positions, step=step, seed=seed, progress=False,
-                         provenance=dict(source="random tokens", tokens=tokens.numel(), seq_len=seq_len))
-
-
-def _round(x, digits):
-    if isinstance(x, list):
-        return [_round(v, digits) for v in x]
-    return float(f"{x:.{digits}g}")
-
-
-def dump_json(obj, indent: int = 0) -> str:
-    """JSON with lists of numbers on one line each (compact, still diffable)."""
-    pad, inner = " " * indent, " " * (indent + 1)
-    if isinstance(obj, dict):
-        items = [f"{inner}{json.dumps(k)}: {dump_json(v, indent + 1)}" for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}" if items else "{}"
-    if isinstance(obj, list) and obj and all(isinstance(v, (dict, list)) for v in obj):
-        return "[\n" + ",\n".join(inner + dump_json(v, indent + 1) for v in obj) + "\n" + pad + "]"
-    return json.dumps(obj, separators=(",", ":"))
-
-
 # ---------------------------------------------------------------------------- calibration
 
 def equal_batches(n: int, batch_size: int) -> int:
@@ -446,8 +208,6 @@ def calibrate(model: Transformer, tokens: Tensor, *, greedy_seqs: int = 8, greed
               checkpoint_dir=None, progress: bool = True) -> SparsityFile:
     """Statistics on tokens (n_seq, seq_len), then the greedy on greedy_seqs of those sequences
     (spread over the set) at greedy_positions random query positions each (0: no greedy)."""
-    from tqdm import tqdm
-
     n_seq, L = tokens.shape
     if greedy_seqs > n_seq:
         raise ValueError(f"greedy wants {greedy_seqs} sequences but calibration has only {n_seq}")
@@ -501,11 +261,30 @@ def calibrate(model: Transformer, tokens: Tensor, *, greedy_seqs: int = 8, greed
         states={s: list(p) for s, p in STATES.items()},
         quantile_p=QUANTILE_P,
         quantiles={s: [t[i].tolist() for t in tables] for i, s in enumerate(STATE_NAMES)},
-        greedy=dict(step=step, shares=_round(shares.tolist(), 17), max_projection_sparsity=MAX_PROJECTION_SPARSITY,
+        greedy=dict(step=step, shares=round_digits(shares.tolist(), 17), max_projection_sparsity=MAX_PROJECTION_SPARSITY,
                     choices=choices) if greedy_seqs else None,
         levels=LEVELS,
     )
     return SparsityFile(data)
+
+
+def calibrate_random(model: Transformer, n_seq: int = 16, seq_len: int = 512, greedy_seqs: int = 4,
+                     greedy_positions: int = 64, step: float = 0.01, seed: int = 0) -> SparsityFile:
+    """Calibration on uniformly random tokens, for random-weight models (GPU benchmarks): the
+    same code as a real calibration with fewer tokens (n_seq x seq_len for the statistics,
+    greedy_seqs x greedy_positions for the greedy). A few seconds for Llama-3-8B shapes on a GPU;
+    on a CPU a coarse search (4 x 128 tokens, step 0.05) for smoke tests. Under tensor parallelism
+    (a sharded model) the greedy is skipped: uniform levels only."""
+    device = model.tok_embeddings.weight.device
+    if device.type == "cpu":  # smoke tests of random models on a CPU: a coarse, cheap search (none if none asked)
+        n_seq, seq_len, greedy_seqs, greedy_positions, step = 4, 128, min(greedy_seqs, 2), 16, 0.05
+    seq_len = min(seq_len, model.args.block_size)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.args.vocab_size, (n_seq, seq_len), generator=gen)
+    sharded = model.tp[1] > 1
+    return calibrate(model, tokens.to(device), greedy_seqs=0 if sharded else greedy_seqs,
+                     greedy_positions=greedy_positions, step=step, seed=seed, progress=False,
+                     provenance=dict(source="random tokens", tokens=tokens.numel(), seq_len=seq_len))
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -521,8 +300,6 @@ def summary(sf: SparsityFile, levels=(0.25, 0.4, 0.5, 0.6, 0.9)) -> str:
 
 
 def main(argv=None):
-    from generate import DEFAULT_CHECKPOINT, DTYPES, default_device, run_cli
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--data", default="wiki-calib", help="wiki-calib (default), news, a text file, hf:c4, ...")
@@ -542,10 +319,6 @@ def main(argv=None):
 
 
 def run(args):
-    from data import calibration_tokens
-    from generate import DTYPES, load_model, refuse_directory
-    from tokenizer import load_tokenizer
-
     refuse_directory(args.out, "sparsity.json")
     if args.tokens < args.seq_len or args.seq_len < 2:
         raise ValueError(f"--tokens ({args.tokens}) must be at least --seq_len ({args.seq_len}), which must be >= 2")

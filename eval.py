@@ -15,95 +15,18 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
-from model import PROJECTIONS, STATES, Transformer, projection_params
-
-
-# ---------------------------------------------------------------------------- realized sparsity
-
-@dataclass
-class RealizedSparsity:
-    per_projection: Tensor  # (n_layer, 7): fraction of input entries dropped for each projection
-    weights: Tensor  # (7,) parameters per projection
-
-    @property
-    def model_wide(self) -> float:
-        """Fraction of block linear weights skipped, weighted by parameters."""
-        w = self.weights.to(self.per_projection)
-        return float((self.per_projection * w).sum() / (w.sum() * self.per_projection.shape[0]))
-
-    def per_state(self) -> dict:
-        out = {}
-        for state, projs in STATES.items():
-            idx = [PROJECTIONS.index(p) for p in projs]
-            w = self.weights[idx].to(self.per_projection)
-            out[state] = float((self.per_projection[:, idx] * w).sum() / (w.sum() * self.per_projection.shape[0]))
-        return out
-
-
-class SparsityMeter:
-    """Observer that counts, per layer and projection, the input entries with |x| <= threshold."""
-
-    def __init__(self, model: Transformer):
-        self.model = model
-        self.dropped = torch.zeros(model.args.n_layer, len(PROJECTIONS), dtype=torch.float64)
-        self.total = torch.zeros(model.args.n_layer, len(PROJECTIONS), dtype=torch.float64)
-
-    def __call__(self, layer: int, state: str, x: Tensor):
-        thresholds = self.model.layers[layer].thresholds
-        magnitude = x.detach().abs().float()
-        for proj in STATES[state]:
-            j = PROJECTIONS.index(proj)
-            self.dropped[layer, j] += float((magnitude <= thresholds[j]).sum())
-            self.total[layer, j] += magnitude.numel()
-
-    def result(self) -> RealizedSparsity:
-        """Under tensor parallelism every rank must call this: a rank sees only its slice of the o
-        and down inputs and holds only its share of the weights, so both are summed over ranks."""
-        counts = torch.stack([self.dropped, self.total, projection_params(self.model).expand_as(self.total)])
-        group = self.model.layers[0].attention.tp_group  # None unless sharded over several ranks
-        if group is not None:
-            summed = counts.to(self.model.tok_embeddings.weight.device)
-            dist.all_reduce(summed, group=group)
-            counts = summed.cpu()
-        dropped, total, params = counts
-        return RealizedSparsity(dropped / total.clamp(min=1), params[0])
-
-
-@torch.no_grad()
-def forward_window(model: Transformer, tokens: Tensor, prompt_len: int, sparse_tail: bool, meter=None) -> Tensor:
-    """tokens (B, L) -> logits (B, L, V). Positions < prompt_len are a dense prefill; the rest
-    are one more forward, sparse when sparse_tail (the computation of decode steps, batched)."""
-    B, L = tokens.shape
-    model.setup_caches(B, L)
-    saved = (model.sparse_prefill, model.sparse_decode)
-    pos = torch.arange(L, device=tokens.device)
-    try:
-        model.sparse_prefill = model.sparse_decode = False
-        parts = [model(tokens[:, :prompt_len], pos[:prompt_len])] if prompt_len > 0 else []
-        if prompt_len < L:
-            model.sparse_prefill = model.sparse_decode = sparse_tail
-            model.observer = meter
-            parts.append(model(tokens[:, prompt_len:], pos[prompt_len:]))
-    finally:
-        model.sparse_prefill, model.sparse_decode = saved
-        model.observer = None
-    return torch.cat(parts, dim=1)
-
-
-def measure_sparsity(model: Transformer, seq: Tensor, prompt_len: int) -> RealizedSparsity:
-    """Realized sparsity of a generation: seq (B, T) re-run eagerly, prompt dense, the rest sparse
-    exactly as decode steps compute it."""
-    meter = SparsityMeter(model)
-    forward_window(model, seq, prompt_len, sparse_tail=True, meter=meter)
-    return meter.result()
+from data import load_text, token_windows
+from loader import DEFAULT_CHECKPOINT, DTYPES, default_device, load_model, refuse_directory, resolve_dtype, run_cli
+from model import STATES, Transformer
+from teal import SparsityFile, SparsityMeter, forward_window
+from tokenizer import load_tokenizer
 
 
 # ---------------------------------------------------------------------------- perplexity
@@ -122,8 +45,6 @@ def perplexity(model: Transformer, windows: Tensor, *, scored: int, regime: str,
                batch_size: int = 8, desc: str = "") -> tuple:
     """Perplexity over the last `scored` tokens of each window, and the realized sparsity.
     regime 'all': the whole window sparse (if sparse); 'decode': the first L - scored tokens dense."""
-    from tqdm import tqdm
-
     L = windows.shape[1]
     if not 0 < scored < L:
         raise ValueError(f"scored tokens must be in [1, {L - 1}] for windows of {L}, got {scored}")
@@ -149,8 +70,6 @@ def parse_levels(text: str) -> list:
 
 
 def main(argv=None):
-    from generate import DEFAULT_CHECKPOINT, DTYPES, default_device, run_cli
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--data", default="wiki-eval", help="wiki-eval (default), news, botchan, a file, hf:wikitext2")
@@ -172,11 +91,6 @@ def main(argv=None):
 
 
 def run(args):
-    from calibrate import SparsityFile
-    from data import load_text, token_windows
-    from generate import DTYPES, load_model, refuse_directory
-    from tokenizer import load_tokenizer
-
     if args.paper:
         args.windows, args.window_len, args.scored = 128, 2048, 512
     if args.batch_size < 1 or args.windows < 1:
@@ -188,8 +102,7 @@ def run(args):
     for r in regimes:
         if r not in ("all", "decode"):
             raise ValueError(f"unknown regime {r!r}; use all and/or decode")
-    dtype = DTYPES[args.precision] if args.precision else (torch.bfloat16 if args.device.startswith("cuda")
-                                                           else torch.float32)
+    dtype = resolve_dtype(args)
     model = load_model(args.checkpoint_path, args.device, dtype)
     tokenizer = load_tokenizer(args.checkpoint_path, model.args.vocab_size)
     ids = tokenizer.encode(load_text(args.data))

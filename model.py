@@ -5,7 +5,7 @@ weights of one input channel are one contiguous row: a zeroed input entry means 
 row the sparse kernels never read. Each block holds its seven TEAL thresholds
 [q, k, v, o, gate, up, down] as a float32 buffer; a new sparsity level is a copy
 into those buffers, never a recompile. The model reads no files: loaders hand it
-tensors (see generate.load_model).
+tensors (see loader.load_model).
 """
 import math
 from dataclasses import asdict, dataclass, fields
@@ -206,26 +206,44 @@ class Attention(nn.Module):
         projection (under tensor parallelism, into rank 0's share of the sum). A decode
         step (T == 1 with a cache and the whole rope_table) is causal and ignores freqs_cis and mask."""
         B, T, _ = x.shape  # (B, T, D)
-        qkv = linear_t(x, self.wqkv_t, thresholds[0:3], self.splits, sparse, norm=norm)
+        qkv = self.project_qkv(x, norm, thresholds[0:3], sparse)
         if T == 1 and self.kv_cache is not None and rope_table is not None:
             # decode: RoPE, the cache write and causal attention in one kernel
             cache = self.kv_cache
             y = decode_attention_step(qkv, self.n_head, cache.k_cache, cache.v_cache, rope_table, input_pos)
             y = y.view(B, T, self.n_head * self.head_dim)  # (B, KV, G, hd): heads h = kv * G + g
         else:
-            q, k, v = qkv.split(self.splits, dim=-1)
-            q = q.view(B, T, self.n_head, self.head_dim)
-            k = k.view(B, T, self.n_kv_head, self.head_dim)
-            v = v.view(B, T, self.n_kv_head, self.head_dim)
-            q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+            q, k, v = self.heads(qkv, freqs_cis)
             if self.kv_cache is not None:
                 k, v = self.kv_cache.update(input_pos, k, v)  # (B, KV, S, hd)
-            y = grouped_attention(q, k, v, mask)  # (B, H, T, hd)
-            y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+            y = self.attend(q, k, v, mask)
         if observe is not None:
             observe("attn_out", y)
-        out = linear_t(y, self.wo_t, thresholds[3:4], [self.wo_t.shape[1]], sparse,
+        return self.project_out(y, x, thresholds[3:4], sparse)
+
+    # The pieces of forward, which calibrate.py's greedy search also runs one at a time.
+    def project_qkv(self, x: Tensor, norm, thresholds: Tensor, sparse: bool) -> Tensor:
+        """[q | k | v] = norm(x) (B, T, D) @ wqkv_t -> (B, T, Nq + 2 Nkv), thresholds (3,) [q, k, v]."""
+        return linear_t(x, self.wqkv_t, thresholds, self.splits, sparse, norm=norm)
+
+    def heads(self, qkv: Tensor, freqs_cis: Tensor):
+        """q (B, H, T, hd), k and v (B, KV, T, hd) from qkv (B, T, N), q and k rotated by freqs_cis (T, hd/2, 2)."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split(self.splits, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """q (B, H, T, hd) over k, v (B, KV, S, hd) with mask (T, S) -> (B, T, H hd), the o projection's input."""
+        B, _, T, _ = q.shape
+        return grouped_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+
+    def project_out(self, y: Tensor, x: Tensor, threshold: Tensor, sparse: bool) -> Tensor:
+        """x + y (B, T, H hd) @ wo_t, threshold (1,); under tensor parallelism summed over ranks."""
+        out = linear_t(y, self.wo_t, threshold, [self.wo_t.shape[1]], sparse,
                        residual=x if self.adds_residual else None)
         return all_reduce_if_sharded(out, self.tp_group)
 
@@ -257,10 +275,19 @@ class FeedForward(nn.Module):
 
     def forward(self, x, norm, thresholds, sparse, observe=None):
         """x + mlp(norm(x)), fused like Attention.forward."""
-        gate_up = linear_t(x, self.w13_t, thresholds[0:2], [self.hidden, self.hidden], sparse, norm=norm)  # (B, T, 2I)
+        gate_up = self.project_gate_up(x, norm, thresholds[0:2], sparse)  # (B, T, 2I)
         if observe is not None:
             observe("mlp_mid", silu_mul(gate_up))
-        out = silu_down_t(gate_up, self.w2_t, thresholds[2:3], sparse, residual=x if self.adds_residual else None)
+        return self.project_down(gate_up, x, thresholds[2:3], sparse)
+
+    # The pieces of forward, as in Attention.
+    def project_gate_up(self, x: Tensor, norm, thresholds: Tensor, sparse: bool) -> Tensor:
+        """[gate | up] = norm(x) (B, T, D) @ w13_t -> (B, T, 2I), thresholds (2,) [gate, up]."""
+        return linear_t(x, self.w13_t, thresholds, [self.hidden, self.hidden], sparse, norm=norm)
+
+    def project_down(self, gate_up: Tensor, x: Tensor, threshold: Tensor, sparse: bool) -> Tensor:
+        """x + silu(gate) * up @ w2_t, threshold (1,); under tensor parallelism summed over ranks."""
+        out = silu_down_t(gate_up, self.w2_t, threshold, sparse, residual=x if self.adds_residual else None)
         return all_reduce_if_sharded(out, self.tp_group)
 
 

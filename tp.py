@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from model import Transformer
+from model import ModelArgs, Transformer
 
 
 def under_torchrun() -> bool:
@@ -95,6 +95,17 @@ def shard_of(args, rank: int, world: int) -> Shard:
     group, hd = args.n_head // args.n_local_heads, args.head_dim
     return Shard(q=(kv_start * group * hd, kv_size * group * hd), kv=(kv_start * hd, kv_size * hd),
                  hidden=even_split(args.intermediate_size, world, rank))
+
+
+def shard_matvec_shapes(config: str, world: int) -> list:
+    """Rank 0's matvecs when a named config's blocks are sharded over world ranks: (name, op, K, N,
+    splits) for q/k/v, o, gate/up and down (the shapes scripts/bench_kernels.py tunes)."""
+    args = ModelArgs.from_name(config)
+    shard = shard_of(args, 0, world)
+    D, q, kv, h = args.dim, shard.q[1], shard.kv[1], shard.hidden[1]
+    tag = config.rsplit("-", 1)[-1] + (f"/{world}" if world > 1 else "")
+    return [(f"{tag} qkv", "linear", D, q + 2 * kv, [q, kv, kv]), (f"{tag} o", "linear", q, D, [D]),
+            (f"{tag} gate+up", "linear", D, 2 * h, [h, h]), (f"{tag} down", "silu_down", h, D, [D])]
 
 
 def shard_model(model: Transformer, rank: int, world: int, group=None) -> Transformer:

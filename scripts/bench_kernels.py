@@ -35,8 +35,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sparse_kernels import ops, silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref  # noqa: E402
-from sparse_kernels.reference import gap_threshold, rms_norm  # noqa: E402
+from loader import DTYPES  # noqa: E402
+from sparse_kernels import ops, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref  # noqa: E402
+from sparse_kernels.checks import EPS, TOL, fused_inputs, kernel_input, reference_op, run_op  # noqa: E402
+from sparse_kernels.reference import gap_threshold  # noqa: E402
+from tp import shard_matvec_shapes  # noqa: E402
 
 SHAPES = [  # name, op, K, N, splits
     ("8B qkv", "linear", 4096, 6144, [4096, 1024, 1024]),
@@ -53,19 +56,6 @@ SHAPES = [  # name, op, K, N, splits
 TUNED_SHAPES = [shape for shape in SHAPES if "+" not in shape[1]]  # a fusion runs its base op's config
 
 
-def tp_shard_shapes(config: str, world: int) -> list:
-    """Rank 0's matvec shapes when tp.py shards the config's blocks over world GPUs."""
-    from model import ModelArgs
-    from tp import shard_of
-
-    args = ModelArgs.from_name(config)
-    shard = shard_of(args, 0, world)
-    D, q, kv, h = args.dim, shard.q[1], shard.kv[1], shard.hidden[1]
-    tag = config.rsplit("-", 1)[-1] + (f"/{world}" if world > 1 else "")
-    return [(f"{tag} qkv", "linear", D, q + 2 * kv, [q, kv, kv]), (f"{tag} o", "linear", q, D, [D]),
-            (f"{tag} gate+up", "linear", D, 2 * h, [h, h]), (f"{tag} down", "silu_down", h, D, [D])]
-
-
 def shapes_to_tune(spec: str) -> list:
     """--tune_shapes: "block", "tp" or CONFIG[@WORLD]."""
     if spec in ("block", "tp"):
@@ -73,18 +63,15 @@ def shapes_to_tune(spec: str) -> list:
     config, _, world = spec.partition("@")
     if world and not (world.isdigit() and int(world) >= 1):
         raise ValueError(f"{spec!r}: the world size after @ must be a whole number of GPUs")
-    return tp_shard_shapes(config, int(world or 1))
+    return shard_matvec_shapes(config, int(world or 1))
 
 
 # tensor-parallel shards (tuned with --tune_shapes tp): Llama-3-8B over 2, 4, 8 GPUs, 70B over 2, 4, 8;
 # 70B's gate+up over two GPUs is the 70B up shape above
-TP_SHAPES = [s for config in ("Llama-3-8B", "Llama-3-70B") for world in (2, 4, 8) for s in tp_shard_shapes(config, world)
+TP_SHAPES = [s for config in ("Llama-3-8B", "Llama-3-70B") for world in (2, 4, 8) for s in shard_matvec_shapes(config, world)
              if s[1:4] not in [t[1:4] for t in TUNED_SHAPES]]
-EPS = 1e-5
 LEVELS = [round(0.1 * i, 1) for i in range(10)]
-TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-4}  # atol = rtol, outputs of size ~1
 COPY_GBPS = 4300  # device-to-device copy on our H200 (the design page measured 4.31 TB/s; bench_sweep 4.28-4.29)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ---------------------------------------------------------------- problems
@@ -133,33 +120,6 @@ class Problem:
         for s, width in enumerate(self.splits):
             rows += int((self.src.abs().float() > thr[s]).any(0).sum()) * width
         return rows * self.dtype.itemsize + (self.x.numel() + self.B * self.N) * self.dtype.itemsize
-
-
-def fused_inputs(op, B, K, N, dtype, g):
-    """x, and the RMSNorm weight / residual that op's "+norm" / "+res" suffixes ask for (else None)."""
-    x = torch.randn(B, 2 * K if op.startswith("silu_down") else K, device="cuda", generator=g).to(dtype)
-    norm_w = (0.5 + torch.rand(K, device="cuda", generator=g)).to(dtype) if "+norm" in op else None
-    residual = torch.randn(B, N, device="cuda", generator=g).to(dtype) if "+res" in op else None
-    return x, norm_w, residual
-
-
-def kernel_input(op, x, norm_w):
-    """What the thresholds apply to: silu(gate) * up, rms_norm(x), or x."""
-    if op.startswith("silu_down"):
-        return silu_mul(x)
-    return x if norm_w is None else rms_norm(x, norm_w, EPS)
-
-
-def run_op(op, x, w, thr, splits, norm_w, residual):
-    if op.startswith("silu_down"):
-        return sparse_silu_down(x, w, thr, residual=residual)
-    return sparse_linear(x, w, thr, splits, norm_weight=norm_w, eps=EPS, residual=residual)
-
-
-def reference_op(op, x, w, thr, splits, norm_w, residual):
-    if op.startswith("silu_down"):
-        return sparse_silu_down_ref(x, w, thr, residual=residual)
-    return sparse_linear_ref(x, w, thr, splits, norm_weight=norm_w, eps=EPS, residual=residual)
 
 
 def graph_time_us(fn, calls=24, replays=5):

@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_kernels import copy_bandwidth  # noqa: E402  (this script's folder)
-from calibrate import SparsityFile  # noqa: E402
-from eval import measure_sparsity  # noqa: E402
-from generate import (DTYPES, configure_inductor, decode_one_token, generate, load_model, prefill,  # noqa: E402
-                      random_model, run_cli, run_prefill, synchronize, weight_bytes_per_token)
+from calibrate import calibrate_random  # noqa: E402
+from generate import decode_one_token, generate, prefill, run_prefill  # noqa: E402
+from loader import DTYPES, configure_inductor, load_model, random_model, run_cli, synchronize  # noqa: E402
+from teal import SparsityFile, measure_sparsity, weight_bytes_per_token  # noqa: E402
 from tp import broadcast_thresholds, init_distributed  # noqa: E402
 
 
@@ -149,7 +149,7 @@ def run(args):
         model = random_model(args.config, device, dtype, tp=(rank, world) if world else None)
         # Random weights have no structure for the greedy search to find: uniform levels by default.
         mode = args.mode or "uniform"
-        sparsity = SparsityFile.for_random(model, greedy_seqs=4 if mode == "greedy" else 0)
+        sparsity = calibrate_random(model, greedy_seqs=4 if mode == "greedy" else 0)
         name = args.config
         prompt = torch.randint(0, model.args.vocab_size, (5,), generator=torch.Generator().manual_seed(0))
     else:

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_sweep import cudagraph_skips  # noqa: E402  (this script's folder)
-from calibrate import SparsityFile  # noqa: E402
-from generate import configure_inductor, decode_one_token, generate, random_model, run_cli, synchronize  # noqa: E402
+from calibrate import calibrate_random  # noqa: E402
+from generate import decode_one_token, generate  # noqa: E402
+from loader import configure_inductor, random_model, run_cli, synchronize  # noqa: E402
 from tp import broadcast_thresholds, init_distributed  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def run(args):
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     model = random_model(args.config, device, torch.bfloat16, tp=(rank, world) if world else None)
-    sparsity = SparsityFile.for_random(model, greedy_seqs=0)
+    sparsity = calibrate_random(model, greedy_seqs=0)
     prompt = torch.randint(0, model.args.vocab_size, (5,), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device, torch.int)
     configure_inductor()

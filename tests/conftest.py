@@ -49,7 +49,7 @@ def smollm2_checkpoint(request, tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# The committed sparsity file of the default model: smollm2_sparsity (a calibrate.SparsityFile).
+# The committed sparsity file of the default model: smollm2_sparsity (a teal.SparsityFile).
 # ---------------------------------------------------------------------------------------------
 SMOLLM2_SPARSITY = ROOT / "sparsity" / "SmolLM2-135M-Instruct.json"
 
@@ -60,8 +60,8 @@ def smollm2_sparsity(smollm2_checkpoint):
     weights hash), so a converter change that alters the weights fails here, not in a user's hands."""
     import torch
 
-    from calibrate import SparsityFile
-    from generate import load_model
+    from loader import load_model
+    from teal import SparsityFile
 
     model = load_model(smollm2_checkpoint, "meta", torch.float32)
     return SparsityFile.load(SMOLLM2_SPARSITY, model, smollm2_checkpoint)

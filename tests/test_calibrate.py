@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import calibrate
-from calibrate import (QUANTILE_P, BlockProbe, MagnitudeHistogram, SparsityFile, greedy_block, greedy_path,
-                       projection_shares, threshold_from_table)
-from generate import finish_model
+import teal
+from calibrate import BlockProbe, MagnitudeHistogram, calibrate_random, greedy_block, projection_shares
+from loader import finish_model
+from teal import QUANTILE_P, SparsityFile, greedy_path, threshold_from_table
 from model import PROJECTIONS, ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +116,7 @@ def test_block_probe_matches_the_model_block(model, sparsity):
 
 def steps_to_dense_zero(increment):
     """Greedy steps that take one projection from dense to sparsity 1 (the last may be shorter)."""
-    return int(np.ceil(calibrate.MAX_PROJECTION_SPARSITY / increment - 1e-6))
+    return int(np.ceil(teal.MAX_PROJECTION_SPARSITY / increment - 1e-6))
 
 
 @torch.no_grad()
@@ -155,9 +156,9 @@ def test_greedy_path_rises_by_the_base_step_to_0_9(sparsity, model):
         path = greedy_path(choices, shares, 0.01)
         block = path @ shares
         full = np.isclose(np.diff(block), 0.01, rtol=0, atol=1e-12)
-        last_steps = np.isclose(path[1:][~full].max(axis=1), calibrate.MAX_PROJECTION_SPARSITY)
+        last_steps = np.isclose(path[1:][~full].max(axis=1), teal.MAX_PROJECTION_SPARSITY)
         assert full.sum() >= len(full) - 7 and np.all(last_steps)  # shorter only where a projection hits 1
-        assert 0.9 - 1e-9 <= block[-1] < 0.91 and path.max() <= calibrate.MAX_PROJECTION_SPARSITY + 1e-9
+        assert 0.9 - 1e-9 <= block[-1] < 0.91 and path.max() <= teal.MAX_PROJECTION_SPARSITY + 1e-9
         assert np.all(np.diff(path, axis=0) >= 0) and np.all(np.diff(block) > 0)
 
 
@@ -260,8 +261,8 @@ def test_missing_and_broken_files(tmp_path, model):
         SparsityFile.load(bad, model)
 
 
-def test_for_random_is_quick_and_complete(model):
-    sf = SparsityFile.for_random(model, n_seq=2, seq_len=64, greedy_seqs=2, greedy_positions=16)
+def test_calibrate_random_is_quick_and_complete(model):
+    sf = calibrate_random(model, n_seq=2, seq_len=64, greedy_seqs=2, greedy_positions=16)
     assert sf.modes == ("uniform", "greedy") and sf.model["sha256"] is None
     assert torch.all(sf.thresholds(0.5, "greedy") >= 0) and torch.any(sf.thresholds(0.5, "uniform") > 0)
 
@@ -286,7 +287,7 @@ def test_truncated_sparsity_file_is_refused(tmp_path):
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_name("SmolLM2-135M"))
     with pytest.raises(ValueError, match="not a teal-fast sparsity file.*layers"):
-        calibrate.SparsityFile.load(bad, model)
+        SparsityFile.load(bad, model)
 
 
 def test_weights_hash_is_remembered_until_the_file_changes(tmp_path):
@@ -296,14 +297,14 @@ def test_weights_hash_is_remembered_until_the_file_changes(tmp_path):
 
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"first weights")
-    assert calibrate.file_sha256(weights) == hashlib.sha256(b"first weights").hexdigest()
+    assert teal.file_sha256(weights) == hashlib.sha256(b"first weights").hexdigest()
     sidecar = tmp_path / "model.safetensors.sha256.json"
     entry = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps(dict(entry, sha256="f" * 64)))  # the remembered value is what comes back
-    assert calibrate.file_sha256(weights) == "f" * 64
+    assert teal.file_sha256(weights) == "f" * 64
     weights.write_bytes(b"other weights")  # same size, new mtime: hashed again
     os.utime(weights, ns=(entry["mtime_ns"] + 10**9, entry["mtime_ns"] + 10**9))
-    assert calibrate.file_sha256(weights) == hashlib.sha256(b"other weights").hexdigest()
+    assert teal.file_sha256(weights) == hashlib.sha256(b"other weights").hexdigest()
     sidecar.write_text("{broken")
-    assert calibrate.file_sha256(weights) == hashlib.sha256(b"other weights").hexdigest()
+    assert teal.file_sha256(weights) == hashlib.sha256(b"other weights").hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.safetensors", sidecar.name])  # no temp file left

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from eval import perplexity
-from generate import generate, load_model
+from generate import generate
+from loader import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,12 +13,10 @@ import sys
 import pytest
 import torch
 
-from scripts.bench_kernels import EPS, kernel_input, reference_op  # the GPU checks' definitions of the fused ops
 from sparse_kernels import ops, silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref
+from sparse_kernels.checks import EPS, TOL, kernel_input, reference_op  # shared with the GPU checks
 from sparse_kernels.reference import gap_threshold
 from tests.interpreted import compare, run_child
-
-TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-4}
 
 
 def make_inputs(op, B, K, N, S, dtype, p, seed):
@@ -268,9 +266,15 @@ def test_untuned_shapes_take_the_nearest_tuned_tile(monkeypatch):
     slower than cuBLAS, and the sparse step at twice the dense time. Now they take the elementwise
     tile of the nearest tuned shape, with about as many programs as that shape's grid. The shards
     are tuned now too, so the tensor-parallel shapes are taken out of the table here."""
-    from scripts.bench_kernels import TP_SHAPES
+    from tp import shard_matvec_shapes
 
-    shard_keys = {ops.config_key(op, K, N, torch.bfloat16, 1) for _, op, K, N, _ in TP_SHAPES}
+    # the shards of Llama-3-8B and 70B over 2, 4 and 8 ranks, less the shapes of the benchmark's own table
+    # (the 8B block and 70B's up and down)
+    table_shapes = {(op, K, N) for _, op, K, N, _ in shard_matvec_shapes("Llama-3-8B", 1)} | \
+        {("linear", 8192, 28672), ("silu_down", 28672, 8192)}
+    shard_keys = {ops.config_key(op, K, N, torch.bfloat16, 1) for config in ("Llama-3-8B", "Llama-3-70B")
+                  for world in (2, 4, 8) for _, op, K, N, _ in shard_matvec_shapes(config, world)
+                  if (op, K, N) not in table_shapes}
     assert shard_keys <= set(ops.tuned_configs())
     table = {key: cfg for key, cfg in ops.tuned_configs().items() if key not in shard_keys}
     monkeypatch.setattr(ops, "_configs", table)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate import argmax_last, generate, load_model, random_model, shown_ids
+from generate import argmax_last, generate, shown_ids
+from loader import load_model, random_model
 from model import ModelArgs, Transformer, transformer_configs
 from scripts.convert_hf_checkpoint import convert, permute_rotary
 

@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
-from eval import forward_window, measure_sparsity
-from generate import load_model
+from loader import load_model
+from teal import forward_window, measure_sparsity
 from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
