@@ -15,6 +15,7 @@ from calibrate import calibrate_random
 from loader import (add_model_args, configure_inductor, load_model, random_model, resolve_dtype, run_cli,
                     synchronize)
 from model import Transformer
+from quantize import quantize_model
 from teal import MAX_LEVEL, SparsityFile, measure_sparsity, weight_bytes_per_token
 from tokenizer import load_tokenizer
 from tp import broadcast_thresholds, init_distributed
@@ -140,9 +141,14 @@ def build_model(args, tp=None) -> Transformer:
                          "add --sparsity P")
     if getattr(args, "sparsity_mode", None) is None:  # random weights have no structure for greedy to find
         args.sparsity_mode = "uniform" if args.random_weights else "greedy"
+    if args.quantize and not args.random_weights:
+        raise ValueError(f"--quantize applies to --random_weights; quantize a checkpoint once with `python quantize.py "
+                         f"--checkpoint_path {args.checkpoint_path} --mode {args.quantize}` and load the result")
     dtype = resolve_dtype(args)
     if args.random_weights:
         model = random_model(args.random_weights, args.device, dtype, tp=tp)
+        if args.quantize:
+            quantize_model(model, args.quantize, args.groupsize)
     else:
         model = load_model(args.checkpoint_path, args.device, dtype, tp=tp)
     if args.sparsity is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from model import ModelArgs, Transformer
+from model import QUANTIZATION_MODES, ModelArgs, Transformer, keeps_stored_dtype
 from teal import MAX_LEVEL
 from tp import close_distributed, shard_model, shard_tensor
 
@@ -34,7 +34,7 @@ def load_model(checkpoint_dir, device, dtype, tp=None) -> Transformer:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run `bash scripts/quickstart.sh` for the default model, "
                                     f"or convert a checkpoint with scripts/convert_hf_checkpoint.py")
-    args = ModelArgs.from_dict(json.loads(config_path.read_text()))
+    args = ModelArgs.from_dict(read_config(checkpoint_dir))
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -54,10 +54,21 @@ def load_model(checkpoint_dir, device, dtype, tp=None) -> Transformer:
         rank, world = tp or (0, 1)
         if tp is not None:
             shard_model(model, rank, world)
-        state = {name: shard_tensor(name, f.get_tensor(name), model, rank, world).to(device=device, dtype=dtype)
-                 for name in f.keys()}
+        state = {}
+        for name in f.keys():  # quantized weights and their scales keep the dtype they were stored in
+            t = shard_tensor(name, f.get_tensor(name), model, rank, world)
+            state[name] = t.to(device) if keeps_stored_dtype(name, t) else t.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
     return finish_model(model, device)
+
+
+def read_config(checkpoint_dir) -> dict:
+    """checkpoint_dir/config.json: every ModelArgs field of the checkpoint."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `bash scripts/quickstart.sh` for the default model, or convert "
+                                f"a checkpoint with scripts/convert_hf_checkpoint.py")
+    return json.loads(path.read_text())
 
 
 def random_model(config_name: str, device, dtype, seed: int = 0, tp=None) -> Transformer:
@@ -146,6 +157,9 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--sparsity_mode", choices=("greedy", "uniform"), default=None,
                         help="default: greedy for a checkpoint, uniform for random weights")
     parser.add_argument("--sparse_prefill", action="store_true", help="sparsify the prompt too (default: dense prefill)")
+    parser.add_argument("--quantize", choices=QUANTIZATION_MODES, default=None,
+                        help="with --random_weights: quantize them (a checkpoint is quantized once by quantize.py)")
+    parser.add_argument("--groupsize", type=int, default=128, help="int4 rows per scale (with --quantize int4)")
 
 
 def resolve_dtype(args) -> torch.dtype:

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparse_kernels import (decode_attention, decode_attention_step, rms_norm, rope, silu_mul, sparse_linear,
-                            sparse_silu_down)
+from sparse_kernels import (decode_attention, decode_attention_step, dequantize, out_features, rms_norm, rope,
+                            silu_mul, sparse_linear, sparse_silu_down)
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 # The four hidden states TEAL sparsifies and the projections each one feeds.
@@ -38,6 +38,7 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_scaling: Optional[dict] = None  # Llama-3.1 style: factor, low/high_freq_factor, original_max_position_embeddings
     tie_embeddings: bool = False
+    quantization: Optional[dict] = None  # weight-only: {"mode": "int8"} or {"mode": "int4", "groupsize": G} (quantize.py)
 
     def __post_init__(self):
         if self.n_local_heads == -1:
@@ -49,6 +50,13 @@ class ModelArgs:
             self.head_dim = self.dim // self.n_head
         if self.n_head % self.n_local_heads:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_local_heads={self.n_local_heads}")
+        if self.quantization is not None:
+            check_quantization(self.quantization, self.weight_rows())
+
+    def weight_rows(self) -> dict:
+        """K (rows of W^T) of each block projection and of an untied LM head, by weight name."""
+        rows = dict(wqkv_t=self.dim, wo_t=self.n_head * self.head_dim, w13_t=self.dim, w2_t=self.intermediate_size)
+        return rows if self.tie_embeddings else dict(rows, output_t=self.dim)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
@@ -56,7 +64,7 @@ class ModelArgs:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"config has unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
-        numbers = known - {"rope_scaling", "tie_embeddings"}
+        numbers = known - {"rope_scaling", "tie_embeddings", "quantization"}
         wrong = sorted(k for k, v in d.items() if k in numbers and v is not None and
                        (isinstance(v, bool) or not isinstance(v, (int, float))))
         if wrong:
@@ -127,6 +135,54 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
+QUANTIZATION_MODES = ("int8", "int4")
+
+
+def check_quantization(quantization: dict, rows: dict) -> None:
+    """A known mode; int4's groupsize a power of two >= 16 that divides every weight's K."""
+    mode = quantization.get("mode") if isinstance(quantization, dict) else None
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization {quantization!r}: mode must be one of {', '.join(QUANTIZATION_MODES)}")
+    if mode == "int4":
+        group = quantization.get("groupsize")
+        if not isinstance(group, int) or group < 16 or group & (group - 1):
+            raise ValueError(f"int4 groupsize {group!r} must be a power of two of at least 16 (e.g. 32, 64, 128)")
+        odd = {name: K for name, K in rows.items() if K % group}
+        if odd:
+            raise ValueError(f"int4 groupsize {group} does not divide K of {', '.join(f'{n} ({k})' for n, k in odd.items())}"
+                             f"; choose a groupsize that divides {math.gcd(*rows.values())}")
+
+
+def add_weight(module: nn.Module, name: str, K: int, N: int, quantization: Optional[dict] = None, device=None):
+    """Register W^T `name` (K, N) on module (again, to reshape it): a float Parameter, or its stored
+    quantized form with buffers `name`_scale and `name`_zero (None where the mode has none):
+    int8 (K, N) with an fp32 scale (N,); int4 as uint8 (K, N / 2) with bf16 scale and zero (K / G, N)."""
+    mode = None if quantization is None else quantization["mode"]
+    scale = zero = None
+    if mode is None:
+        weight = torch.empty(K, N, device=device)
+    elif mode == "int8":
+        weight, scale = torch.empty(K, N, dtype=torch.int8, device=device), torch.empty(N, device=device)
+    else:
+        groups = K // quantization["groupsize"]
+        weight = torch.empty(K, N // 2, dtype=torch.uint8, device=device)
+        scale, zero = (torch.empty(groups, N, dtype=torch.bfloat16, device=device) for _ in range(2))
+    setattr(module, name, nn.Parameter(weight, requires_grad=False))
+    module.register_buffer(f"{name}_scale", scale)
+    module.register_buffer(f"{name}_zero", zero)
+
+
+def scales_of(module: nn.Module, name: str) -> tuple:
+    """(scale, zero) of W^T `name`: (None, None) for float weights."""
+    return getattr(module, f"{name}_scale"), getattr(module, f"{name}_zero")
+
+
+def keeps_stored_dtype(name: str, t: Tensor) -> bool:
+    """Whether a checkpoint tensor loads in its stored dtype rather than the model's: quantized
+    weights (integers) and their scales."""
+    return not t.is_floating_point() or name.endswith(("_scale", "_zero"))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -145,33 +201,48 @@ def fused_dense(x: Tensor) -> bool:
     return x.is_cuda and x.dim() == 3 and x.shape[1] == 1
 
 
-def linear_t(x: Tensor, w_t: Tensor, thresholds: Tensor, splits: list, sparse: bool,
-             norm: Optional[RMSNorm] = None, residual: Optional[Tensor] = None) -> Tensor:
+def linear_t(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: list, sparse: bool,
+             norm: Optional[RMSNorm] = None, residual: Optional[Tensor] = None, quant: tuple = (None, None),
+             fused: bool = True) -> Tensor:
     """[residual +] norm(x) (..., K) @ w_t (K, N); if sparse, input entries with |norm(x)| <=
     threshold of the output segment are dropped first (TEAL). Sparse, and dense decode steps on
-    CUDA: one fused kernel with the norm and the residual add (sparse_kernels.sparse_linear, the
-    one semantics); a dense prompt takes cuBLAS."""
-    if not sparse and not fused_dense(x):
-        y = (x if norm is None else norm(x)) @ w_t
+    CUDA (unless fused is False): one fused kernel with the norm and the residual add
+    (sparse_kernels.sparse_linear, the one semantics). Otherwise torch's product (cuBLAS on a GPU);
+    quantized weights (quant: their (scale, zero), see add_weight) dequantized for it."""
+    N = sum(splits)
+    if not sparse and not (fused and fused_dense(x)):
+        y = torch_product(x if norm is None else norm(x), w_t, quant)
         return y if residual is None else residual + y
     lead = x.shape[:-1]
     y = sparse_linear(x.reshape(-1, x.shape[-1]), w_t, thresholds if sparse else None, splits,
                       norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.eps,
-                      residual=None if residual is None else residual.reshape(-1, w_t.shape[1]))
-    return y.view(*lead, w_t.shape[1])
+                      residual=None if residual is None else residual.reshape(-1, N), scale=quant[0], zero=quant[1])
+    return y.view(*lead, N)
 
 
-def silu_down_t(gate_up: Tensor, w_t: Tensor, threshold: Tensor, sparse: bool,
-                residual: Optional[Tensor] = None) -> Tensor:
+def torch_product(x: Tensor, w_t: Tensor, quant: tuple) -> Tensor:
+    """x (..., K) @ w_t in torch: float weights as they are; int8 as gpt-fast computes it, the product
+    with the weights cast to x's dtype, then the column scales; int4 dequantized first."""
+    scale, zero = quant
+    if scale is None:
+        return x @ w_t
+    if zero is None:
+        return (x @ w_t.to(x.dtype)) * scale.to(x.dtype)
+    return x @ dequantize(w_t, scale, zero).to(x.dtype)
+
+
+def silu_down_t(gate_up: Tensor, w_t: Tensor, threshold: Tensor, sparse: bool, residual: Optional[Tensor] = None,
+                quant: tuple = (None, None), fused: bool = True) -> Tensor:
     """[residual +] silu(gate) * up (..., I) @ w_t (I, N) from gate_up (..., 2I), as linear_t; if sparse,
     entries with |silu(gate) * up| <= threshold are dropped first, in one fused kernel (sparse_silu_down)."""
-    if not sparse and not fused_dense(gate_up):
-        y = silu_mul(gate_up) @ w_t
+    N = out_features(w_t)
+    if not sparse and not (fused and fused_dense(gate_up)):
+        y = torch_product(silu_mul(gate_up), w_t, quant)
         return y if residual is None else residual + y
     lead = gate_up.shape[:-1]
     y = sparse_silu_down(gate_up.reshape(-1, gate_up.shape[-1]), w_t, threshold if sparse else None,
-                         residual=None if residual is None else residual.reshape(-1, w_t.shape[1]))
-    return y.view(*lead, w_t.shape[1])
+                         residual=None if residual is None else residual.reshape(-1, N), scale=quant[0], zero=quant[1])
+    return y.view(*lead, N)
 
 
 def all_reduce_if_sharded(x: Tensor, group) -> Tensor:
@@ -195,11 +266,13 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_local_heads, args.head_dim
         q_size, kv_size = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
         self.splits = [q_size, kv_size, kv_size]
-        self.wqkv_t = nn.Parameter(torch.empty(args.dim, q_size + 2 * kv_size))  # (D, Nq + 2 Nkv)
-        self.wo_t = nn.Parameter(torch.empty(q_size, args.dim))  # (H hd, D)
+        add_weight(self, "wqkv_t", args.dim, q_size + 2 * kv_size, args.quantization)  # (D, Nq + 2 Nkv)
+        add_weight(self, "wo_t", q_size, args.dim, args.quantization)  # (H hd, D)
+        self.dim = args.dim
         self.kv_cache: Optional[KVCache] = None
         self.tp_group = None  # set by tp.shard_model: wo_t then holds this rank's input rows
         self.adds_residual = True  # under tensor parallelism rank 0's o adds x, the others only their share
+        self.fused = True  # dense decode steps on CUDA through the fused kernel (Transformer.use_fused_kernels)
 
     def forward(self, x, norm, freqs_cis, mask, input_pos, thresholds, sparse, observe=None, rope_table=None):
         """x + attention(norm(x)): the norm is fused into the q/k/v and the residual into the o
@@ -224,7 +297,8 @@ class Attention(nn.Module):
     # The pieces of forward, which calibrate.py's greedy search also runs one at a time.
     def project_qkv(self, x: Tensor, norm, thresholds: Tensor, sparse: bool) -> Tensor:
         """[q | k | v] = norm(x) (B, T, D) @ wqkv_t -> (B, T, Nq + 2 Nkv), thresholds (3,) [q, k, v]."""
-        return linear_t(x, self.wqkv_t, thresholds, self.splits, sparse, norm=norm)
+        return linear_t(x, self.wqkv_t, thresholds, self.splits, sparse, norm=norm, quant=scales_of(self, "wqkv_t"),
+                        fused=self.fused)
 
     def heads(self, qkv: Tensor, freqs_cis: Tensor):
         """q (B, H, T, hd), k and v (B, KV, T, hd) from qkv (B, T, N), q and k rotated by freqs_cis (T, hd/2, 2)."""
@@ -243,8 +317,8 @@ class Attention(nn.Module):
 
     def project_out(self, y: Tensor, x: Tensor, threshold: Tensor, sparse: bool) -> Tensor:
         """x + y (B, T, H hd) @ wo_t, threshold (1,); under tensor parallelism summed over ranks."""
-        out = linear_t(y, self.wo_t, threshold, [self.wo_t.shape[1]], sparse,
-                       residual=x if self.adds_residual else None)
+        out = linear_t(y, self.wo_t, threshold, [self.dim], sparse, residual=x if self.adds_residual else None,
+                       quant=scales_of(self, "wo_t"), fused=self.fused)
         return all_reduce_if_sharded(out, self.tp_group)
 
 
@@ -268,10 +342,11 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.hidden = args.intermediate_size
-        self.w13_t = nn.Parameter(torch.empty(args.dim, 2 * args.intermediate_size))  # (D, 2I): [gate | up]
-        self.w2_t = nn.Parameter(torch.empty(args.intermediate_size, args.dim))  # (I, D)
+        add_weight(self, "w13_t", args.dim, 2 * args.intermediate_size, args.quantization)  # (D, 2I): [gate | up]
+        add_weight(self, "w2_t", args.intermediate_size, args.dim, args.quantization)  # (I, D)
         self.tp_group = None  # set by tp.shard_model: w2_t then holds this rank's input rows
         self.adds_residual = True  # as in Attention
+        self.fused = True
 
     def forward(self, x, norm, thresholds, sparse, observe=None):
         """x + mlp(norm(x)), fused like Attention.forward."""
@@ -283,11 +358,13 @@ class FeedForward(nn.Module):
     # The pieces of forward, as in Attention.
     def project_gate_up(self, x: Tensor, norm, thresholds: Tensor, sparse: bool) -> Tensor:
         """[gate | up] = norm(x) (B, T, D) @ w13_t -> (B, T, 2I), thresholds (2,) [gate, up]."""
-        return linear_t(x, self.w13_t, thresholds, [self.hidden, self.hidden], sparse, norm=norm)
+        return linear_t(x, self.w13_t, thresholds, [self.hidden, self.hidden], sparse, norm=norm,
+                        quant=scales_of(self, "w13_t"), fused=self.fused)
 
     def project_down(self, gate_up: Tensor, x: Tensor, threshold: Tensor, sparse: bool) -> Tensor:
         """x + silu(gate) * up @ w2_t, threshold (1,); under tensor parallelism summed over ranks."""
-        out = silu_down_t(gate_up, self.w2_t, threshold, sparse, residual=x if self.adds_residual else None)
+        out = silu_down_t(gate_up, self.w2_t, threshold, sparse, residual=x if self.adds_residual else None,
+                          quant=scales_of(self, "w2_t"), fused=self.fused)
         return all_reduce_if_sharded(out, self.tp_group)
 
 
@@ -320,10 +397,10 @@ def projection_params(model: "Transformer") -> Tensor:
     """(7,) weights each projection holds in one block (this rank's under tensor parallelism),
     PROJECTIONS order; every block has the same shapes."""
     attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
-    d_in = attn.wqkv_t.shape[0]
+    d_in, d_out = attn.wqkv_t.shape[0], model.args.dim
     n_q, n_kv, _ = attn.splits
-    return torch.tensor([d_in * n_q, d_in * n_kv, d_in * n_kv, attn.wo_t.numel(),
-                         d_in * ffn.hidden, d_in * ffn.hidden, ffn.w2_t.numel()], dtype=torch.float64)
+    return torch.tensor([d_in * n_q, d_in * n_kv, d_in * n_kv, attn.wo_t.shape[0] * d_out,
+                         d_in * ffn.hidden, d_in * ffn.hidden, ffn.w2_t.shape[0] * d_out], dtype=torch.float64)
 
 
 class Transformer(nn.Module):
@@ -333,7 +410,10 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layer))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = None if args.tie_embeddings or args.quantization else \
+            nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.quantization and not args.tie_embeddings:  # the LM head quantized too, stored transposed like a block's
+            add_weight(self, "output_t", args.dim, args.vocab_size, args.quantization)  # (D, V)
         self.max_batch_size = -1
         self.max_seq_length = -1
         self.freqs_cis: Optional[Tensor] = None
@@ -366,7 +446,15 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(idx)  # (B, T, D)
         for block in self.layers:  # a decode step's attention reads its angles from the whole table
             x = block(x, freqs_cis, mask, input_pos, sparse, self.observer, rope_table=self.freqs_cis)
-        x = self.norm(x)
+        return self.head(self.norm(x))
+
+    def head(self, x: Tensor) -> Tensor:
+        """Logits (B, T, V) in float32 of the final normed states x (B, T, D). A quantized head runs
+        as a block's dense projection (the fused kernel in a decode step on CUDA); a tied head is the
+        embedding table, in the model's dtype."""
+        if hasattr(self, "output_t"):
+            return linear_t(x, self.output_t, None, [self.args.vocab_size], False, quant=scales_of(self, "output_t"),
+                            fused=self.layers[0].attention.fused).float()
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(x, head).float()
 
@@ -380,6 +468,12 @@ class Transformer(nn.Module):
 
     def get_thresholds(self) -> Tensor:
         return torch.stack([block.thresholds for block in self.layers])  # (n_layer, 7)
+
+    def use_fused_kernels(self, fused: bool = True):
+        """Dense decode steps through the fused kernels (default) or through torch's products, which
+        torch.compile generates itself: the way plain gpt-fast runs (scripts/bench_sweep.py's anchor)."""
+        for block in self.layers:
+            block.attention.fused = block.feed_forward.fused = fused
 
 
 def apply_rope_scaling(freqs: Tensor, scaling: dict) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from model import PROJECTIONS, STATES, Transformer, projection_params
+from model import PROJECTIONS, STATES, Transformer, projection_params, scales_of
 
 FORMAT = "teal-fast sparsity file v1"
 STATE_NAMES = tuple(STATES)  # attn_in, attn_out, mlp_in, mlp_mid
@@ -299,11 +299,24 @@ def measure_sparsity(model: Transformer, seq: Tensor, prompt_len: int) -> Realiz
 
 def weight_bytes_per_token(model: Transformer, sparsity: Optional[Tensor] = None) -> float:
     """Bytes of weights one decode step reads: every block linear (times 1 - its input
-    sparsity when given, (n_layer, 7)), the norms and the LM head; the embedding row is noise."""
+    sparsity when given, (n_layer, 7)), the norms and the LM head; the embedding row is noise.
+    Quantized weights count their stored bytes and their scales (int4: the scales of every group)."""
     n_layer = len(model.layers)
     kept = torch.ones(n_layer, 7, dtype=torch.float64) if sparsity is None else 1.0 - sparsity.double().cpu()
-    total = float((kept * projection_params(model)).sum()) * model.layers[0].attention.wqkv_t.element_size()
+    attn = model.layers[0].attention
+    per_weight = stored_bytes(attn, "wqkv_t") / (attn.wqkv_t.shape[0] * sum(attn.splits))
+    total = float((kept * projection_params(model)).sum()) * per_weight
     norm = model.layers[0].attention_norm.weight
     total += n_layer * 2 * norm.numel() * norm.element_size()
-    head = model.tok_embeddings.weight if model.output is None else model.output.weight
-    return total + head.numel() * head.element_size() + model.norm.weight.numel() * model.norm.weight.element_size()
+    if hasattr(model, "output_t"):
+        head = stored_bytes(model, "output_t")
+    else:
+        weight = model.tok_embeddings.weight if model.output is None else model.output.weight
+        head = weight.numel() * weight.element_size()
+    return total + head + model.norm.weight.numel() * model.norm.weight.element_size()
+
+
+def stored_bytes(module, name: str) -> int:
+    """Bytes of W^T `name` as stored on module, its scales included (model.add_weight)."""
+    tensors = [getattr(module, name), *scales_of(module, name)]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from loader import DTYPES  # noqa: E402
 from sparse_kernels import ops, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref  # noqa: E402
-from sparse_kernels.checks import EPS, TOL, fused_inputs, kernel_input, reference_op, run_op  # noqa: E402
+from sparse_kernels.checks import (EPS, TOL, fused_inputs, kernel_input, random_quantized, reference_op,  # noqa: E402
+                                   run_op)
 from sparse_kernels.reference import gap_threshold  # noqa: E402
 from tp import shard_matvec_shapes  # noqa: E402
 
@@ -84,11 +85,17 @@ def quantile_threshold(values: torch.Tensor, p: float) -> float:
 class Problem:
     """One op at one shape, batch and dtype, with rotating weight buffers."""
 
-    def __init__(self, op, K, N, splits, B, dtype, min_bytes=1 << 30, seed=0):
+    def __init__(self, op, K, N, splits, B, dtype, min_bytes=1 << 30, seed=0, weights="float", group=128):
         self.op, self.K, self.N, self.splits, self.B, self.dtype = op, K, N, splits, B, dtype
+        self.weights, self.group = weights, group
         g = torch.Generator(device="cuda").manual_seed(seed)
-        n_buf = max(2, math.ceil(min_bytes / (K * N * dtype.itemsize)))
-        self.bufs = [torch.randn(K, N, device="cuda", generator=g).mul_(K ** -0.5).to(dtype) for _ in range(n_buf)]
+        self.elem_bytes = {"float": dtype.itemsize, "int8": 1, "int4": 0.5}[weights]
+        n_buf = max(2, math.ceil(min_bytes / (K * N * self.elem_bytes)))
+        if weights == "float":  # (w_t, scale, zero)
+            self.bufs = [(torch.randn(K, N, device="cuda", generator=g).mul_(K ** -0.5).to(dtype), None, None)
+                         for _ in range(n_buf)]
+        else:
+            self.bufs = [random_quantized(K, N, weights, group, g) for _ in range(n_buf)]
         self.x, self.norm_w, self.residual = fused_inputs(op, B, K, N, dtype, g)
         self.src = kernel_input(op, self.x, self.norm_w)  # (B, K): what the thresholds apply to
         self.step = itertools.count()
@@ -100,26 +107,56 @@ class Problem:
 
     def ours(self, thr, cfg=None):
         def fn():
-            w = self.bufs[next(self.step) % len(self.bufs)]
+            w, scale, zero = self.bufs[next(self.step) % len(self.bufs)]
             if cfg is not None:
                 return ops.run_triton(self.op.split("+")[0], self.x, w, thr, self.splits, cfg,
-                                      norm_weight=self.norm_w, eps=EPS, residual=self.residual)
-            return run_op(self.op, self.x, w, thr, self.splits, self.norm_w, self.residual)
+                                      norm_weight=self.norm_w, eps=EPS, residual=self.residual, scale=scale, zero=zero)
+            return run_op(self.op, self.x, w, thr, self.splits, self.norm_w, self.residual, scale, zero)
         return fn
 
     def cublas(self, k=None):
         k = self.K if k is None else k
         x = self.src[:, :k].contiguous()
-        mats = [w.view(-1)[: self.N * k].view(self.N, k) for w in self.bufs]  # contiguous (N, k)
+        mats = [w.view(-1)[: self.N * k].view(self.N, k) for w, _, _ in self.bufs]  # contiguous (N, k)
         return lambda: F.linear(x, mats[next(self.step) % len(mats)])
 
     def bytes_touched(self, thr):
+        """Weight rows read (and, quantized, their scales) + x + y."""
+        io = (self.x.numel() + self.B * self.N) * self.dtype.itemsize
         if thr is None:  # dense: every row
-            return (self.K * self.N + self.x.numel() + self.B * self.N) * self.dtype.itemsize
-        rows = 0
-        for s, width in enumerate(self.splits):
-            rows += int((self.src.abs().float() > thr[s]).any(0).sum()) * width
-        return rows * self.dtype.itemsize + (self.x.numel() + self.B * self.N) * self.dtype.itemsize
+            rows = self.K * self.N
+        else:
+            rows = sum(int((self.src.abs().float() > thr[s]).any(0).sum()) * width for s, width in enumerate(self.splits))
+        scales = 0 if self.weights == "float" else 4 * self.N if self.weights == "int8" else \
+            4 * self.N * self.K // self.group  # int4: a bf16 scale and zero per group (every group holds a kept row)
+        return rows * self.elem_bytes + scales + io
+
+
+def gpt_fast_anchor(prob: Problem):
+    """The matvec as plain gpt-fast runs quantized weights, on the same shape, or None where torch has no
+    such path: int8, torch.compile of F.linear(x, w_int8.to(dtype)) * scales on (N, K) weights; int4,
+    torch's tinygemm op (aten._weight_int4pack_mm, the one gpt-fast's int4 calls) on repacked weights."""
+    x = prob.src.contiguous()
+    n_buf = max(2, math.ceil((1 << 30) / (prob.K * prob.N * prob.elem_bytes)))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    if prob.weights == "int8":
+        mats = [torch.randint(-127, 128, (prob.N, prob.K), device="cuda", generator=g, dtype=torch.int8)
+                for _ in range(n_buf)]
+        scales = torch.rand(prob.N, device="cuda", generator=g).to(prob.dtype)
+        linear = torch.compile(lambda x, w, s: F.linear(x, w.to(x.dtype)) * s)
+        return lambda: linear(x, mats[next(prob.step) % n_buf], scales)
+    try:
+        mats = [torch.ops.aten._convert_weight_to_int4pack(
+            torch.randint(0, 256, (prob.N, prob.K // 2), device="cuda", generator=g, dtype=torch.int32).to(torch.uint8),
+            8) for _ in range(n_buf)]
+        scales_and_zeros = torch.rand(prob.K // prob.group, prob.N, 2, device="cuda", generator=g).to(prob.dtype)
+        fn = lambda: torch.ops.aten._weight_int4pack_mm(x, mats[next(prob.step) % n_buf], prob.group,  # noqa: E731
+                                                         scales_and_zeros)
+        fn()
+        return fn
+    except (RuntimeError, AttributeError, NotImplementedError) as e:
+        print(f"gpt-fast's int4 path does not run here ({type(e).__name__}: {str(e)[:200]})", flush=True)
+        return None
 
 
 def graph_time_us(fn, calls=24, replays=5):
@@ -152,26 +189,32 @@ def bench_us(fn, rep):
 
 # ---------------------------------------------------------------- checks (the CPU tests' checks, on the GPU)
 
-def check_case(op, B, K, N, splits, dtype, p, cfg=None, seed=0):
-    """Kernel (poisoned output, explicit or table config) against the reference; returns an error or None."""
+def check_case(op, B, K, N, splits, dtype, p, cfg=None, seed=0, weights="float", group=0):
+    """Kernel (poisoned output, explicit or table config) against the reference; returns an error or None.
+    weights "int8" or "int4" (groups of `group` rows): random quantized weights with their scales."""
     from sparse_kernels import triton_kernels as tk
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     x, norm_w, residual = fused_inputs(op, B, K, N, dtype, g)
-    w = torch.randn(K, N, device="cuda", generator=g).mul_(K ** -0.5).to(dtype)
+    scale = zero = None
+    if weights == "float":
+        w = torch.randn(K, N, device="cuda", generator=g).mul_(K ** -0.5).to(dtype)
+    else:
+        w, scale, zero = random_quantized(K, N, weights, group, g)
     if "+wview" in op:  # a transposed view (unit row stride): the op copies it, and the dense launch waits first
         w = w.t().contiguous().t()
     thr = None if p is None else torch.full((len(splits),), gap_threshold(kernel_input(op, x, norm_w), p),
                                             device="cuda")  # None: dense
-    ref = reference_op(op, x, w, thr, splits, norm_w, residual)
+    ref = reference_op(op, x, w, thr, splits, norm_w, residual, scale, zero)
     if cfg is None:
-        y = run_op(op, x, w, thr, splits, norm_w, residual)
+        y = run_op(op, x, w, thr, splits, norm_w, residual, scale, zero)
     else:
         y = torch.full((B, N), float("nan"), device="cuda", dtype=dtype)
-        ws = ops.workspace(x.device, *tk.workspace_sizes(B, K, N, cfg))
+        ws = ops.workspace(x.device, *tk.workspace_sizes(B, K, N, cfg, group if weights == "int4" else 0))
         counts = ws[1]
         bounds = ops.segment_starts(splits)
-        fused = dict(silu=op.startswith("silu_down"), norm_weight=norm_w, eps=EPS, residual=residual)
+        fused = dict(silu=op.startswith("silu_down"), norm_weight=norm_w, eps=EPS, residual=residual, scale=scale,
+                     zero=zero)
         tk.launch(x, w, thr, bounds, y, *ws, cfg, **fused)
         y2 = y.clone()
         tk.launch(x, w, thr, bounds, y, *ws, cfg, **fused)  # counters were reset
@@ -216,15 +259,38 @@ def check_cases():
             cases.append((op, B, K, N, splits, dname, None, None))  # dense, as the model's dense decode runs it
     cases.append(("linear", 9, 576, 1536, [576, 480, 480], "bf16", 0.5, None))  # B > 8: reference fallback
     cases.append(("linear+norm+res", 9, 576, 1536, [576, 480, 480], "bf16", 0.5, None))
+    return [c + ("float", 0) for c in cases] + quantized_check_cases()
+
+
+def quantized_check_cases():
+    """int8 and int4 weights (int4: groups of 32, 64, 128 rows) through the tabled configs and explicit ones,
+    every fusion, dense and sparse, B 1 to 8, as (..., weights, group)."""
+    E = dict(DOT=False, num_warps=4, num_stages=1)
+    cases = []
+    for (weights, group), dname, B in itertools.product((("int8", 0), ("int4", 128), ("int4", 64), ("int4", 32)),
+                                                        ("bf16", "fp16"), (1, 2, 3, 8)):
+        q = (weights, group)
+        for p in (0.0, 0.5, 0.9, None):
+            cases.append(("linear+norm", B, 4096, 6144, [4096, 1024, 1024], dname, p, None) + q)
+            cases.append(("silu_down+res", B, 1536, 576, [576], dname, p, None) + q)
+        if group <= 64:  # K = 576 is 9 groups of 64
+            cases.append(("linear", B, 576, 1536, [576, 480, 480], dname, 0.5, None) + q)
+        cases.append(("linear+res", B, 4096, 4096, [4096], dname, 0.5, None) + q)
+        cases.append(("linear", B, 1024, 11008, [11008], dname, 0.3, None) + q)
+        if B == 1:  # the 8B MLP's wide tiles, their K chunks capped at int4's group
+            cases.append(("linear", B, 4096, 6144, [4096, 1024, 1024], dname, 0.5,
+                          dict(BLOCK_N=1024, BLOCK_K=8, K_CHUNK=128, **E)) + q)
+            cases.append(("silu_down", B, 1536, 4096, [4096], dname, 0.5, dict(BLOCK_N=512, BLOCK_K=16, K_CHUNK=256,
+                                                                               DEPTH=4, **E)) + q)
     return cases
 
 
 def run_checks(chunk):
     torch.cuda.set_device(0)
     out = []
-    for op, B, K, N, splits, dname, p, cfg in chunk:
-        err = check_case(op, B, K, N, splits, DTYPES[dname], p, cfg)
-        out.append(((op, B, K, N, dname, p, cfg and cfg["DOT"]), err))
+    for op, B, K, N, splits, dname, p, cfg, weights, group in chunk:
+        err = check_case(op, B, K, N, splits, DTYPES[dname], p, cfg, weights=weights, group=group)
+        out.append(((op, B, K, N, dname, p, cfg and cfg["DOT"], weights, group), err))
     return out
 
 
@@ -420,6 +486,11 @@ def main():
     ap.add_argument("--rep", type=int, default=20, help="do_bench_cudagraph rep (ms)")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="compile/check processes")
     ap.add_argument("--skip_checks", action="store_true", help="skip the GPU correctness checks")
+    ap.add_argument("--weights", default="float",
+                    help="comma-separated: float (the table above), int8, int4 (quantized weights in the same kernels, "
+                         "beside gpt-fast's way of running them)")
+    ap.add_argument("--groupsize", type=int, default=128, help="int4 rows per scale")
+    ap.add_argument("--table_shapes", default="all", help="all, or comma-separated shape names (e.g. '8B gate+up')")
     args = ap.parse_args()
     try:
         tune_shapes = shapes_to_tune(args.tune_shapes)
@@ -468,8 +539,10 @@ def main():
 
     bw = copy_bandwidth() / 1e9
     result["copy_GBps"] = bw
+    shapes = SHAPES if args.table_shapes == "all" else [s for s in SHAPES if s[0] in args.table_shapes.split(",")]
+    weights = [w for w in args.weights.split(",") if w]
     rows, dense = [], {}  # dense: cuBLAS and ideal times per (K, N, B, p), reused by the fused rows
-    for name, op, K, N, splits in SHAPES:
+    for name, op, K, N, splits in (shapes if "float" in weights else []):
         for B in [int(b) for b in args.batches.split(",")]:
             prob = Problem(op, K, N, splits, B, torch.bfloat16)
             for p in LEVELS + ([None] if "+" in op else []):  # None: the fused dense kernel (dense decode)
@@ -489,6 +562,8 @@ def main():
             del prob
             torch.cuda.empty_cache()
     result["rows"] = rows
+    result["quantized_rows"] = quantized = quantized_table(shapes, [w for w in weights if w != "float"],
+                                                           args.groupsize, args.rep)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if "checks" in result:
@@ -501,6 +576,41 @@ def main():
         level = "dns" if r["p"] is None else f"{r['p']:3.1f}"
         print(f"{r['shape']:11s} {r['B']:1d} {level:>3s} {r['cublas_us']:7.1f} {r['ideal_us']:7.1f} {r['ours_us']:7.1f} "
               f"{r['speedup']:7.2f} {r['ideal_speedup']:7.2f} {r['GBps']:6.0f} {100 * r['GBps'] / COPY_GBPS:8.0f}")
+    if quantized:
+        print("\nquantized weights, B=1 (gpt-fast: its way of running them on the same shape; vs dns: over our "
+              "dense kernel on the same weights)")
+        print(f"{'shape':11s} {'weights':>7s} {'p':>3s} {'gpt-fast':>8s} {'ours':>7s} {'vs gf':>6s} {'vs dns':>6s} "
+              f"{'GB/s':>6s}")
+        for r in quantized:
+            level = "dns" if r["p"] is None else f"{r['p']:3.1f}"
+            anchor = f"{r['gpt_fast_us']:8.1f}" if r["gpt_fast_us"] else f"{'n/a':>8s}"
+            vs_gf = f"{r['gpt_fast_us'] / r['ours_us']:6.2f}" if r["gpt_fast_us"] else f"{'':>6s}"
+            print(f"{r['shape']:11s} {r['weights']:>7s} {level:>3s} {anchor} {r['ours_us']:7.1f} {vs_gf} "
+                  f"{r['vs_dense']:6.2f} {r['GBps']:6.0f}")
+
+
+def quantized_table(shapes, formats, group, rep) -> list:
+    """B = 1 rows of quantized weights: our dense kernel (p None) and the sparse one at a few levels, beside
+    gpt-fast's way of running the same weights (gpt_fast_anchor)."""
+    rows = []
+    for weights, (name, op, K, N, splits) in itertools.product(formats, shapes):
+        if weights == "int4" and K % group:
+            continue
+        prob = Problem(op, K, N, splits, 1, torch.bfloat16, weights=weights, group=group)
+        anchor = gpt_fast_anchor(prob) if "+" not in op else None  # the fused rows: no gpt-fast counterpart
+        t_anchor = bench_us(anchor, rep) if anchor else None
+        t_dense = None
+        for p in (None, 0.0, 0.5, 0.7, 0.9):
+            thr = prob.thresholds(p)
+            t = bench_us(prob.ours(thr), rep)
+            t_dense = t_dense or t
+            nbytes = prob.bytes_touched(thr)
+            rows.append(dict(shape=name, op=op, K=K, N=N, B=1, weights=weights, group=group if weights == "int4" else
+                             None, p=p, gpt_fast_us=t_anchor, ours_us=t, vs_dense=t_dense / t, bytes=nbytes,
+                             GBps=nbytes / t / 1e3))
+        del prob
+        torch.cuda.empty_cache()
+    return rows
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from bench_kernels import copy_bandwidth  # noqa: E402  (this script's folder)
 from calibrate import calibrate_random  # noqa: E402
 from generate import decode_one_token, generate, prefill, run_prefill  # noqa: E402
 from loader import DTYPES, configure_inductor, load_model, random_model, run_cli, synchronize  # noqa: E402
+from model import QUANTIZATION_MODES  # noqa: E402
+from quantize import quantize_model  # noqa: E402
 from teal import SparsityFile, measure_sparsity, weight_bytes_per_token  # noqa: E402
 from tp import broadcast_thresholds, init_distributed  # noqa: E402
 
@@ -89,29 +91,36 @@ def prefill_layout_check(model, device, dtype, lengths=(512, 2048)) -> list:
     return rows
 
 
-def plot(results: list, limit_bw: float, bytes_fn, path: Path, title: str):
+def plot(results: list, limit_bw: float, bytes_fns: dict, path: Path, title: str):
+    """tok/s against sparsity (one line per weight format, its bandwidth limit dashed) and the speedup
+    over the first format's dense."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = [r["level"] for r in results]
-    tok = [r["tokens_per_s"] for r in results]
-    dense = results[0]["tokens_per_s"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(levels, tok, "o-", label="teal-fast")
-    if limit_bw == limit_bw:  # not NaN: draw the bandwidth limit
-        grid = [i / 100 for i in range(0, 91)]
-        ax1.plot(grid, [limit_bw / bytes_fn(p) for p in grid], "--", color="gray", label="bandwidth limit")
+    base = results[0]["tokens_per_s"]
+    for i, (weights, bytes_fn) in enumerate(bytes_fns.items()):
+        rows = [r for r in results if r["weights"] == weights and not r.get("anchor")]
+        levels, tok = [r["level"] for r in rows], [r["tokens_per_s"] for r in rows]
+        color = f"C{i}"
+        ax1.plot(levels, tok, "o-", color=color, label=f"teal-fast {weights}")
+        ax2.plot(levels, [t / base for t in tok], "o-", color=color, label=f"{weights}")
+        if limit_bw == limit_bw:  # not NaN: draw the bandwidth limit
+            grid = [p / 100 for p in range(0, 91)]
+            ax1.plot(grid, [limit_bw / bytes_fn(p) for p in grid], "--", color=color, alpha=0.5,
+                     label=f"bandwidth limit {weights}")
+        for r in results:
+            if r["weights"] == weights and r.get("anchor"):
+                ax1.plot([0.0], [r["tokens_per_s"]], "x", color=color, markersize=9, label=r["label"])
     ax1.set_xlabel("sparsity")
     ax1.set_ylabel("tokens/s")
-    ax1.legend()
+    ax1.legend(fontsize=7)
     ax1.grid(alpha=0.3)
-    ax2.plot(levels, [t / dense for t in tok], "o-", label="speedup over dense")
-    ax2.plot(levels, [bytes_fn(0) / bytes_fn(p) for p in levels], "--", color="gray", label="ideal (bytes)")
     ax2.set_xlabel("sparsity")
-    ax2.set_ylabel("speedup")
-    ax2.legend()
+    ax2.set_ylabel(f"speedup over {results[0]['weights']} dense")
+    ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
@@ -126,6 +135,13 @@ def main(argv=None):
     parser.add_argument("--mode", choices=("greedy", "uniform"), default=None,
                         help="default: greedy for a checkpoint, uniform for random weights")
     parser.add_argument("--levels", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    parser.add_argument("--weights", default=None,
+                        help="with --config: comma-separated weight formats, each in the same process: the "
+                             "precision's own (e.g. bf16), int8, int4 (quantized as quantize.py does)")
+    parser.add_argument("--groupsize", type=int, default=128, help="int4 rows per scale")
+    parser.add_argument("--anchor", action="store_true",
+                        help="also time each format's dense decode the way plain gpt-fast runs it: torch's products "
+                             "(int8: F.linear(x, w.to(dtype)) * scales) compiled by inductor, not the fused kernels")
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,34 +154,104 @@ def main(argv=None):
     run_cli(run, parser.parse_args(argv))
 
 
+def build(args, weights: str, device, dtype, tp):
+    """(model, sparsity file, name, prompt) for one weight format."""
+    if args.config:
+        model = random_model(args.config, device, dtype, tp=tp)
+        if weights in QUANTIZATION_MODES:
+            quantize_model(model, weights, args.groupsize)
+        # Random weights have no structure for the greedy search to find: uniform levels by default.
+        sparsity = calibrate_random(model, greedy_seqs=4 if (args.mode or "uniform") == "greedy" else 0)
+        prompt = torch.randint(0, model.args.vocab_size, (5,), generator=torch.Generator().manual_seed(0))
+        return model, sparsity, args.config, prompt
+    from tokenizer import load_tokenizer
+
+    model = load_model(args.checkpoint_path, device, dtype, tp=tp)
+    sparsity = SparsityFile.load(args.sparsity_file or args.checkpoint_path / "sparsity.json", model,
+                                 args.checkpoint_path)
+    prompt = torch.tensor(load_tokenizer(args.checkpoint_path).encode("The capital of France is", bos=True))
+    return model, sparsity, args.checkpoint_path.name, prompt
+
+
 def run(args):
     if (args.config is None) == (args.checkpoint_path is None):
         raise ValueError("give exactly one of --config NAME (random weights) or --checkpoint_path DIR")
+    formats = [w for w in (args.weights or args.precision).split(",") if w]
+    if args.checkpoint_path is not None and args.weights:
+        raise ValueError("--weights is for --config (random weights); a checkpoint's weights are what quantize.py made")
+    unknown = [w for w in formats if w not in QUANTIZATION_MODES and w not in DTYPES]
+    if unknown:
+        raise ValueError(f"--weights {','.join(unknown)}: choose from {', '.join([*DTYPES, *QUANTIZATION_MODES])}")
     rank, world, device = init_distributed(args.device)  # world 0: not under torchrun
     dtype = DTYPES[args.precision]
     levels = [float(x) for x in args.levels.split(",") if x]
-    t0 = time.perf_counter()
-    if args.config:
-        model = random_model(args.config, device, dtype, tp=(rank, world) if world else None)
-        # Random weights have no structure for the greedy search to find: uniform levels by default.
-        mode = args.mode or "uniform"
-        sparsity = calibrate_random(model, greedy_seqs=4 if mode == "greedy" else 0)
-        name = args.config
-        prompt = torch.randint(0, model.args.vocab_size, (5,), generator=torch.Generator().manual_seed(0))
-    else:
-        from tokenizer import load_tokenizer
-
-        model = load_model(args.checkpoint_path, device, dtype, tp=(rank, world) if world else None)
-        sparsity = SparsityFile.load(args.sparsity_file or args.checkpoint_path / "sparsity.json", model,
-                                     args.checkpoint_path)
-        name, mode = args.checkpoint_path.name, args.mode or "greedy"
-        prompt = torch.tensor(load_tokenizer(args.checkpoint_path).encode("The capital of France is", bos=True))
-    prompt = prompt.to(device=device, dtype=torch.int)
-    tp_label = f"TP={world}" if world else "single process"
-    print(f"{name}: model ready in {time.perf_counter() - t0:.1f} s ({tp_label}, {device}, {dtype})", flush=True)
-
     on_cuda = str(device).startswith("cuda")
     configure_inductor()
+    tp = (rank, world) if world else None
+    mode = args.mode or ("greedy" if args.checkpoint_path else "uniform")
+    results, compile_s, bytes_fns, meta_runs = [], {}, {}, {}
+    for weights in formats:
+        t0 = time.perf_counter()
+        model, sparsity, name, prompt = build(args, weights, device, dtype if weights not in DTYPES else
+                                              DTYPES[weights], tp)
+        prompt = prompt.to(device=device, dtype=torch.int)
+        tp_label = f"TP={world}" if world else "single process"
+        print(f"{name} {weights}: model ready in {time.perf_counter() - t0:.1f} s ({tp_label}, {device})", flush=True)
+        rows, seconds, recompiles, skips = sweep(model, sparsity, mode, levels, prompt, args, device, on_cuda, weights)
+        compile_s[weights] = seconds
+        meta_runs[weights] = dict(recompiles_after_warmup=recompiles, cudagraph_skips=skips,
+                                  weight_bytes_per_token_per_rank=weight_bytes_per_token(model))
+        results += rows
+        bytes_fns[weights] = bytes_per_token_fn(model)
+        if args.prefill_check and on_cuda and weights == formats[0]:
+            meta_runs["prefill"] = prefill_layout_check(model, device, dtype)
+        del model
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    copy_bw = copy_bandwidth(device) if on_cuda else float("nan")
+    meta = dict(model=name, mode=mode, world_size=world, device=torch.cuda.get_device_name(device) if on_cuda
+                else "cpu", dtype=str(dtype), torch=torch.__version__, prompt_tokens=prompt.numel(),
+                new_tokens=args.max_new_tokens, runs=args.runs, compile_prefill=args.compile_prefill and
+                not args.no_compile, compile_s=compile_s, groupsize=args.groupsize if "int4" in formats else None,
+                copy_bandwidth=copy_bw, per_format=meta_runs)
+    if rank == 0:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
+        plot(results, copy_bw, bytes_fns, args.out.with_suffix(".png"), f"{name}, {meta['device']}, {tp_label}")
+    for weights, seconds in compile_s.items():
+        runs = meta_runs[weights]
+        print(f"{weights}: compile {', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())}; recompilations after "
+              f"warm-up across level changes: {runs['recompiles_after_warmup']}")
+        if on_cuda and not args.no_compile and runs["cudagraph_skips"]:
+            print(f"  CUDA graphs were skipped for {runs['cudagraph_skips']} compiled graph(s) (inductor's log above "
+                  f"says why): their tokens/s include a host-side launch per kernel")
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+    for row in meta_runs.get("prefill", []):
+        print(f"prefill {row['tokens']} tokens, block matmuls: ours {row['ours_ms']:.3f} ms, "
+              f"gpt-fast layout {row['gpt_fast_layout_ms']:.3f} ms ({row['ratio']:.3f}x)")
+    prefill_label = "compiled" if meta["compile_prefill"] else "eager"
+    base = results[0]
+    print(f"\n| {name} {tp_label} | weights | tok/s | vs {base['weights']} dense | realized | GB/s per rank | limit tok/s "
+          f"| prefill ms ({prefill_label}) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        limit = copy_bw / bytes_fns[r["weights"]](r["realized"])
+        print(f"| {r['label']} | {r['weights']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+              f"| {r['realized']:.3f} | {r['gb_per_s_per_rank']:.0f} | {limit:.0f} | {r['prefill_ms']:.1f} |")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def bytes_per_token_fn(model):
+    """p -> weight bytes a token reads if every block linear skips a fraction p (the LM head and norms never)."""
+    dense_bytes = weight_bytes_per_token(model)
+    fixed = weight_bytes_per_token(model, torch.ones(model.args.n_layer, 7))  # what no sparsity removes
+    return lambda p: fixed + (dense_bytes - fixed) * (1 - p)
+
+
+def sweep(model, sparsity, mode, levels, prompt, args, device, on_cuda, weights) -> tuple:
+    """Dense and every level of one model, in this process: (rows, compile seconds, recompilations, CUDA-graph skips).
+    With args.anchor, also the dense decode through torch's products (model.use_fused_kernels(False))."""
     decode_fn = decode_one_token if args.no_compile else torch.compile(
         decode_one_token, mode="reduce-overhead" if on_cuda else None, fullgraph=on_cuda)
     compile_prefill = args.compile_prefill and not args.no_compile
@@ -174,15 +260,18 @@ def run(args):
     if compile_prefill:  # compiled on its own, so that the decode step's compile time stays its own figure
         model.setup_caches(max_batch_size=1, max_seq_length=prompt.numel() + args.max_new_tokens)
         compile_s["prefill"] = time_prefill(model, prompt, prefill_fn, device, runs=1)
-
-    results = []
-    for level in [None] + levels:
+    rows = []
+    # the anchor right after dense, so that the recompilations counted after the sparse path's warm-up are the
+    # level changes'
+    runs = [(None, False)] + ([(None, True)] if args.anchor else []) + [(level, False) for level in levels]
+    for level, anchor in runs:
         sparse = level is not None
         model.sparse_decode = sparse
+        model.use_fused_kernels(not anchor)
         if sparse:
             model.set_thresholds(sparsity.thresholds(level, mode).to(device))
             broadcast_thresholds(model)
-        first = "dense" if not sparse else "sparse"
+        first = "anchor" if anchor else "dense" if not sparse else "sparse"
         if first not in compile_s:  # the first generation of each path compiles it
             synchronize(device)
             t_c = time.perf_counter()
@@ -193,53 +282,16 @@ def run(args):
         tok_s, seq = time_generation(model, prompt, args.max_new_tokens, decode_fn, prefill_fn, args.runs, device)
         prefill_ms = time_prefill(model, prompt, prefill_fn, device) * 1e3
         realized = measure_sparsity(model, seq, prompt.numel()) if sparse else None
-        per_proj = realized.per_projection if sparse else None
-        bytes_per_token = weight_bytes_per_token(model, per_proj)
-        results.append(dict(level=0.0 if not sparse else level, label="dense" if not sparse else f"{level:.2f}",
-                            tokens_per_s=tok_s, realized=realized.model_wide if sparse else 0.0,
-                            gb_per_s_per_rank=bytes_per_token * tok_s / 1e9, tokens=seq.shape[1] - prompt.numel(),
-                            prefill_ms=prefill_ms))
-        print(f"  {results[-1]['label']:>6}: {tok_s:8.1f} tok/s (prefill {prefill_ms:.1f} ms)", flush=True)
+        bytes_per_token = weight_bytes_per_token(model, realized.per_projection if sparse else None)
+        label = "gpt-fast way" if anchor else "dense" if not sparse else f"{level:.2f}"
+        rows.append(dict(weights=weights, level=0.0 if not sparse else level, label=label, anchor=anchor,
+                         tokens_per_s=tok_s, realized=realized.model_wide if sparse else 0.0,
+                         gb_per_s_per_rank=bytes_per_token * tok_s / 1e9, tokens=seq.shape[1] - prompt.numel(),
+                         prefill_ms=prefill_ms))
+        print(f"  {weights:>5} {label:>12}: {tok_s:8.1f} tok/s (prefill {prefill_ms:.1f} ms)", flush=True)
+    model.use_fused_kernels(True)
     recompiles = dynamo_compiles() - compiles_after_warmup
-    skips = cudagraph_skips()
-    dense_tok = results[0]["tokens_per_s"]
-
-    copy_bw = copy_bandwidth(device) if on_cuda else float("nan")
-    dense_bytes = weight_bytes_per_token(model)
-    head = model.tok_embeddings.weight if model.output is None else model.output.weight
-    fixed = head.numel() * head.element_size()
-
-    def bytes_at(p):  # per-token bytes if every block linear skips a fraction p
-        return fixed + (dense_bytes - fixed) * (1 - p)
-
-    prefill_rows = prefill_layout_check(model, device, dtype) if (args.prefill_check and on_cuda) else []
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(model=name, mode=mode, world_size=world, device=torch.cuda.get_device_name(device) if on_cuda
-                else "cpu", dtype=str(dtype), torch=torch.__version__, prompt_tokens=prompt.numel(),
-                new_tokens=args.max_new_tokens, runs=args.runs, compile_prefill=compile_prefill, compile_s=compile_s,
-                recompiles_after_warmup=recompiles,
-                cudagraph_skips=skips,
-                copy_bandwidth=copy_bw, weight_bytes_per_token_per_rank=dense_bytes)
-    if rank == 0:
-        args.out.write_text(json.dumps(dict(meta=meta, results=results, prefill=prefill_rows), indent=2) + "\n")
-        plot(results, copy_bw, bytes_at, args.out.with_suffix(".png"),
-             f"{name}, {dtype}, {meta['device']}, {tp_label}")
-    print(f"\ncompile: {', '.join(f'{k} {v:.1f} s' for k, v in compile_s.items())}; "
-          f"recompilations after warm-up across level changes: {recompiles}; copy bandwidth {copy_bw / 1e12:.2f} TB/s")
-    if on_cuda and not args.no_compile and skips:
-        print(f"CUDA graphs were skipped for {skips} compiled graph(s) (inductor's log above says why): "
-              f"their tokens/s include a host-side launch per kernel")
-    for row in prefill_rows:
-        print(f"prefill {row['tokens']} tokens, block matmuls: ours {row['ours_ms']:.3f} ms, "
-              f"gpt-fast layout {row['gpt_fast_layout_ms']:.3f} ms ({row['ratio']:.3f}x)")
-    prefill_label = "compiled" if compile_prefill else "eager"
-    print(f"\n| {name} {tp_label} | tok/s | speedup | realized | GB/s per rank | limit tok/s | prefill ms ({prefill_label}) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        limit = copy_bw / bytes_at(r["realized"])
-        print(f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / dense_tok:.2f}x | {r['realized']:.3f} | "
-              f"{r['gb_per_s_per_rank']:.0f} | {limit:.0f} | {r['prefill_ms']:.1f} |")
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return rows, compile_s, recompiles, cudagraph_skips()
 
 
 if __name__ == "__main__":

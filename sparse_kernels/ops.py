@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .reference import (check_args, decode_attention_ref, decode_attention_step_ref, masked_linear, masked_matmul,
-                        silu_mul, split_qkv)
+                        out_features, silu_mul, split_qkv)
 
 MAX_B = 8  # larger batches take the reference math
 CONFIG_PATH = Path(__file__).with_name("configs.json")
@@ -42,12 +42,14 @@ def tuned_configs() -> dict:
     return _configs
 
 
-def config_key(op: str, K: int, N: int, dtype: torch.dtype, B: int) -> str:
-    return f"{op}:{K}x{N}:{DTYPE_NAMES[dtype]}:B{B}"
+def config_key(op: str, K: int, N: int, dtype: torch.dtype, B: int, weights: str = "float") -> str:
+    """The configs.json key of an op, shape, activations' dtype, batch and weight format (float: none)."""
+    fmt = "" if weights == "float" else f"/{weights}"
+    return f"{op}{fmt}:{K}x{N}:{DTYPE_NAMES[dtype]}:B{B}"
 
 
 def parse_config_key(key: str) -> tuple:
-    """config_key's inverse: (op, K, N, dtype name, B)."""
+    """config_key's inverse: (op, K, N, dtype name, B); op keeps its weight format ("linear/int8")."""
     op, shape, dtype_name, b = key.split(":")
     K, N = (int(v) for v in shape.split("x"))
     return op, K, N, dtype_name, int(b[1:])
@@ -80,11 +82,16 @@ def heuristic_config(K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> d
     return dict(cfg, K_CHUNK=k_chunk)
 
 
-def pick_config(op: str, K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> dict:
+def pick_config(op: str, K: int, N: int, dtype: torch.dtype, B: int, n_sm: int, weights: str = "float") -> dict:
     """The tuned config of this (op, shape, dtype, B); else one derived from the nearest tuned
     shape (derived_config); else the heuristic. A tuned B stands in for another if its config fits
-    (a tl.dot config fits any B, an elementwise one only B == 1); fp16 and bf16 share configs."""
-    table = tuned_configs()
+    (a tl.dot config fits any B, an elementwise one only B == 1); fp16 and bf16 share configs.
+    Quantized weights take their own tuned configs where there are some, else the float ones."""
+    if weights != "float":
+        tuned = tuned_configs().get(config_key(op, K, N, dtype, B, weights))
+        if tuned is not None:
+            return tuned
+    table = {key: cfg for key, cfg in tuned_configs().items() if "/" not in key.split(":")[0]}
     dtypes = [dtype] + {torch.bfloat16: [torch.float16], torch.float16: [torch.bfloat16]}.get(dtype, [])
     batches = sorted((1, 2, 3, 4, 8) + (B,), key=lambda b: (abs(b - B), -b))
     for b in batches:
@@ -185,26 +192,30 @@ def fit_to_segments(cfg: dict, bounds: List[int]) -> dict:
 
 def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int], cfg=None,
                norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
-               early_weights: bool = True) -> Tensor:
+               early_weights: bool = True, scale: Optional[Tensor] = None, zero: Optional[Tensor] = None) -> Tensor:
     from . import triton_kernels as tk
 
-    B, (K, N) = x.shape[0], w_t.shape
+    B, K, N = x.shape[0], w_t.shape[0], out_features(w_t)
     y = torch.empty(B, N, dtype=x.dtype, device=x.device)
     if B == 0:
         return y
+    weights = tk.weight_format(w_t, x.dtype)
+    group = K // scale.shape[0] if weights == "int4" else 0
     bounds = segment_starts(splits, dense=thresholds is None)
-    cfg = fit_to_segments(cfg or pick_config(op, K, N, x.dtype, B, sm_count(x.device)), bounds)
+    cfg = fit_to_segments(cfg or pick_config(op, K, N, x.dtype, B, sm_count(x.device), weights), bounds)
     silu = op == "silu_down"
     if len(bounds) <= 3 and not any(b % cfg["BLOCK_N"] for b in bounds):
-        pieces = [(w_t, thresholds, bounds, y, residual)]
-    else:  # odd splits: one launch per segment on column views
-        starts = [0] + bounds
-        pieces = [(w_t[:, a:a + n], thresholds[s:s + 1], [], y[:, a:a + n], None if residual is None else
-                   residual[:, a:a + n]) for s, (a, n) in enumerate(zip(starts, splits))]
-    for wp, tp, bp, yp, rp in pieces:
-        sizes = tk.workspace_sizes(B, K, wp.shape[1], cfg)
+        pieces = [(w_t, scale, zero, thresholds, bounds, y, residual)]
+    else:  # odd splits: one launch per segment on column views (int4: columns 2m and 2m + 1 share a byte)
+        per_byte = 2 if weights == "int4" else 1
+        pieces = [(w_t[:, a // per_byte:(a + n) // per_byte], None if scale is None else scale[..., a:a + n],
+                   None if zero is None else zero[..., a:a + n], thresholds[s:s + 1], [], y[:, a:a + n],
+                   None if residual is None else residual[:, a:a + n])
+                  for s, (a, n) in enumerate(zip([0] + bounds, splits))]
+    for wp, sp, zp, tp, bp, yp, rp in pieces:
+        sizes = tk.workspace_sizes(B, K, yp.shape[1], cfg, group)
         tk.launch(x, wp, tp, bp, yp, *workspace(x.device, *sizes), cfg, silu=silu, norm_weight=norm_weight,
-                  eps=eps, residual=rp, early_weights=early_weights)
+                  eps=eps, residual=rp, early_weights=early_weights, scale=sp, zero=zp)
     return y
 
 
@@ -222,62 +233,68 @@ def _weights(w_t: Tensor):
 
 @torch.library.custom_op("teal::sparse_linear", mutates_args=())
 def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int],
-                      norm_weight: Optional[Tensor] = None, eps: float = 0.0,
-                      residual: Optional[Tensor] = None) -> Tensor:
+                      norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
+                      scale: Optional[Tensor] = None, zero: Optional[Tensor] = None) -> Tensor:
     x, (w_t, copied) = _contiguous_rows(x), _weights(w_t)
-    residual, thresholds, norm_weight = (_contiguous_rows(t) for t in (residual, thresholds, norm_weight))
+    residual, thresholds, norm_weight, scale, zero = (_contiguous_rows(t) for t in (residual, thresholds, norm_weight,
+                                                                                    scale, zero))
     if use_triton(x):
         return run_triton("linear", x, w_t, thresholds, splits, norm_weight=norm_weight, eps=eps, residual=residual,
-                          early_weights=not copied)
-    # CPU: the reference; CUDA without the kernel (B > 8): the same math, no fp32 copy of the weights
-    return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual, matmul=masked_matmul)
+                          early_weights=not copied, scale=scale, zero=zero)
+    # CPU: the reference; CUDA without the kernel (B > 8): the same math, no fp32 copy of float weights
+    return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual, matmul=masked_matmul, scale=scale,
+                         zero=zero)
 
 
 @_sparse_linear_op.register_fake
-def _(x, w_t, thresholds, splits, norm_weight=None, eps=0.0, residual=None):
-    return x.new_empty(x.shape[0], w_t.shape[1])
+def _(x, w_t, thresholds, splits, norm_weight=None, eps=0.0, residual=None, scale=None, zero=None):
+    return x.new_empty(x.shape[0], out_features(w_t))
 
 
 @torch.library.custom_op("teal::sparse_silu_down", mutates_args=())
-def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor],
-                         residual: Optional[Tensor] = None) -> Tensor:
+def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], residual: Optional[Tensor] = None,
+                         scale: Optional[Tensor] = None, zero: Optional[Tensor] = None) -> Tensor:
     gate_up, (w_t, copied) = _contiguous_rows(gate_up), _weights(w_t)
-    residual, threshold = _contiguous_rows(residual), _contiguous_rows(threshold)
+    residual, threshold, scale, zero = (_contiguous_rows(t) for t in (residual, threshold, scale, zero))
+    N = out_features(w_t)
     if use_triton(gate_up):
-        return run_triton("silu_down", gate_up, w_t, threshold, [w_t.shape[1]], residual=residual,
-                          early_weights=not copied)
-    return masked_linear(silu_mul(gate_up), w_t, None if threshold is None else threshold[:1], [w_t.shape[1]],
-                         residual=residual, matmul=masked_matmul)  # as in _sparse_linear_op
+        return run_triton("silu_down", gate_up, w_t, threshold, [N], residual=residual, early_weights=not copied,
+                          scale=scale, zero=zero)
+    return masked_linear(silu_mul(gate_up), w_t, None if threshold is None else threshold[:1], [N],
+                         residual=residual, matmul=masked_matmul, scale=scale, zero=zero)  # as in _sparse_linear_op
 
 
 @_sparse_silu_down_op.register_fake
-def _(gate_up, w_t, threshold, residual=None):
-    return gate_up.new_empty(gate_up.shape[0], w_t.shape[1])
+def _(gate_up, w_t, threshold, residual=None, scale=None, zero=None):
+    return gate_up.new_empty(gate_up.shape[0], out_features(w_t))
 
 
 def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight: Optional[Tensor] = None,
-                  eps: Optional[float] = None, residual: Optional[Tensor] = None) -> Tensor:
+                  eps: Optional[float] = None, residual: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                  zero: Optional[Tensor] = None) -> Tensor:
     """x (B, K) @ w_t (K, N) keeping only |x| > thresholds[s] for the columns of segment s
     (thresholds None: every entry, the dense product through the same fused kernel; on Hopper that
     kernel reads its first rows of w_t before it waits for the kernel before it, so w_t must not be
     written by that kernel, unless the op copies it itself for a non-unit column stride).
     Fused on request: x := rms_norm(x, norm_weight, eps) first (eps required with norm_weight);
-    residual (B, N) added to the output."""
+    residual (B, N) added to the output. Quantized weights: int8 w_t with scale (N,), or int4 w_t
+    (uint8 (K, N / 2)) with scale and zero (K / group, N) (reference.py says what they mean)."""
     splits = [int(s) for s in splits]
-    check_args(x, w_t, thresholds, splits, norm_weight, residual)
+    check_args(x, w_t, thresholds, splits, norm_weight, residual, scale, zero)
     if norm_weight is not None and eps is None:
         raise ValueError("sparse_linear: pass the norm's eps with norm_weight (e.g. the model's norm_eps)")
-    return _sparse_linear_op(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual)
+    return _sparse_linear_op(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual, scale, zero)
 
 
-def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor],
-                     residual: Optional[Tensor] = None) -> Tensor:
-    """h = silu(gate) * up from gate_up (B, 2I); h (kept iff |h| > threshold[0]; None: all) @ w_t (I, N);
-    residual (B, N), if given, added to the output."""
+def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], residual: Optional[Tensor] = None,
+                     scale: Optional[Tensor] = None, zero: Optional[Tensor] = None) -> Tensor:
+    """h = silu(gate) * up from gate_up (B, 2I); h (kept iff |h| > threshold[0]; None: all) @ w_t (I, N)
+    (or quantized, as sparse_linear); residual (B, N), if given, added to the output."""
     if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
-    check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [w_t.shape[1]], residual=residual)
-    return _sparse_silu_down_op(gate_up, w_t, threshold, residual)
+    check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [out_features(w_t)], residual=residual, scale=scale,
+               zero=zero)
+    return _sparse_silu_down_op(gate_up, w_t, threshold, residual, scale, zero)
 
 
 def _attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], rope=None) -> Tensor:

@@ -13,6 +13,12 @@ silu(gate) * up in fp32 and rounds once to the input dtype, as the fused kernel 
 rms_norm rounds the normalised x to x.dtype, then multiplies by the weight in that dtype (Llama's
 order); the residual add rounds y first, then the sum (as `residual + y` in the model).
 The GPU kernels follow these roundings but sum in other orders, so they match within an ulp.
+
+Quantized weights (w_t's dtype says which): int8 (K, N) with scale (N,): w = q * scale[n], one
+scale per output column, symmetric; int4 as uint8 (K, N / 2), two values 0..15 a byte along N
+(the low nibble is the even column), with scale and zero (K / group, N): w = q * scale[g, n] +
+zero[g, n] for row k in group g = k // group. The product is x_kept @ w with w dequantized in fp32
+(dequantize), summed in fp32 and rounded once to x.dtype, as for float weights.
 """
 from typing import Optional
 
@@ -39,30 +45,74 @@ def keep_mask(x: Tensor, threshold: Tensor) -> Tensor:
     return x.abs().float() > threshold.float()
 
 
-def check_args(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight=None, residual=None) -> None:
+def out_features(w_t: Tensor) -> int:
+    """N of a stored W^T: its columns, twice its bytes a row for int4 (uint8, two values a byte)."""
+    return w_t.shape[1] * (2 if w_t.dtype == torch.uint8 else 1)
+
+
+def check_args(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight=None, residual=None,
+               scale=None, zero=None) -> None:
     if x.dim() != 2 or w_t.dim() != 2:
         raise ValueError(f"x must be (B, K) and w_t (K, N); got {tuple(x.shape)} and {tuple(w_t.shape)}")
     if x.shape[1] != w_t.shape[0]:
         raise ValueError(f"x has K={x.shape[1]} but w_t has {w_t.shape[0]} rows (weights are stored (K, N))")
     if x.shape[1] == 0:
         raise ValueError("x and w_t have K=0 inputs: there is no product to take")
-    others = [t for t in (w_t, thresholds, norm_weight, residual) if t is not None]
+    others = [t for t in (w_t, thresholds, norm_weight, residual, scale, zero) if t is not None]
     if any(t.device != x.device for t in others):
         raise ValueError(f"x is on {x.device} but {[str(t.device) for t in others]} were given with it: move the "
-                         f"weights, thresholds, norm weight and residual to x's device")
-    if x.dtype != w_t.dtype:
-        raise ValueError(f"x is {x.dtype} but w_t is {w_t.dtype}: cast one of them")
-    if len(splits) == 0 or sum(splits) != w_t.shape[1] or min(splits) <= 0:
-        raise ValueError(f"splits {list(splits)} must be positive and sum to N={w_t.shape[1]}")
+                         f"weights, thresholds, norm weight, residual and scales to x's device")
+    check_weights(x.dtype, w_t, scale, zero)
+    N = out_features(w_t)
+    if len(splits) == 0 or sum(splits) != N or min(splits) <= 0:
+        raise ValueError(f"splits {list(splits)} must be positive and sum to N={N}")
     if thresholds is not None and (thresholds.dim() != 1 or thresholds.shape[0] < len(splits)):
         raise ValueError(f"thresholds must be 1-D with one entry per split ({len(splits)}); "
                          f"got shape {tuple(thresholds.shape)}")
     if norm_weight is not None and (norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype):
         raise ValueError(f"norm_weight must be ({x.shape[1]},) {x.dtype}; got {tuple(norm_weight.shape)} "
                          f"{norm_weight.dtype}")
-    if residual is not None and (residual.shape != (x.shape[0], w_t.shape[1]) or residual.dtype != x.dtype):
-        raise ValueError(f"residual must be ({x.shape[0]}, {w_t.shape[1]}) {x.dtype}; got "
-                         f"{tuple(residual.shape)} {residual.dtype}")
+    if residual is not None and (residual.shape != (x.shape[0], N) or residual.dtype != x.dtype):
+        raise ValueError(f"residual must be ({x.shape[0]}, {N}) {x.dtype}; got {tuple(residual.shape)} {residual.dtype}")
+
+
+def check_weights(dtype: torch.dtype, w_t: Tensor, scale=None, zero=None) -> None:
+    """w_t in the activations' dtype, or int8 with scale (N,), or int4 (uint8) with scale and zero (K / group, N)."""
+    K, N = w_t.shape[0], out_features(w_t)
+    if w_t.dtype == torch.int8:
+        if scale is None or zero is not None or scale.shape != (N,) or not scale.is_floating_point():
+            raise ValueError(f"int8 weights need a float scale of shape ({N},) and no zero")
+    elif w_t.dtype == torch.uint8:
+        if scale is None or zero is None or scale.dim() != 2 or scale.shape[1] != N or zero.shape != scale.shape or \
+                K % scale.shape[0] or not (scale.is_floating_point() and zero.is_floating_point()):
+            raise ValueError(f"int4 weights (uint8, two values a byte) need float scale and zero of shape "
+                             f"(K / group, {N}) with the group dividing K={K}")
+    elif w_t.dtype != dtype:
+        raise ValueError(f"x is {dtype} but w_t is {w_t.dtype}: cast one of them")
+    elif scale is not None or zero is not None:
+        raise ValueError("scales are for int8 and int4 weights; float weights take none")
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """(K, N / 2) uint8 -> (K, N) uint8 values 0..15; the low nibble of byte m is column 2m."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """(K, N) values 0..15 (N even) -> (K, N / 2) uint8: unpack_int4's inverse."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def dequantize(w_t: Tensor, scale: Optional[Tensor] = None, zero: Optional[Tensor] = None) -> Tensor:
+    """The (K, N) fp32 weights a stored W^T stands for (float weights: widened)."""
+    if scale is None:
+        return w_t.float()
+    if w_t.dtype == torch.int8:
+        return w_t.float() * scale.float()
+    group = w_t.shape[0] // scale.shape[0]
+    return unpack_int4(w_t).float() * scale.float().repeat_interleave(group, 0) + \
+        zero.float().repeat_interleave(group, 0)
 
 
 def masked_matmul(xm: Tensor, w_t: Tensor) -> Tensor:
@@ -79,9 +129,12 @@ def fp32_matmul(xm: Tensor, w: Tensor) -> Tensor:
 
 
 def masked_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight=None, eps: float = 0.0,
-                  residual=None, matmul=fp32_matmul) -> Tensor:
+                  residual=None, matmul=fp32_matmul, scale=None, zero=None) -> Tensor:
     """sparse_linear_ref's math on checked arguments; matmul(xm (B, K), w (K, n)) -> (B, n) in x.dtype
-    (the ops' CUDA fallback passes masked_matmul: no fp32 copy of the weights)."""
+    (the ops' CUDA fallback passes masked_matmul: no fp32 copy of the weights). Quantized weights are
+    dequantized to fp32 first (and multiplied in fp32)."""
+    if scale is not None:
+        w_t, matmul = dequantize(w_t, scale, zero), fp32_matmul
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps)
     if thresholds is None:
@@ -97,20 +150,23 @@ def masked_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, 
 
 
 def sparse_linear_ref(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight=None, eps: float = 0.0,
-                      residual=None) -> Tensor:
-    """x (B, K), w_t (K, N), thresholds (S,) fp32 or None (dense), splits S ints summing to N -> (B, N);
-    norm_weight (K,) and residual (B, N) optional (see the module docstring)."""
-    check_args(x, w_t, thresholds, splits, norm_weight, residual)
-    return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual)
+                      residual=None, scale=None, zero=None) -> Tensor:
+    """x (B, K), w_t (K, N) (or quantized, with scale and zero), thresholds (S,) fp32 or None (dense),
+    splits S ints summing to N -> (B, N); norm_weight (K,) and residual (B, N) optional (see the
+    module docstring)."""
+    check_args(x, w_t, thresholds, splits, norm_weight, residual, scale, zero)
+    return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual, scale=scale, zero=zero)
 
 
-def sparse_silu_down_ref(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], residual=None) -> Tensor:
-    """gate_up (B, 2I) = [gate | up], w_t (I, N), threshold (>=1,) fp32 or None (dense), residual (B, N)
-    optional -> (B, N)."""
+def sparse_silu_down_ref(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], residual=None, scale=None,
+                         zero=None) -> Tensor:
+    """gate_up (B, 2I) = [gate | up], w_t (I, N) (or quantized), threshold (>=1,) fp32 or None (dense),
+    residual (B, N) optional -> (B, N)."""
     if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
     h = silu_mul(gate_up)  # (B, I)
-    return sparse_linear_ref(h, w_t, None if threshold is None else threshold[:1], [w_t.shape[1]], residual=residual)
+    return sparse_linear_ref(h, w_t, None if threshold is None else threshold[:1], [out_features(w_t)],
+                             residual=residual, scale=scale, zero=zero)
 
 
 def gap_threshold(values, p):

@@ -1,37 +1,49 @@
-"""Triton kernel for the thresholded column-sparse matvec, and its launcher.
+"""Triton kernels for the column-sparse matvec (thresholded and dense), and their launcher.
 
-One kernel serves every op. The grid is (N tiles, K chunks). A program first loads x of
-every batch row over its K chunk, finds the rows any batch row keeps (|x| > t, t of the
-tile's segment) and compacts their indices (cumsum, scattered to a small per-program
-scratch). It then streams only those rows of W^T, BLOCK_K gathered rows per step (each a
-contiguous BLOCK_N slice), so both bytes and steps scale with 1 - p. Products are
-accumulated in fp32 (tl.dot for batches, FMAs for B == 1). With SILU the input is
-silu(gate) * up, formed from gate_up while loading (fp32, rounded once to the dtype).
+Two kernels, one per idea, share their phases (the @triton.jit helpers below). The grid of both is
+(N tiles, K chunks); a program owns BLOCK_N output columns and K_CHUNK rows of W^T (K, N).
 
-Fusions that save a launch each in a decoder block: with NORM the input is RMSNorm(h) * weight,
-computed from h in the load (every program sums the squares of the whole row, which sits in
-L2); with RESIDUAL the output is residual + product (the residual add of the block).
-
-Split-K reduction without a memset: each program stores its fp32 partial tile to a
-persistent workspace (SPLIT, B, N) and increments the tile's arrival counter; the last
-to arrive sums the partials in split order (deterministic), writes y and resets the
-counter to 0 for the next call.
-
-RANKED (sparse B == 1 tiles where DEPTH * BLOCK_K * K_CHUNK is small: the MLP's tuned ones): the first
-DEPTH steps' row indices are ranked in registers from the cumsum (the j-th kept row is the
+sparse_matvec_kernel: a program loads x of every batch row over its K chunk, finds the rows any
+batch row keeps (|x| > t, t the threshold of the tile's segment) and compacts their indices
+(cumsum, scattered to a small per-program scratch). It then streams only those rows of W^T,
+BLOCK_K gathered rows per step (each a contiguous BLOCK_N slice), so bytes and steps scale with
+1 - p. RANKED (B == 1 tiles where DEPTH * BLOCK_K * K_CHUNK is small: the MLP's tuned ones): the
+first DEPTH steps' row indices are ranked in registers from the cumsum (the j-th kept row is the
 number of rows placed before j), so those rows are requested before the scratch is written and
 read back; the rest of the stream reads its indices from the scratch.
 
-DENSE (no thresholds: every row is read, the plain product with the same fusions): the rows
-of a program's chunk are known before its input is, so the first DEPTH steps' rows are
-requested first, ahead of the input and its norm.
+dense_matvec_kernel: every row, the plain product with the same fusions. The rows of a program's
+chunk are known before its input is, so the first DEPTH steps' rows are requested first, ahead
+of the input and its norm.
 
-On Hopper and newer (pdl_enabled) the kernels are launched with programmatic dependent launch:
-they are placed on the GPU while the kernel before them drains, and wait for it (gdc_wait) before
-their first load, except a dense kernel, which requests its first rows before it waits (and is
-launched without PDL right after the op's own copy of its weights). Every
-kernel lets its successor launch once all its programs have streamed their rows (TRIGGER), so the
-next matvec or the decode attention launches during the split-K tail.
+Shared by both:
+- Products are accumulated in fp32 (tl.dot for batches, FMAs for B == 1).
+- Fusions that save a launch each in a decoder block: SILU (the input is silu(gate) * up, formed
+  from gate_up while loading, fp32 rounded once to the dtype), NORM (the input is RMSNorm(h) *
+  weight, computed from h in the load: every program sums the squares of the whole row, which sits
+  in L2), RESIDUAL (the output is residual + product).
+- WEIGHTS: "float" (W^T in the activations' dtype), "int8" (W^T int8, one fp32 scale per output
+  column: w = q * scale[n]) or "int4" (two 4-bit values a byte along N, the low nibble the even
+  column; per group of GROUP rows and per column a scale and an offset: w = q * scale[g, n] +
+  zero[g, n]). A row is loaded as stored and converted in registers. Scales are per column, so
+  they multiply the program's sum once: int8 acc * scale; int4 (a chunk lies inside one group)
+  acc * scale + zero * (the sum of the chunk's kept inputs). A program with no kept row reads no
+  scale either.
+- Split-K reduction without a memset: each program stores its fp32 partial tile to a persistent
+  workspace (SPLIT, B, N) and increments the tile's arrival counter; the last to arrive sums the
+  partials in split order (deterministic), writes y and resets the counter to 0 for the next call.
+- On Hopper and newer (pdl_enabled) the kernels are launched with programmatic dependent launch:
+  they are placed on the GPU while the kernel before them drains, and wait for it (gdc_wait)
+  before their first load, except a dense kernel, which requests its first rows before it waits
+  (and is launched without PDL right after the op's own copy of its weights). Every kernel lets
+  its successor launch once all its programs have streamed their rows (TRIGGER), so the next
+  matvec or the decode attention launches during the split-K tail.
+
+INTERPRET, the one flag for Triton's CPU interpreter (the tests), changes three things, each in
+one helper: loop bounds are static (_round_count: the interpreter cannot take a runtime range bound
+with numpy >= 2.4), tl.dot widens its operands to fp32 (_accumulate: its bf16 tl.dot is wrong in
+triton 3.6; the products are exact in fp32 either way), and fp32 -> bf16 rounds to nearest even by
+integer arithmetic (_round: the interpreter truncates).
 """
 import os
 
@@ -47,82 +59,353 @@ except ImportError:  # older Triton: pdl_enabled is False, so the kernels never 
 
 @triton.jit
 def sparse_matvec_kernel(
-    x_ptr, w_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, idx_ptr, xs_ptr, nw_ptr, res_ptr,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, idx_ptr, xs_ptr, nw_ptr, res_ptr,
     B, K, N, stride_x, stride_w, stride_y, stride_r, eps,
     bound1, bound2, bound3,  # first columns of segments 1..3 (multiples of BLOCK_N; N if absent)
     SPLIT: tl.constexpr,  # K chunks: the grid's second axis
-    B_X: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, DOT: tl.constexpr, SILU: tl.constexpr, RED_R: tl.constexpr,
-    EVEN_N: tl.constexpr, STATIC_ITERS: tl.constexpr, DOT_F32: tl.constexpr,
-    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr, RESIDUAL: tl.constexpr,
-    RTNE_BY_BITS: tl.constexpr, DENSE: tl.constexpr, RANKED: tl.constexpr, PDL: tl.constexpr,
-    TRIGGER: tl.constexpr,
+    B_X: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
+    DEPTH: tl.constexpr, DOT: tl.constexpr, RED_R: tl.constexpr, EVEN_N: tl.constexpr,
+    SILU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr,
+    RESIDUAL: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr, RANKED: tl.constexpr,
+    PDL: tl.constexpr, TRIGGER: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # Loop bounds are runtime values on GPUs. Triton's interpreter cannot take a runtime range
-    # bound with numpy >= 2.4 (int() of a 1-element array; it also turns every assigned value
-    # into a tensor), so there the launcher passes static bounds, used inline in range(), and
-    # the extra iterations are fully masked. Its bf16 tl.dot is wrong (triton 3.6), so there
-    # DOT_F32 widens the operands first: the same products (exact in fp32) and fp32 sums. It also
-    # truncates fp32 -> bf16, so there RTNE_BY_BITS rounds the inputs the kernel forms itself
-    # (silu, norm) to nearest even by integer arithmetic, as the GPU's conversion does.
+    """y = [residual +] x_kept @ W^T, keeping x[b, k] iff |x[b, k]| > the threshold of the column's segment."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n0 = pid_n * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     offs_j = tl.arange(0, BLOCK_K)
     k0 = pid_k * K_CHUNK
     prog = pid_n * SPLIT + pid_k
     idx_base = idx_ptr + prog * K_CHUNK
     xs_base = xs_ptr + prog * (B_X * K_CHUNK)
-    if DENSE:  # every row of the chunk: the first DEPTH steps' rows go out before anything else
-        count = tl.minimum(K - k0, K_CHUNK)
-        wa, wb, wc, wd = _first_rows(w_ptr, idx_base, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K, DEPTH, EVEN_N,
-                                     DENSE, False)
-        tl.debug_barrier()  # a fence for the compiler, which would otherwise move the loads to their first use
     if PDL:  # the previous kernel's writes (x, the workspace) are visible from here on
         gdc_wait()
-    if not DENSE:  # the segment's threshold, requested with the input (after the wait: a copy just before may
-        # have written it)
-        seg = (n0 >= bound1).to(tl.int32) + (n0 >= bound2).to(tl.int32) + (n0 >= bound3).to(tl.int32)
-        t = tl.load(thr_ptr + seg).to(tl.float32)
+    # the segment's threshold, requested with the input (after the wait: a copy just before may have written it)
+    seg = (n0 >= bound1).to(tl.int32) + (n0 >= bound2).to(tl.int32) + (n0 >= bound3).to(tl.int32)
+    t = tl.load(thr_ptr + seg).to(tl.float32)
 
     # 1. Which rows of this K chunk does any batch row keep?
     offs_c = k0 + tl.arange(0, K_CHUNK)
     offs_bx = tl.arange(0, B_X)
     bc_ok = (offs_bx < B)[:, None] & (offs_c < K)[None, :]
-    x_chunk = _input(x_ptr, offs_bx[:, None] * stride_x + offs_c[None, :], bc_ok, K, SILU,
-                     w_ptr.dtype.element_ty, RTNE_BY_BITS)
-    if NORM:  # x is RMSNorm(h) * weight: the row's rstd from all of h (every program; K values from L2)
-        x_chunk = _rms_normed(x_ptr, nw_ptr, x_chunk, offs_bx, offs_c, B, K, stride_x, eps, B_X, NORM_BLOCK,
-                              NORM_STEPS, RTNE_BY_BITS)
-    offs_b = tl.arange(0, B_PAD)
-    b_ok = offs_b < B
+    x_chunk = _chunk_input(x_ptr, nw_ptr, offs_bx, offs_c, bc_ok, B, K, stride_x, eps, B_X, SILU, NORM, NORM_BLOCK,
+                           NORM_STEPS, INTERPRET)
+    keep = (tl.abs(x_chunk.to(tl.float32)) > t) & bc_ok  # (B_X, K_CHUNK)
+    need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
+    pos = tl.cumsum(need, axis=0) - 1  # (K_CHUNK,) each kept row's place in the compacted order
+    count = tl.sum(need, axis=0)
 
-    # 2. Compact the kept rows (dense: store the inputs as they are), then stream only those.
-    if DENSE:
-        tl.store(xs_base + offs_bx[:, None] * K_CHUNK + (offs_c - k0)[None, :], x_chunk.to(xs_ptr.dtype.element_ty),
-                 mask=bc_ok)
-        tl.debug_barrier()  # the whole CTA's inputs are visible before they are read back
-    else:
-        keep = (tl.abs(x_chunk.to(tl.float32)) > t) & bc_ok  # (B_X, K_CHUNK)
-        need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
-        pos = tl.cumsum(need, axis=0) - 1  # (K_CHUNK,) each kept row's place in the compacted order
-        count = tl.sum(need, axis=0)
-        if RANKED:  # the first rows' indices from pos in registers: requested before the scratch round trip
-            wa, wb, wc, wd = _first_rows(w_ptr, pos, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K, DEPTH,
-                                         EVEN_N, DENSE, RANKED)
-            tl.debug_barrier()  # a fence for the compiler (see DENSE above)
-        _compact(idx_base, xs_base, x_chunk, keep, need, pos, offs_c, offs_bx, bc_ok, K_CHUNK)
-        if not RANKED:
-            wa, wb, wc, wd = _first_rows(w_ptr, idx_base, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K, DEPTH,
-                                         EVEN_N, DENSE, RANKED)
-    acc = _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, offs_b, b_ok, offs_n, n_ok, stride_w,
-                  B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, DOT_F32, EVEN_N, STATIC_ITERS, DENSE)
+    # 2. Compact the kept rows, then stream only those.
+    if RANKED:  # the first rows' indices from pos in registers: requested before the scratch round trip
+        wa, wb, wc, wd = _first_rows(w_ptr, pos, count, k0, offs_j, n0, N, stride_w, BLOCK_N, BLOCK_K, DEPTH, EVEN_N,
+                                     WEIGHTS, False, RANKED)
+        tl.debug_barrier()  # a fence for the compiler, which would otherwise move the loads to their first use
+    _compact(idx_base, xs_base, x_chunk, keep, need, pos, offs_c, offs_bx, bc_ok, K_CHUNK)
+    if not RANKED:
+        wa, wb, wc, wd = _first_rows(w_ptr, idx_base, count, k0, offs_j, n0, N, stride_w, BLOCK_N, BLOCK_K, DEPTH,
+                                     EVEN_N, WEIGHTS, False, RANKED)
+    acc = _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, stride_w, B,
+                  B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS, False, INTERPRET)
     if TRIGGER:  # rows streamed: the next kernel, if launched with PDL, may launch during the split-K reduction
         gdc_launch_dependents()
 
-    # 3. Split-K reduction: partials to the workspace, the last program to arrive sums them.
+    # 3. Scales, then the split-K reduction.
+    _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base, B, N,
+            stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP)
+
+
+@triton.jit
+def dense_matvec_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, part_ptr, count_ptr, xs_ptr, nw_ptr, res_ptr,
+    B, K, N, stride_x, stride_w, stride_y, stride_r, eps,
+    SPLIT: tl.constexpr,
+    B_X: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
+    DEPTH: tl.constexpr, DOT: tl.constexpr, RED_R: tl.constexpr, EVEN_N: tl.constexpr,
+    SILU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr,
+    RESIDUAL: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr,
+    PDL: tl.constexpr, TRIGGER: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """y = [residual +] x @ W^T: every row of the chunk, the first DEPTH steps' rows requested before anything else."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    offs_j = tl.arange(0, BLOCK_K)
+    k0 = pid_k * K_CHUNK
+    xs_base = xs_ptr + (pid_n * SPLIT + pid_k) * (B_X * K_CHUNK)
+    count = tl.minimum(K - k0, K_CHUNK)
+    wa, wb, wc, wd = _first_rows(w_ptr, xs_base, count, k0, offs_j, n0, N, stride_w, BLOCK_N, BLOCK_K, DEPTH, EVEN_N,
+                                 WEIGHTS, True, False)
+    tl.debug_barrier()  # a fence for the compiler, which would otherwise move the loads to their first use
+    if PDL:  # the previous kernel's writes (x, the workspace) are visible from here on
+        gdc_wait()
+
+    # 1. The chunk's inputs, stored as they are for the stream.
+    offs_c = k0 + tl.arange(0, K_CHUNK)
+    offs_bx = tl.arange(0, B_X)
+    bc_ok = (offs_bx < B)[:, None] & (offs_c < K)[None, :]
+    x_chunk = _chunk_input(x_ptr, nw_ptr, offs_bx, offs_c, bc_ok, B, K, stride_x, eps, B_X, SILU, NORM, NORM_BLOCK,
+                           NORM_STEPS, INTERPRET)
+    tl.store(xs_base + offs_bx[:, None] * K_CHUNK + (offs_c - k0)[None, :], x_chunk.to(xs_ptr.dtype.element_ty),
+             mask=bc_ok)
+    tl.debug_barrier()  # the whole CTA's inputs are visible before they are read back
+
+    # 2. Stream every row.
+    acc = _stream(wa, wb, wc, wd, w_ptr, xs_base, xs_base, count, k0, offs_j, n0, N, stride_w, B,
+                  B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS, True, INTERPRET)
+    if TRIGGER:
+        gdc_launch_dependents()
+
+    # 3. Scales, then the split-K reduction.
+    _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base, B, N,
+            stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP)
+
+
+# ---------------------------------------------------------------------------- phase 1: the input
+
+@triton.jit
+def _chunk_input(x_ptr, nw_ptr, offs_bx, offs_c, bc_ok, B, K, stride_x, eps, B_X: tl.constexpr, SILU: tl.constexpr,
+                 NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr, INTERPRET: tl.constexpr):
+    """The chunk's inputs (B_X, K_CHUNK) in the activations' dtype: x, silu(gate) * up, or RMSNorm(h) * weight."""
+    x_chunk = _input(x_ptr, offs_bx[:, None] * stride_x + offs_c[None, :], bc_ok, K, SILU, INTERPRET)
+    if NORM:  # x is RMSNorm(h) * weight: the row's rstd from all of h (every program; K values from L2)
+        x_chunk = _rms_normed(x_ptr, nw_ptr, x_chunk, offs_bx, offs_c, B, K, stride_x, eps, B_X, NORM_BLOCK,
+                              NORM_STEPS, INTERPRET)
+    return x_chunk
+
+
+@triton.jit
+def _input(x_ptr, offs, mask, K, SILU: tl.constexpr, INTERPRET: tl.constexpr):
+    """x at offs; with SILU, h = silu(gate) * up from gate_up rows, in fp32, rounded to the dtype."""
+    xv = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+    if SILU:
+        g = xv.to(tl.float32)
+        u = tl.load(x_ptr + offs + K, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        xv = _round(g / (1.0 + tl.exp(-g)) * u, x_ptr.dtype.element_ty, INTERPRET)
+    return xv
+
+
+@triton.jit
+def _rms_normed(x_ptr, nw_ptr, xc, offs_bx, offs_c, B, K, stride_x, eps,
+                B_X: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr, INTERPRET: tl.constexpr):
+    """RMSNorm of the chunk xc (B_X, K_CHUNK) of rows h: (h * rstd) rounded to the dtype, times
+    the norm weight, rounded again (reference.rms_norm); rstd from the sum of squares of all K."""
+    dtype = xc.dtype
+    nw = tl.load(nw_ptr + offs_c, mask=offs_c < K, other=0.0).to(tl.float32)
+    # A fence for the compiler: without it Triton moves each load to just before its first use, so
+    # the weight's load (and the caller's of xc) would go out only after the row's reduction: two
+    # more round trips to L2. With it every load of this phase is in flight at once.
+    tl.debug_barrier()
+    ss = tl.zeros((B_X,), dtype=tl.float32)
+    b_ok = offs_bx < B
+    for j in tl.static_range(NORM_STEPS):  # unrolled: all of the row's loads in flight at once
+        offs = j * NORM_BLOCK + tl.arange(0, NORM_BLOCK)
+        h = tl.load(x_ptr + offs_bx[:, None] * stride_x + offs[None, :], mask=b_ok[:, None] & (offs < K)[None, :],
+                    other=0.0, eviction_policy="evict_last").to(tl.float32)
+        ss += tl.sum(h * h, axis=1)
+    rstd = tl.math.rsqrt(ss / K + eps)  # (B_X,)
+    normed = _round(xc.to(tl.float32) * rstd[:, None], dtype, INTERPRET).to(tl.float32)
+    return _round(normed * nw[None, :], dtype, INTERPRET)
+
+
+@triton.jit
+def _round(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 v rounded to dtype (nearest even). The interpreter truncates to bf16: there, by integer arithmetic."""
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)  # the low half is zero: exact
+    return v.to(dtype)
+
+
+@triton.jit
+def _compact(idx_base, xs_base, x_chunk, keep, need, pos, offs_c, offs_bx, bc_ok, K_CHUNK: tl.constexpr):
+    """Store the kept rows' indices and inputs (zero where a batch row drops the row) in this
+    program's scratch at their places pos."""
+    tl.store(idx_base + pos, offs_c, mask=need > 0)
+    tl.store(xs_base + offs_bx[:, None] * K_CHUNK + pos[None, :],
+             tl.where(keep, x_chunk, 0.0).to(xs_base.dtype.element_ty), mask=(need > 0)[None, :] & bc_ok)
+    tl.debug_barrier()  # the whole CTA's scratch stores are visible before they are read back
+
+
+# ---------------------------------------------------------------------------- phase 2: the stream
+
+@triton.jit
+def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, stride_w, B,
+            B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
+            DEPTH: tl.constexpr, DOT: tl.constexpr, EVEN_N: tl.constexpr, WEIGHTS: tl.constexpr, DENSE: tl.constexpr,
+            INTERPRET: tl.constexpr):
+    """The product over the chunk's first `count` scratch positions, whose first DEPTH steps of
+    rows wa, wb (, wc, wd) are already requested. (B_PAD, BLOCK_N) fp32.
+
+    BLOCK_K gathered rows of W^T per step (each a contiguous BLOCK_N slice), DEPTH steps in
+    flight. Buffers a, b (, c, d) take turns: a step is summed, then its buffer is refilled with
+    the rows DEPTH steps ahead, whose indices were loaded a round earlier. A buffer is overwritten
+    only after its last use, so no register copy at the loop's end waits on a load in flight
+    (which the usual "w_cur = w_next" rotation compiles to: one step in flight, the whole latency
+    paid every step)."""
+    offs_b = tl.arange(0, B_PAD)
+    b_ok = offs_b < B
+    if DOT:
+        acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+    else:  # B_PAD == 1: products summed over K at the end, no cross-thread work in the loop
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    # each buffer's inputs, and the indices it is refilled with on its first turn
+    # (the loads' arguments are spelled out: a constexpr inside a tuple would no longer be one)
+    xa = _inputs(xs_base, offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
+    ka = _indices(idx_base, DEPTH * BLOCK_K + offs_j, count, k0, DENSE)
+    xb = _inputs(xs_base, BLOCK_K + offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
+    kb = _indices(idx_base, (DEPTH + 1) * BLOCK_K + offs_j, count, k0, DENSE)
+    if DEPTH >= 3:
+        xc = _inputs(xs_base, 2 * BLOCK_K + offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
+        kc = _indices(idx_base, (DEPTH + 2) * BLOCK_K + offs_j, count, k0, DENSE)
+    if DEPTH == 4:
+        xd = _inputs(xs_base, 3 * BLOCK_K + offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
+        kd = _indices(idx_base, (DEPTH + 3) * BLOCK_K + offs_j, count, k0, DENSE)
+    for r in range(0, _round_count(count, BLOCK_K, K_CHUNK, DEPTH, INTERPRET)):
+        j = (r + 1) * DEPTH * BLOCK_K + offs_j  # the rows buffer a is refilled with
+        acc, wa, xa, ka = _turn(acc, wa, xa, ka, j, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, n0, N,
+                                stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS, DENSE, INTERPRET)
+        acc, wb, xb, kb = _turn(acc, wb, xb, kb, j + BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, n0,
+                                N, stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS, DENSE, INTERPRET)
+        if DEPTH >= 3:
+            acc, wc, xc, kc = _turn(acc, wc, xc, kc, j + 2 * BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b,
+                                    b_ok, n0, N, stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS,
+                                    DENSE, INTERPRET)
+        if DEPTH == 4:
+            acc, wd, xd, kd = _turn(acc, wd, xd, kd, j + 3 * BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b,
+                                    b_ok, n0, N, stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS,
+                                    DENSE, INTERPRET)
+    if not DOT:
+        acc = tl.sum(acc, axis=0)[None, :]  # (1, BLOCK_N)
+    return acc
+
+
+@triton.jit
+def _round_count(count, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, INTERPRET: tl.constexpr):
+    """Rounds of DEPTH steps the stream runs past its first: enough for `count` rows on a GPU; under
+    the interpreter a static bound (a full chunk's rounds, the extra ones fully masked)."""
+    if INTERPRET:
+        return (K_CHUNK // BLOCK_K + DEPTH - 1) // DEPTH
+    return tl.cdiv(tl.cdiv(count, BLOCK_K), DEPTH)
+
+
+@triton.jit
+def _first_rows(w_ptr, where, count, k0, offs_j, n0, N, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                DEPTH: tl.constexpr, EVEN_N: tl.constexpr, WEIGHTS: tl.constexpr, DENSE: tl.constexpr,
+                RANKED: tl.constexpr):
+    """The rows of the first DEPTH steps, one buffer each (c and d repeat a and b below DEPTH 3, 4).
+    Their indices: k0 + j (DENSE), ranked from the places `where` = pos (RANKED), else loaded from
+    the scratch at `where` = idx_base."""
+    wa = _rows(w_ptr, _first_indices(where, offs_j, count, k0, DENSE, RANKED), offs_j, count, n0, N, stride_w, BLOCK_N,
+               EVEN_N, WEIGHTS)
+    j = BLOCK_K + offs_j
+    wb = _rows(w_ptr, _first_indices(where, j, count, k0, DENSE, RANKED), j, count, n0, N, stride_w, BLOCK_N, EVEN_N,
+               WEIGHTS)
+    wc, wd = wa, wb
+    if DEPTH >= 3:
+        j = 2 * BLOCK_K + offs_j
+        wc = _rows(w_ptr, _first_indices(where, j, count, k0, DENSE, RANKED), j, count, n0, N, stride_w, BLOCK_N,
+                   EVEN_N, WEIGHTS)
+    if DEPTH == 4:
+        j = 3 * BLOCK_K + offs_j
+        wd = _rows(w_ptr, _first_indices(where, j, count, k0, DENSE, RANKED), j, count, n0, N, stride_w, BLOCK_N,
+                   EVEN_N, WEIGHTS)
+    return wa, wb, wc, wd
+
+
+@triton.jit
+def _first_indices(where, j, count, k0, DENSE: tl.constexpr, RANKED: tl.constexpr):
+    """Row indices of the first steps' positions j. RANKED: the j-th kept row of the chunk is the
+    number of rows placed before j (pos < j), a (len(j), K_CHUNK) compare and sum in registers."""
+    if RANKED:
+        kk = tl.where(j < count, k0 + tl.sum((where[None, :] < j[:, None]).to(tl.int32), axis=1), 0)
+    else:
+        kk = _indices(where, j, count, k0, DENSE)
+    return kk
+
+
+@triton.jit
+def _turn(acc, w, xm, kk, j, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, n0, N, stride_w,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr, DEPTH: tl.constexpr,
+          EVEN_N: tl.constexpr, DOT: tl.constexpr, WEIGHTS: tl.constexpr, DENSE: tl.constexpr,
+          INTERPRET: tl.constexpr):
+    """A buffer's turn: sum its step into acc, then refill it with the rows of positions j (their
+    indices kk were loaded a round earlier) and load the indices of the positions DEPTH steps on."""
+    acc = _accumulate(acc, xm, w, DOT, INTERPRET)
+    w = _rows(w_ptr, kk, j, count, n0, N, stride_w, BLOCK_N, EVEN_N, WEIGHTS)
+    xm = _inputs(xs_base, j, count, offs_b, b_ok, K_CHUNK, DOT)
+    return acc, w, xm, _indices(idx_base, j + DEPTH * BLOCK_K, count, k0, DENSE)
+
+
+@triton.jit
+def _indices(idx_base, j, count, k0, DENSE: tl.constexpr):
+    """Row indices of step positions j (0 past count): compacted in the scratch, or (DENSE) k0 + j."""
+    if DENSE:
+        kk = tl.where(j < count, k0 + j, 0)
+    else:
+        kk = tl.load(idx_base + j, mask=j < count, other=0, cache_modifier=".cg")
+    return kk
+
+
+@triton.jit
+def _rows(w_ptr, kk, j, count, n0, N, stride_w, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+          WEIGHTS: tl.constexpr):
+    """Rows kk of W^T over the tile's BLOCK_N columns, as stored (BLOCK_K, BLOCK_N); positions j past
+    count read nothing. int4: BLOCK_N / 2 bytes a row, unpacked in registers (low nibble first)."""
+    ok = j < count
+    if WEIGHTS == "int4":
+        offs = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+        mask = ok[:, None] if EVEN_N else ok[:, None] & (offs * 2 < N)[None, :]
+        packed = tl.load(w_ptr + kk[:, None] * stride_w + offs[None, :], mask=mask, other=0,
+                         eviction_policy="evict_first")
+        return tl.interleave(packed & 0xF, packed >> 4)
+    offs = n0 + tl.arange(0, BLOCK_N)
+    mask = ok[:, None] if EVEN_N else ok[:, None] & (offs < N)[None, :]
+    return tl.load(w_ptr + kk[:, None] * stride_w + offs[None, :], mask=mask, other=0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _inputs(xs_base, j, count, offs_b, b_ok, K_CHUNK: tl.constexpr, DOT: tl.constexpr):
+    """The scratch inputs of step positions j: (B_PAD, BLOCK_K) for tl.dot, else (BLOCK_K,) in
+    the rows' layout (no shuffle through shared memory); 0 past count."""
+    ok = j < count
+    if DOT:
+        xm = tl.load(xs_base + offs_b[:, None] * K_CHUNK + j[None, :], mask=b_ok[:, None] & ok[None, :], other=0.0,
+                     cache_modifier=".cg")
+    else:
+        xm = tl.load(xs_base + j, mask=ok, other=0.0, cache_modifier=".cg")
+    return xm
+
+
+@triton.jit
+def _accumulate(acc, xm, w, DOT: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + this step's products: (B_PAD, BLOCK_N) by tl.dot, or (BLOCK_K, BLOCK_N) elementwise.
+    Integer weights are exact in the activations' dtype (|q| <= 127), so tl.dot takes them in it."""
+    if DOT and INTERPRET:
+        acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    elif DOT:
+        acc = tl.dot(xm, w.to(xm.dtype), acc, input_precision="ieee")
+    else:
+        acc += xm.to(tl.float32)[:, None] * w.to(tl.float32)
+    return acc
+
+
+# ---------------------------------------------------------------------------- phase 3: scales, split-K sum
+
+@triton.jit
+def _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base, B, N,
+            stride_y, stride_r, SPLIT: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+            K_CHUNK: tl.constexpr, DOT: tl.constexpr, RED_R: tl.constexpr, RESIDUAL: tl.constexpr,
+            WEIGHTS: tl.constexpr, GROUP: tl.constexpr):
+    """Scale the program's sum (integer weights), then store y, or publish the partial and, if last
+    to arrive, sum the tile's partials in split order and store y."""
+    offs_b = tl.arange(0, B_PAD)
+    b_ok = offs_b < B
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    if WEIGHTS != "float":
+        acc = _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N, K_CHUNK,
+                           WEIGHTS, GROUP)
     out_ok = b_ok[:, None] & n_ok[None, :]
     y_ptrs = y_ptr + offs_b[:, None] * stride_y + offs_n[None, :]
     r_ptrs = res_ptr + offs_b[:, None] * stride_r + offs_n[None, :]
@@ -149,196 +432,22 @@ def sparse_matvec_kernel(
 
 
 @triton.jit
-def _compact(idx_base, xs_base, x_chunk, keep, need, pos, offs_c, offs_bx, bc_ok, K_CHUNK: tl.constexpr):
-    """Store the kept rows' indices and inputs (zero where a batch row drops the row) in this
-    program's scratch at their places pos."""
-    tl.store(idx_base + pos, offs_c, mask=need > 0)
-    tl.store(xs_base + offs_bx[:, None] * K_CHUNK + pos[None, :],
-             tl.where(keep, x_chunk, 0.0).to(xs_base.dtype.element_ty), mask=(need > 0)[None, :] & bc_ok)
-    tl.debug_barrier()  # the whole CTA's scratch stores are visible before they are read back
-
-
-@triton.jit
-def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, offs_b, b_ok, offs_n, n_ok, stride_w,
-            B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
-            DEPTH: tl.constexpr, DOT: tl.constexpr, DOT_F32: tl.constexpr, EVEN_N: tl.constexpr,
-            STATIC_ITERS: tl.constexpr, DENSE: tl.constexpr):
-    """The product over the chunk's first `count` scratch positions, whose first DEPTH steps of
-    rows wa, wb (, wc, wd) are already requested. (B_PAD, BLOCK_N) fp32.
-
-    BLOCK_K gathered rows of W^T per step (each a contiguous BLOCK_N slice), DEPTH steps in
-    flight. Buffers a, b (, c, d) take turns: a step is summed, then its buffer is refilled with
-    the rows DEPTH steps ahead, whose indices were loaded a round earlier. A buffer is overwritten
-    only after its last use, so no register copy at the loop's end waits on a load in flight
-    (which the usual "w_cur = w_next" rotation compiles to: one step in flight, the whole latency
-    paid every step)."""
-    if DOT:
-        acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
-    else:  # B_PAD == 1: products summed over K at the end, no cross-thread work in the loop
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    # each buffer's inputs, and the indices it is refilled with on its first turn
-    # (the loads' arguments are spelled out: a constexpr inside a tuple would no longer be one)
-    xa = _inputs(xs_base, offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
-    ka = _indices(idx_base, DEPTH * BLOCK_K + offs_j, count, k0, DENSE)
-    xb = _inputs(xs_base, BLOCK_K + offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
-    kb = _indices(idx_base, (DEPTH + 1) * BLOCK_K + offs_j, count, k0, DENSE)
-    if DEPTH >= 3:
-        xc = _inputs(xs_base, 2 * BLOCK_K + offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
-        kc = _indices(idx_base, (DEPTH + 2) * BLOCK_K + offs_j, count, k0, DENSE)
-    if DEPTH == 4:
-        xd = _inputs(xs_base, 3 * BLOCK_K + offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
-        kd = _indices(idx_base, (DEPTH + 3) * BLOCK_K + offs_j, count, k0, DENSE)
-    for r in range(0, STATIC_ITERS if STATIC_ITERS > 0 else tl.cdiv(tl.cdiv(count, BLOCK_K), DEPTH)):
-        j = (r + 1) * DEPTH * BLOCK_K + offs_j  # the rows buffer a is refilled with
-        acc, wa, xa, ka = _turn(acc, wa, xa, ka, j, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, offs_n, n_ok,
-                                stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32, DENSE)
-        acc, wb, xb, kb = _turn(acc, wb, xb, kb, j + BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok,
-                                offs_n, n_ok, stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32, DENSE)
-        if DEPTH >= 3:
-            acc, wc, xc, kc = _turn(acc, wc, xc, kc, j + 2 * BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b,
-                                    b_ok, offs_n, n_ok, stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32, DENSE)
-        if DEPTH == 4:
-            acc, wd, xd, kd = _turn(acc, wd, xd, kd, j + 3 * BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b,
-                                    b_ok, offs_n, n_ok, stride_w, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, DOT_F32, DENSE)
-    if not DOT:
-        acc = tl.sum(acc, axis=0)[None, :]  # (1, BLOCK_N)
-    return acc
-
-
-@triton.jit
-def _first_rows(w_ptr, where, count, k0, offs_j, offs_n, n_ok, stride_w, BLOCK_K: tl.constexpr,
-                DEPTH: tl.constexpr, EVEN_N: tl.constexpr, DENSE: tl.constexpr, RANKED: tl.constexpr):
-    """The rows of the first DEPTH steps, one buffer each (c and d repeat a and b below DEPTH 3, 4).
-    Their indices: k0 + j (DENSE), ranked from the places `where` = pos (RANKED), else loaded from
-    the scratch at `where` = idx_base."""
-    wa = _rows(w_ptr, _first_indices(where, offs_j, count, k0, DENSE, RANKED), offs_j, count, offs_n, n_ok, stride_w,
-               EVEN_N)
-    j = BLOCK_K + offs_j
-    wb = _rows(w_ptr, _first_indices(where, j, count, k0, DENSE, RANKED), j, count, offs_n, n_ok, stride_w, EVEN_N)
-    wc, wd = wa, wb
-    if DEPTH >= 3:
-        j = 2 * BLOCK_K + offs_j
-        wc = _rows(w_ptr, _first_indices(where, j, count, k0, DENSE, RANKED), j, count, offs_n, n_ok, stride_w,
-                   EVEN_N)
-    if DEPTH == 4:
-        j = 3 * BLOCK_K + offs_j
-        wd = _rows(w_ptr, _first_indices(where, j, count, k0, DENSE, RANKED), j, count, offs_n, n_ok, stride_w,
-                   EVEN_N)
-    return wa, wb, wc, wd
-
-
-@triton.jit
-def _first_indices(where, j, count, k0, DENSE: tl.constexpr, RANKED: tl.constexpr):
-    """Row indices of the first steps' positions j. RANKED: the j-th kept row of the chunk is the
-    number of rows placed before j (pos < j), a (len(j), K_CHUNK) compare and sum in registers."""
-    if RANKED:
-        kk = tl.where(j < count, k0 + tl.sum((where[None, :] < j[:, None]).to(tl.int32), axis=1), 0)
-    else:
-        kk = _indices(where, j, count, k0, DENSE)
-    return kk
-
-
-@triton.jit
-def _turn(acc, w, xm, kk, j, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, offs_n, n_ok, stride_w,
-          BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr, DEPTH: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr,
-          DOT_F32: tl.constexpr, DENSE: tl.constexpr):
-    """A buffer's turn: sum its step into acc, then refill it with the rows of positions j (their
-    indices kk were loaded a round earlier) and load the indices of the positions DEPTH steps on."""
-    acc = _accumulate(acc, xm, w, DOT, DOT_F32)
-    w = _rows(w_ptr, kk, j, count, offs_n, n_ok, stride_w, EVEN_N)
-    xm = _inputs(xs_base, j, count, offs_b, b_ok, K_CHUNK, DOT)
-    return acc, w, xm, _indices(idx_base, j + DEPTH * BLOCK_K, count, k0, DENSE)
-
-
-@triton.jit
-def _indices(idx_base, j, count, k0, DENSE: tl.constexpr):
-    """Row indices of step positions j (0 past count): compacted in the scratch, or (DENSE) k0 + j."""
-    if DENSE:
-        kk = tl.where(j < count, k0 + j, 0)
-    else:
-        kk = tl.load(idx_base + j, mask=j < count, other=0, cache_modifier=".cg")
-    return kk
-
-
-@triton.jit
-def _rows(w_ptr, kk, j, count, offs_n, n_ok, stride_w, EVEN_N: tl.constexpr):
-    """Rows kk of W^T over columns offs_n (BLOCK_K, BLOCK_N); positions j past count read nothing."""
-    ok = j < count
-    ptrs = w_ptr + kk[:, None] * stride_w + offs_n[None, :]
-    if EVEN_N:
-        w = tl.load(ptrs, mask=ok[:, None], other=0.0, eviction_policy="evict_first")
-    else:
-        w = tl.load(ptrs, mask=ok[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
-    return w
-
-
-@triton.jit
-def _inputs(xs_base, j, count, offs_b, b_ok, K_CHUNK: tl.constexpr, DOT: tl.constexpr):
-    """The scratch inputs of step positions j: (B_PAD, BLOCK_K) for tl.dot, else (BLOCK_K,) in
-    the rows' layout (no shuffle through shared memory); 0 past count."""
-    ok = j < count
-    if DOT:
-        xm = tl.load(xs_base + offs_b[:, None] * K_CHUNK + j[None, :], mask=b_ok[:, None] & ok[None, :], other=0.0,
-                     cache_modifier=".cg")
-    else:
-        xm = tl.load(xs_base + j, mask=ok, other=0.0, cache_modifier=".cg")
-    return xm
-
-
-@triton.jit
-def _accumulate(acc, xm, w, DOT: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc + this step's products: (B_PAD, BLOCK_N) by tl.dot, or (BLOCK_K, BLOCK_N) elementwise."""
-    if DOT_F32:
-        acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-    elif DOT:
-        acc = tl.dot(xm, w, acc, input_precision="ieee")
-    else:
-        acc += xm.to(tl.float32)[:, None] * w.to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _input(x_ptr, offs, mask, K, SILU: tl.constexpr, dtype: tl.constexpr, RTNE_BY_BITS: tl.constexpr):
-    """x at offs; with SILU, h = silu(gate) * up from gate_up rows, in fp32, rounded to dtype."""
-    xv = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")
-    if SILU:
-        g = xv.to(tl.float32)
-        u = tl.load(x_ptr + offs + K, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        xv = _round(g / (1.0 + tl.exp(-g)) * u, dtype, RTNE_BY_BITS)
-    return xv
-
-
-@triton.jit
-def _round(v, dtype: tl.constexpr, RTNE_BY_BITS: tl.constexpr):
-    """fp32 v rounded to dtype (nearest even). RTNE_BY_BITS: bf16 only, by integer arithmetic."""
-    if RTNE_BY_BITS:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(dtype)  # the low half is zero: exact
-    return v.to(dtype)
-
-
-@triton.jit
-def _rms_normed(x_ptr, nw_ptr, xc, offs_bx, offs_c, B, K, stride_x, eps,
-                B_X: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr, RTNE_BY_BITS: tl.constexpr):
-    """RMSNorm of the chunk xc (B_X, K_CHUNK) of rows h: (h * rstd) rounded to the dtype, times
-    the norm weight, rounded again (reference.rms_norm); rstd from the sum of squares of all K."""
-    dtype = xc.dtype
-    nw = tl.load(nw_ptr + offs_c, mask=offs_c < K, other=0.0).to(tl.float32)
-    # A fence for the compiler: without it Triton moves each load to just before its first use, so
-    # the weight's load (and the caller's of xc) would go out only after the row's reduction: two
-    # more round trips to L2. With it every load of this phase is in flight at once.
-    tl.debug_barrier()
-    ss = tl.zeros((B_X,), dtype=tl.float32)
-    b_ok = offs_bx < B
-    for j in tl.static_range(NORM_STEPS):  # unrolled: all of the row's loads in flight at once
-        offs = j * NORM_BLOCK + tl.arange(0, NORM_BLOCK)
-        h = tl.load(x_ptr + offs_bx[:, None] * stride_x + offs[None, :], mask=b_ok[:, None] & (offs < K)[None, :],
-                    other=0.0, eviction_policy="evict_last").to(tl.float32)
-        ss += tl.sum(h * h, axis=1)
-    rstd = tl.math.rsqrt(ss / K + eps)  # (B_X,)
-    normed = _round(xc.to(tl.float32) * rstd[:, None], dtype, RTNE_BY_BITS).to(tl.float32)
-    return _round(normed * nw[None, :], dtype, RTNE_BY_BITS)
+def _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N, K_CHUNK: tl.constexpr,
+                 WEIGHTS: tl.constexpr, GROUP: tl.constexpr):
+    """The program's sum of x * q (B_PAD, BLOCK_N) turned into the sum of x * w: int8 times the column
+    scales; int4 (the chunk lies inside group k0 // GROUP) times the group's scales, plus its offsets
+    times the sum of the chunk's kept inputs. A chunk with no kept row reads no scale."""
+    ok = n_ok & (count > 0)
+    if WEIGHTS == "int8":
+        scale = tl.load(scale_ptr + offs_n, mask=ok, other=0.0).to(tl.float32)
+        return acc * scale[None, :]
+    g = k0 // GROUP
+    scale = tl.load(scale_ptr + g * N + offs_n, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + g * N + offs_n, mask=ok, other=0.0).to(tl.float32)
+    offs = tl.arange(0, K_CHUNK)
+    kept = tl.load(xs_base + offs_b[:, None] * K_CHUNK + offs[None, :], mask=b_ok[:, None] & (offs < count)[None, :],
+                   other=0.0, cache_modifier=".cg").to(tl.float32)  # (B_PAD, K_CHUNK): 0 where a row is dropped
+    return acc * scale[None, :] + tl.sum(kept, axis=1)[:, None] * zero[None, :]
 
 
 @triton.jit
@@ -360,8 +469,14 @@ def _store_out(y_ptrs, res, acc, ok, dtype: tl.constexpr, RESIDUAL: tl.constexpr
     tl.store(y_ptrs, y, mask=ok)
 
 
+# ---------------------------------------------------------------------------- the launcher
+
 def next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
+
+
+def prev_pow2(v: int) -> int:
+    return 1 << (max(1, v).bit_length() - 1)
 
 
 _pdl_devices = {}
@@ -378,12 +493,24 @@ def pdl_enabled(device: torch.device, interpreted: bool = False) -> bool:
     return _pdl_devices[device.index]
 
 
+def weight_format(w_t: torch.Tensor, x_dtype: torch.dtype) -> str:
+    """WEIGHTS of a stored W^T: "float" (the activations' dtype), "int8", or "int4" (uint8, two values a byte)."""
+    if w_t.dtype == torch.int8:
+        return "int8"
+    if w_t.dtype == torch.uint8:
+        return "int4"
+    if w_t.dtype != x_dtype:
+        raise ValueError(f"sparse_kernels: weights {w_t.dtype} with activations {x_dtype}")
+    return "float"
+
+
 def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False, norm_weight=None, eps=0.0,
-           residual=None, early_weights=True):
-    """Run the kernel: x (B, K) [or gate_up (B, 2K) if silu], w_t (K, N) row stride free,
-    y (B, N) row stride free; thresholds: one per segment, or None to keep every input (dense);
-    bounds: first columns of segments 1.. (multiples of BLOCK_N);
-    workspaces (see workspace_sizes): part fp32, counts int32 zeros, idx int32, xs fp32 (holds x.dtype).
+           residual=None, early_weights=True, scale=None, zero=None):
+    """Run the sparse kernel (thresholds given) or the dense one (thresholds None: keep every input).
+    x (B, K) [or gate_up (B, 2K) if silu]; w_t row stride free: (K, N) in x's dtype, (K, N) int8
+    with scale (N,), or (K, N / 2) uint8 (int4) with scale and zero (K / group, N); y (B, N) row
+    stride free; bounds: first columns of segments 1.. (multiples of BLOCK_N); workspaces (see
+    workspace_sizes): part fp32, counts int32 zeros, idx int32, xs fp32 (holds x.dtype).
     norm_weight (K,): the input is rms_norm(x, norm_weight, eps); residual (B, N), unit column
     stride: y = residual + the product. cfg: dict BLOCK_N, BLOCK_K, K_CHUNK, DEPTH (2, 3 or 4 steps
     of rows in flight), DOT, num_warps, num_stages. On Hopper every launch is placed while the kernel
@@ -391,68 +518,81 @@ def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False
     first rows of w_t before it waits; early_weights=False when that kernel wrote w_t (a copy made
     just before, say): the dense launch then goes without PDL."""
     interp = type(sparse_matvec_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1
-    grid, args, meta = launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu, norm_weight,
-                                   eps, residual, interp, early_weights)
-    sparse_matvec_kernel[grid](*args, **meta)
+    kernel, grid, args, meta = launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu,
+                                           norm_weight, eps, residual, interp, early_weights, scale, zero)
+    kernel[grid](*args, **meta)
     return y
 
 
 def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False, norm_weight=None, eps=0.0,
-                residual=None, interpreted=False, early_weights=True):
-    """launch's grid, positional arguments and keyword arguments (constexprs and launch options),
-    for Triton's interpreter or for a GPU; the tests also compile the GPU variant from it."""
+                residual=None, interpreted=False, early_weights=True, scale=None, zero=None):
+    """launch's kernel, grid, positional arguments and keyword arguments (constexprs and launch
+    options), for Triton's interpreter or for a GPU; the tests also compile the GPU variant from it."""
     B = x.shape[0]
-    K, N = w_t.shape
+    K, N = w_t.shape[0], y.shape[1]
+    weights = weight_format(w_t, x.dtype)
     if K * w_t.stride(0) >= 2 ** 31:
         raise ValueError("sparse_kernels: weights of 2^31 elements or more are not supported (int32 offsets)")
+    cfg = dict(cfg)
+    group = 0
+    if weights == "int4":  # a program's chunk lies inside one group: its scales are one row
+        group = K // scale.shape[0]
+        if K % scale.shape[0] or group & (group - 1) or group < 16:
+            raise ValueError(f"sparse_kernels: int4 groups of {K}/{scale.shape[0]} rows; a power of two >= 16 dividing "
+                             f"K is supported")
+        cfg["K_CHUNK"] = min(cfg["K_CHUNK"], group)
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], cfg["K_CHUNK"])
     bn, bk, kc = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["K_CHUNK"]
     depth = cfg.get("DEPTH", 2)
     if depth not in (2, 3, 4):
         raise ValueError(f"sparse_kernels: DEPTH={depth} steps in flight is not supported; use 2, 3 or 4")
     dense = thresholds is None
-    if any(t is not None and t.stride(-1) != 1 for t in (thresholds, norm_weight)):
-        raise ValueError("sparse_kernels: thresholds and norm_weight must have unit stride (.contiguous())")
+    if any(t is not None and t.stride(-1) != 1 for t in (thresholds, norm_weight, scale, zero)):
+        raise ValueError("sparse_kernels: thresholds, norm_weight and scales must have unit stride (.contiguous())")
+    if weights != "float" and (scale is None or (weights == "int4") != (zero is not None)):
+        raise ValueError(f"sparse_kernels: {weights} weights need their scales" + (" and zeros" if weights == "int4"
+                                                                                   else " (no zeros)"))
     bounds = [] if dense else bounds  # segments only choose thresholds
     if len(bounds) > 3 or any(b % bn for b in bounds):
         raise ValueError(f"segment starts {list(bounds)} must be at most 3 multiples of BLOCK_N={bn}")
+    if silu and norm_weight is not None:
+        raise ValueError("sparse_kernels: silu and a fused norm do not combine")
     dot = bool(cfg["DOT"]) or B > 1  # the elementwise path is for B == 1
     b_pad = max(16, next_pow2(B)) if dot else 1
     split, n_tiles = triton.cdiv(K, kc), triton.cdiv(N, bn)
     red_r = prev_pow2(max(1, min(8, split, (1024 * cfg["num_warps"]) // (b_pad * bn))))  # partials per load
-    b = list(bounds) + [N] * (3 - len(bounds))
-    if silu and norm_weight is not None:
-        raise ValueError("sparse_kernels: silu and a fused norm do not combine")
     norm_block = min(next_pow2(K), max(64, 4096 // next_pow2(B)))
     trigger = pdl_enabled(x.device, interpreted)  # every kernel lets a PDL-launched successor start early
     # launched with PDL: placed early, waits before its loads (dense: after its first rows); not a dense launch
     # right after this op's own copy of w_t
     pdl = trigger and (early_weights or not dense)
-    # B == 1 (the measured path): the first steps' row indices ranked in registers where that costs at most
-    # RANK_WORK compares a thread
-    ranked = not dense and not dot and depth * bk * kc <= RANK_WORK * 32 * cfg["num_warps"]
-    args = (x, w_t, x if dense else thresholds, y, part, counts, idx, xs.view(x.dtype),
-            x if norm_weight is None else norm_weight, y if residual is None else residual,
+    pointers = (x, w_t, x if scale is None else scale, x if zero is None else zero)
+    tail = (x if norm_weight is None else norm_weight, y if residual is None else residual,
             B, K, N, x.stride(0), w_t.stride(0), y.stride(0), y.stride(0) if residual is None else residual.stride(0),
-            float(eps), b[0], b[1], b[2])
-    meta = dict(
-        SPLIT=split, B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=dot,
-        SILU=silu, RED_R=red_r, EVEN_N=(N % bn == 0),
-        STATIC_ITERS=triton.cdiv(kc // bk, depth) if interpreted else 0,  # rounds of DEPTH steps
-        DOT_F32=interpreted and dot and x.dtype == torch.bfloat16,
-        NORM=norm_weight is not None, NORM_BLOCK=norm_block, NORM_STEPS=triton.cdiv(K, norm_block),
-        RESIDUAL=residual is not None, RTNE_BY_BITS=interpreted and x.dtype == torch.bfloat16,
-        DENSE=dense, RANKED=ranked, PDL=pdl, TRIGGER=trigger, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            float(eps))
+    meta = dict(SPLIT=split, B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=dot,
+                RED_R=red_r, EVEN_N=(N % bn == 0), SILU=silu, NORM=norm_weight is not None, NORM_BLOCK=norm_block,
+                NORM_STEPS=triton.cdiv(K, norm_block), RESIDUAL=residual is not None, WEIGHTS=weights, GROUP=group)
+    xs = xs.view(x.dtype)
+    if dense:
+        kernel, args = dense_matvec_kernel, (*pointers, y, part, counts, xs, *tail)
+    else:
+        b = list(bounds) + [N] * (3 - len(bounds))
+        # B == 1 (the measured path): the first steps' row indices ranked in registers where that costs at most
+        # RANK_WORK compares a thread
+        meta["RANKED"] = not dot and depth * bk * kc <= RANK_WORK * 32 * cfg["num_warps"]
+        kernel, args = sparse_matvec_kernel, (*pointers, thresholds, y, part, counts, idx, xs, *tail, *b)
+    meta.update(PDL=pdl, TRIGGER=trigger, INTERPRET=interpreted, num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
     if pdl:
         meta["launch_pdl"] = True
-    return (n_tiles, split), args, meta
+    return kernel, (n_tiles, split), args, meta
 
 
-def workspace_sizes(B: int, K: int, N: int, cfg: dict):
-    """Elements one launch needs: fp32 partials, int32 counters, int32 row indices, fp32 inputs."""
-    split, n_tiles = triton.cdiv(K, cfg["K_CHUNK"]), triton.cdiv(N, cfg["BLOCK_N"])
-    n_idx = n_tiles * split * cfg["K_CHUNK"]
+def workspace_sizes(B: int, K: int, N: int, cfg: dict, group: int = 0):
+    """Elements one launch needs: fp32 partials, int32 counters, int32 row indices, fp32 inputs
+    (group: int4's rows per group, which caps the K chunk)."""
+    kc = min(cfg["K_CHUNK"], group) if group else cfg["K_CHUNK"]
+    split, n_tiles = triton.cdiv(K, kc), triton.cdiv(N, cfg["BLOCK_N"])
+    n_idx = n_tiles * split * kc
     return (split * B * N if split > 1 else 0), n_tiles, n_idx, n_idx * next_pow2(B)
-
-
-def prev_pow2(v: int) -> int:
-    return 1 << (max(1, v).bit_length() - 1)

@@ -69,20 +69,28 @@ def meta_tensor(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def matvec_plan(op, B, K, N, splits, dtype, cfg, norm=False, residual=False, dense=False):
-    """launch_plan for meta tensors (dense: no thresholds), launched with PDL as on a Hopper GPU."""
+def matvec_plan(op, B, K, N, splits, dtype, cfg, norm=False, residual=False, dense=False, weights="float",
+                group=128):
+    """launch_plan (kernel, grid, args, meta) for meta tensors (dense: no thresholds), launched with PDL
+    as on a Hopper GPU; weights "int8" or "int4" (groups of `group` rows) store W^T quantized."""
     silu = op == "silu_down"
     x = meta_tensor(B, 2 * K if silu else K, dtype=dtype)
-    sizes = tk.workspace_sizes(B, K, N, cfg)
+    sizes = tk.workspace_sizes(B, K, N, cfg, group if weights == "int4" else 0)
     workspaces = (meta_tensor(max(1, sizes[0]), dtype=torch.float32), meta_tensor(sizes[1], dtype=torch.int32),
                   meta_tensor(sizes[2], dtype=torch.int32), meta_tensor(sizes[3], dtype=torch.float32))
     bounds = ops.segment_starts(splits)
     thresholds = None if dense else meta_tensor(len(splits), dtype=torch.float32)
-    grid, args, meta = tk.launch_plan(x, meta_tensor(K, N, dtype=dtype), thresholds, bounds,
-                                      meta_tensor(B, N, dtype=dtype), *workspaces, cfg, silu=silu,
-                                      norm_weight=meta_tensor(K, dtype=dtype) if norm else None, eps=1e-5,
-                                      residual=meta_tensor(B, N, dtype=dtype) if residual else None)
-    return grid, args, dict(meta, PDL=True, TRIGGER=True)  # as on Hopper (pdl_enabled is False for meta tensors)
+    w, scale, zero = meta_tensor(K, N, dtype=dtype), None, None
+    if weights == "int8":
+        w, scale = meta_tensor(K, N, dtype=torch.int8), meta_tensor(N, dtype=torch.float32)
+    elif weights == "int4":
+        w = meta_tensor(K, N // 2, dtype=torch.uint8)
+        scale = zero = meta_tensor(K // group, N, dtype=torch.bfloat16)
+    kernel, grid, args, meta = tk.launch_plan(x, w, thresholds, bounds, meta_tensor(B, N, dtype=dtype), *workspaces,
+                                              cfg, silu=silu, norm_weight=meta_tensor(K, dtype=dtype) if norm else None,
+                                              eps=1e-5, residual=meta_tensor(B, N, dtype=dtype) if residual else None,
+                                              scale=scale, zero=zero)
+    return kernel, grid, args, dict(meta, PDL=True, TRIGGER=True)  # as on Hopper (pdl_enabled is False for meta)
 
 
 # The tuned configs of the Llama-3-8B block, fused as the model runs them, plus a tl.dot batch
@@ -105,6 +113,12 @@ MATVEC_CASES = [(op, 1, K, N, splits, torch.bfloat16, None, fused) for op, K, N,
     # dense (no thresholds, PDL), as the model's dense decode runs them
     ("linear", 8, 4096, 6144, [4096, 1024, 1024], torch.bfloat16, None, dict(norm=True, dense=True)),
     ("silu_down", 1, 1536, 1000, [1000], torch.float16, None, dict(residual=True, dense=True)),
+    # quantized weights: int8 and int4 rows, tl.dot batches, dense and sparse
+    ("linear", 1, 4096, 28672, [14336, 14336], torch.bfloat16, None, dict(norm=True, weights="int8")),
+    ("linear", 8, 4096, 6144, [4096, 1024, 1024], torch.bfloat16, None, dict(norm=True, weights="int8")),
+    ("silu_down", 1, 14336, 4096, [4096], torch.bfloat16, None, dict(residual=True, weights="int4")),
+    ("linear", 3, 4096, 4096, [4096], torch.float16, None, dict(residual=True, weights="int4", group=64)),
+    ("linear", 1, 4096, 6144, [4096, 1024, 1024], torch.bfloat16, None, dict(norm=True, dense=True, weights="int4")),
 ]
 
 
@@ -119,9 +133,10 @@ def test_matvec_kernel_compiles_for_sm90(case):
     op, B, K, N, splits, dtype, cfg, fused = case
     cfg = cfg or ops.pick_config(op, K, N, dtype, B, n_sm=132)  # as ops.run_triton on an H100/H200
     cfg = ops.fit_to_segments(cfg, ops.segment_starts(splits, fused.get("dense", False)))  # as ops.run_triton
-    grid, args, meta = matvec_plan(op, B, K, N, splits, dtype, cfg, **fused)
-    assert meta["STATIC_ITERS"] == 0 and not meta["DOT_F32"] and not meta["RTNE_BY_BITS"]  # the GPU variant
-    compiled = compile_for_hopper(tk.sparse_matvec_kernel, args, meta)
+    kernel, grid, args, meta = matvec_plan(op, B, K, N, splits, dtype, cfg, **fused)
+    assert not meta["INTERPRET"]  # the GPU variant
+    assert kernel is (tk.dense_matvec_kernel if fused.get("dense") else tk.sparse_matvec_kernel)
+    compiled = compile_for_hopper(kernel, args, meta)
     assert len(compiled.asm["cubin"]) > 0 and grid[0] * grid[1] >= 1
 
 
@@ -209,13 +224,14 @@ def _tuned_sass(kernel_module, op, K, N, splits, fused) -> tuple:
     fused = dict(fused)
     cfg = ops.fit_to_segments(ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)],
                               ops.segment_starts(list(splits), fused.get("dense", False)))
-    grid, args, meta = matvec_plan(op, 1, K, N, list(splits), torch.bfloat16, cfg, **fused)
-    return cfg, meta, disassemble(compile_for_hopper(kernel_module.sparse_matvec_kernel, args, meta))
+    kernel, grid, args, meta = matvec_plan(op, 1, K, N, list(splits), torch.bfloat16, cfg, **fused)
+    return cfg, meta, disassemble(compile_for_hopper(kernel, args, meta))
 
 
-def row_loads_per_step(cfg) -> int:
-    """16-byte loads of W^T rows a thread issues per step of BLOCK_K rows (bf16)."""
-    return cfg["BLOCK_N"] * cfg["BLOCK_K"] * 2 // 16 // (32 * cfg["num_warps"])
+def row_loads_per_step(cfg, weights="float") -> int:
+    """16-byte loads of W^T rows a thread issues per step of BLOCK_K rows (bf16, int8 or int4 weights)."""
+    bits = {"float": 16, "int8": 8, "int4": 4}[weights]
+    return cfg["BLOCK_N"] * cfg["BLOCK_K"] * bits // 128 // (32 * cfg["num_warps"])
 
 
 def loop_stalls(kernel_module, op, K, N, splits, fused) -> dict:
@@ -223,7 +239,8 @@ def loop_stalls(kernel_module, op, K, N, splits, fused) -> dict:
     load's destination while that load may be pending (after the load, before anything else writes
     the register: the copy waits for the load, so the next rows are not in flight while this step
     is summed), and CTA barriers. Also the weight loads per iteration against DEPTH tiles' worth."""
-    cfg, _, sass = tuned_sass(kernel_module, op, K, N, splits, fused)
+    cfg, meta, sass = tuned_sass(kernel_module, op, K, N, splits, fused)
+    cfg = dict(cfg, BLOCK_K=meta["BLOCK_K"])  # as launched (int4 caps the K chunk at its group)
     body = streaming_loop(sass)
     pending, copied, loads = set(), [], 0
     for opcode, operands in body:
@@ -236,7 +253,7 @@ def loop_stalls(kernel_module, op, K, N, splits, fused) -> dict:
             copied += [r for r in regs[1:] if r in pending]
         if regs and not opcode.startswith(("ST", "RED", "BAR", "BRA")):
             pending.discard(regs[0])  # written: no longer the loaded value
-    return dict(weight_loads=loads, expected_loads=cfg.get("DEPTH", 2) * row_loads_per_step(cfg),
+    return dict(weight_loads=loads, expected_loads=cfg.get("DEPTH", 2) * row_loads_per_step(cfg, meta["WEIGHTS"]),
                 barriers=sum(op.startswith("BAR") for op, _ in body), copies_of_loads=sorted(copied))
 
 
@@ -249,6 +266,18 @@ def test_streaming_loop_keeps_its_loads_in_flight(case, dense):
     assert stalls["barriers"] == 0 and stalls["copies_of_loads"] == [], stalls
 
 
+@pytest.mark.parametrize("case,dense,weights", [(c, d, w) for c in LLAMA3_8B[2:] for d in (False, True)
+                                                for w in ("int8", "int4")],
+                         ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}" if isinstance(c, tuple) else str(c))
+def test_quantized_streaming_loop_keeps_its_loads_in_flight(case, dense, weights):
+    """The MLP's wide tiles with int8 and int4 rows (int4: groups of 128 rows): the same loop, its
+    loads of stored rows as wide and as many steps ahead as with bf16 rows."""
+    op, K, N, splits, fused = case
+    stalls = loop_stalls(tk, op, K, N, splits, dict(fused, dense=dense, weights=weights))
+    assert stalls["weight_loads"] == stalls["expected_loads"] > 0, stalls
+    assert stalls["barriers"] == 0 and stalls["copies_of_loads"] == [], stalls
+
+
 @pytest.mark.parametrize("case,pdl", [(c, p) for c in LLAMA3_8B for p in (True, False)],
                          ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}" if isinstance(c, tuple) else ("pdl" if c else "no_pdl"))
 def test_dense_kernel_requests_its_first_rows_first(case, pdl):
@@ -257,8 +286,8 @@ def test_dense_kernel_requests_its_first_rows_first(case, pdl):
     kernel before, so it must be read after the wait."""
     op, K, N, splits, fused = case
     cfg = ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)]
-    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused, dense=True)
-    sass = disassemble(compile_for_hopper(tk.sparse_matvec_kernel, args, dict(meta, PDL=pdl)))
+    kernel, grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused, dense=True)
+    sass = disassemble(compile_for_hopper(kernel, args, dict(meta, PDL=pdl)))
     assert ("ACQBULK" in sass) == pdl
     loads = [op for op, _ in INSTRUCTION.findall(sass) if op.startswith("LDG")]
     first = cfg.get("DEPTH", 2) * row_loads_per_step(cfg)
@@ -315,7 +344,7 @@ def test_launch_plans_choose_pdl_as_documented(monkeypatch):
     sizes = tk.workspace_sizes(1, 4096, 4096, cfg)
     ws = [meta_tensor(max(1, n), dtype=dt) for n, dt in zip(sizes, (torch.float32, torch.int32, torch.int32,
                                                                      torch.float32))]
-    plans = {name: tk.launch_plan(x, w, thr, [], y, *ws, cfg, early_weights=early)[2] for name, thr, early in
+    plans = {name: tk.launch_plan(x, w, thr, [], y, *ws, cfg, early_weights=early)[3] for name, thr, early in
              [("sparse", meta_tensor(1, dtype=torch.float32), True), ("dense", None, True),
               ("dense, weights just written", None, False)]}
     assert {name: (m["PDL"], m.get("launch_pdl", False), m["TRIGGER"]) for name, m in plans.items()} == {
@@ -355,8 +384,8 @@ def test_split_k_reduction_loads_all_partials_at_once(case):
 def test_matvec_kernel_compiles_for_unaligned_pointers():
     op, K, N, splits, fused = LLAMA3_8B[3]
     cfg = ops.tuned_configs()[ops.config_key(op, K, N, torch.bfloat16, 1)]
-    grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
-    assert len(compile_for_hopper(tk.sparse_matvec_kernel, args, meta, aligned=False).asm["cubin"]) > 0
+    kernel, grid, args, meta = matvec_plan(op, 1, K, N, splits, torch.bfloat16, cfg, **fused)
+    assert len(compile_for_hopper(kernel, args, meta, aligned=False).asm["cubin"]) > 0
 
 
 def test_launcher_rejects_an_unsupported_depth():

@@ -14,17 +14,22 @@ import pytest
 import torch
 
 from sparse_kernels import ops, silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref
-from sparse_kernels.checks import EPS, TOL, kernel_input, reference_op  # shared with the GPU checks
+from sparse_kernels.checks import EPS, TOL, kernel_input, random_quantized, reference_op  # shared with the GPU checks
 from sparse_kernels.reference import gap_threshold
 from tests.interpreted import compare, run_child
 
 
-def make_inputs(op, B, K, N, S, dtype, p, seed):
-    """x, w, thresholds, and the fusion inputs the op names (None otherwise): the RMSNorm weight
-    ("+norm": x is then the raw hidden state, 3x larger than unit scale) and a residual ("+res")."""
+def make_inputs(op, B, K, N, S, dtype, p, seed, weights="float", group=0):
+    """x, w, thresholds, the fusion inputs the op names (None otherwise): the RMSNorm weight
+    ("+norm": x is then the raw hidden state, 3x larger than unit scale) and a residual ("+res"),
+    and the scales of quantized weights (weights "int8" or "int4" with groups of `group` rows)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, 2 * K if op.startswith("silu_down") else K, generator=g).to(dtype)
-    w = (torch.randn(K, N, generator=g) / K ** 0.5).to(dtype)
+    scale = zero = None
+    if weights == "float":
+        w = (torch.randn(K, N, generator=g) / K ** 0.5).to(dtype)
+    else:
+        w, scale, zero = random_quantized(K, N, weights, group, g, device="cpu")
     norm_w = residual = None
     if "+norm" in op:
         x = x * 3
@@ -32,25 +37,26 @@ def make_inputs(op, B, K, N, S, dtype, p, seed):
     if "+res" in op:
         residual = torch.randn(B, N, generator=g).to(dtype)
     if p is None:  # dense: no thresholds, every entry kept
-        return x, w, None, norm_w, residual
+        return x, w, None, norm_w, residual, scale, zero
     src = kernel_input(op, x, norm_w)
     # one threshold per segment, each in a gap of |src|: Triton's interpreter rounds fp32 -> bf16
     # by truncation, so a kernel-formed input (silu, norm) can be an ulp off the reference's
     levels = [p if p in (0.0, 1.0) else min(0.95, p + 0.05 * s) for s in range(S)]
     thr = torch.tensor([gap_threshold(src, q) for q in levels])
-    return x, w, thr.float(), norm_w, residual
+    return x, w, thr.float(), norm_w, residual, scale, zero
 
 
-def run_kernel(tk, op, x, w, thr, splits, cfg, norm_w=None, residual=None):
-    B, (K, N) = x.shape[0], w.shape
+def run_kernel(tk, op, x, w, thr, splits, cfg, norm_w=None, residual=None, scale=None, zero=None):
+    B, K, N = x.shape[0], w.shape[0], sum(splits)
     y = torch.full((B, N), float("nan"), dtype=x.dtype)  # poisoned: every entry must be written
-    n_part, n_count, n_idx, n_xs = tk.workspace_sizes(B, K, N, cfg)
+    group = K // scale.shape[0] if zero is not None else 0
+    n_part, n_count, n_idx, n_xs = tk.workspace_sizes(B, K, N, cfg, group)
     part = torch.full((max(n_part, 1),), float("nan"))
     counts = torch.zeros(n_count, dtype=torch.int32)
     idx, xs = torch.full((n_idx,), -1, dtype=torch.int32), torch.full((n_xs,), float("nan"))
     bounds = ops.segment_starts(splits)
     tk.launch(x, w, thr, bounds, y, part, counts, idx, xs, cfg, silu=op.startswith("silu_down"), norm_weight=norm_w,
-              eps=EPS, residual=residual)
+              eps=EPS, residual=residual, scale=scale, zero=zero)
     return y, int(counts.abs().sum())
 
 
@@ -61,21 +67,28 @@ def _child():
 
     torch.set_num_threads(1)
     out = {}
-    for i, (op, B, K, N, splits, dtype, p, cfg) in enumerate(CASES):
-        x, w, thr, norm_w, residual = make_inputs(op, B, K, N, len(splits), dtype, p, seed=i)
-        y, counters = run_kernel(tk, op, x, w, thr, splits, cfg, norm_w, residual)
-        ref = reference_op(op, x, w, thr, splits, norm_w, residual)
-        out[case_id(CASES[i])] = dict(compare(y, ref, TOL[dtype]), counters=counters)
+    for i, case in enumerate(CASES + QUANTIZED_CASES):
+        op, B, K, N, splits, dtype, p, cfg, *quantized = case
+        x, w, thr, norm_w, residual, scale, zero = make_inputs(op, B, K, N, len(splits), dtype, p, i, *quantized)
+        y, counters = run_kernel(tk, op, x, w, thr, splits, cfg, norm_w, residual, scale, zero)
+        ref = reference_op(op, x, w, thr, splits, norm_w, residual, scale, zero)
+        out[case_id(case)] = dict(compare(y, ref, TOL[dtype]), counters=counters)
     # the comparison has teeth: a slightly lower threshold is a different result, and so is a
     # fused norm without its weight or a missing residual
-    x, w, thr, _, _ = make_inputs("linear", 1, 256, 512, 1, torch.float32, 0.5, seed=99)
+    x, w, thr, _, _, _, _ = make_inputs("linear", 1, 256, 512, 1, torch.float32, 0.5, seed=99)
     y, _ = run_kernel(tk, "linear", x, w, thr, [512], dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=128, **E))
     out["wrong_threshold"] = compare(y, sparse_linear_ref(x, w, thr * 0.9, [512]), TOL[torch.float32])
-    x, w, thr, norm_w, residual = make_inputs("linear+norm+res", 2, 256, 512, 1, torch.float32, 0.5, seed=98)
+    x, w, thr, norm_w, residual, _, _ = make_inputs("linear+norm+res", 2, 256, 512, 1, torch.float32, 0.5, seed=98)
     y, _ = run_kernel(tk, "linear", x, w, thr, [512], dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=128, **D), norm_w, residual)
     out["unweighted_norm"] = compare(y, reference_op("linear", x, w, thr, [512], torch.ones_like(norm_w), residual),
                                      TOL[torch.float32])
     out["no_residual"] = compare(y, reference_op("linear", x, w, thr, [512], norm_w, None), TOL[torch.float32])
+    # and so are int4 offsets read from the wrong group (the scales of the first group for every chunk)
+    x, w, thr, _, _, scale, zero = make_inputs("linear", 1, 256, 512, 1, torch.float32, 0.5, 97, "int4", 64)
+    y, _ = run_kernel(tk, "linear", x, w, thr, [512], dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=64, **E), None, None,
+                      scale, zero)
+    out["int4_wrong_group"] = compare(y, reference_op("linear", x, w, thr, [512], None, None, scale[:1].expand_as(scale),
+                                                      zero[:1].expand_as(zero)), TOL[torch.float32])
     print(json.dumps(out))
 
 
@@ -129,11 +142,38 @@ CASES = [
 ]
 
 
+# Quantized weights (..., weights, group): int8 per column; int4 in groups of `group` rows, a chunk never
+# crossing a group (the launcher caps K_CHUNK at the group), so a group may span several chunks (K_CHUNK 64 in
+# groups of 128 below) and K need not be a multiple of a tuned K_CHUNK (576 in chunks of 256 capped to 64).
+QUANTIZED_CASES = [
+    ("linear", 1, 576, 1536, [576, 480, 480], torch.bfloat16, 0.5, dict(BLOCK_N=32, BLOCK_K=32, K_CHUNK=256, **E),
+     "int8", 0),
+    ("linear", 3, 576, 1000, [1000], torch.float16, 0.0, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **D), "int8", 0),
+    ("linear+norm", 1, 300, 1000, [1000], torch.bfloat16, 0.9, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, DEPTH=3,
+                                                                   **E), "int8", 0),
+    ("silu_down+res", 2, 1536, 576, [576], torch.bfloat16, 0.5, dict(BLOCK_N=64, BLOCK_K=32, K_CHUNK=512, **D),
+     "int8", 0),
+    ("linear", 1, 256, 11008, [11008], torch.bfloat16, None, dict(BLOCK_N=256, BLOCK_K=16, K_CHUNK=128, **E),
+     "int8", 0),
+    ("linear", 1, 576, 1536, [576, 480, 480], torch.bfloat16, 0.5, dict(BLOCK_N=32, BLOCK_K=32, K_CHUNK=256, **E),
+     "int4", 64),
+    ("linear", 2, 512, 1000, [1000], torch.float16, 0.9, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=64, **D), "int4", 128),
+    ("silu_down+res", 1, 1536, 576, [576], torch.bfloat16, 0.0, dict(BLOCK_N=64, BLOCK_K=64, K_CHUNK=512, DEPTH=4,
+                                                                    **E), "int4", 128),
+    ("linear+norm", 8, 256, 1000, [1000], torch.bfloat16, 0.5, dict(BLOCK_N=256, BLOCK_K=32, K_CHUNK=256, **D),
+     "int4", 32),
+    ("linear", 1, 512, 1000, [1000], torch.float32, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **E), "int4", 32),
+    ("silu_down", 3, 640, 1000, [1000], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=128, **D),
+     "int4", 128),
+]
+
+
 def case_id(c):
-    return f"{c[0]}-B{c[1]}-{c[2]}x{c[3]}-S{len(c[4])}-{str(c[5])[6:]}-p{c[6]}"
+    quantized = f"-{c[8]}" + (f"g{c[9]}" if c[9] else "") if len(c) > 8 else ""
+    return f"{c[0]}-B{c[1]}-{c[2]}x{c[3]}-S{len(c[4])}-{str(c[5])[6:]}-p{c[6]}{quantized}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES + QUANTIZED_CASES, ids=[case_id(c) for c in CASES + QUANTIZED_CASES])
 def test_kernel_matches_reference(interpreted, case):
     dtype, p = case[5], case[6]
     r = interpreted[case_id(case)]
@@ -153,7 +193,7 @@ def test_cases_cover_both_ways_to_find_the_first_rows():
     ranked = set()
     for op, B, K, N, splits, dtype, p, cfg in CASES:
         if p is not None:
-            meta = matvec_plan(op.split("+")[0], B, K, N, splits, dtype, cfg)[2]
+            meta = matvec_plan(op.split("+")[0], B, K, N, splits, dtype, cfg)[3]
             ranked.add((meta["RANKED"], meta["DEPTH"] if meta["RANKED"] else 0))
     assert ranked == {(False, 0), (True, 2), (True, 3), (True, 4)}
 
@@ -162,6 +202,7 @@ def test_kernel_comparison_can_fail(interpreted):
     assert interpreted["wrong_threshold"]["n_bad"] > 0
     assert interpreted["unweighted_norm"]["n_bad"] > 0
     assert interpreted["no_residual"]["n_bad"] > 0
+    assert interpreted["int4_wrong_group"]["n_bad"] > 0
 
 
 def test_reference_semantics():
