@@ -214,8 +214,8 @@ def walkable(k, v) -> bool:
 
 
 def default_block_s(S: int) -> int:
-    """Cache positions per step of the plain op. On the H200 (scripts/bench_attention.py, 2 warps, Llama-3-8B
-    heads) 32 was fastest up to S = 512 (5.9 us at S = 205 against 6.8 for 64), 64 from S = 1024 on."""
+    """Cache positions per step of the plain op: 32 timed fastest up to S = 512, 64 from S = 1024 on
+    (scripts/bench_attention.py, 2 warps, Llama-3-8B heads; figures in docs/kernels.md)."""
     return 32 if S <= 512 else 64
 
 
@@ -227,11 +227,11 @@ def plan(S: int, n_heads: int, block_s: int, n_sm: int = 132, max_split: int = 3
     return per_split, -(-S // per_split)
 
 
-# The decode step's geometry, measured on the H200 (Llama-3-8B heads, B = 1, bf16; the step's cost in a CUDA
-# graph of q/k/v -> step -> o, session 11 of NOTES.md): with caches of up to 256 positions one program per head
-# walks them 128 at a time (8 warps, no pipelining), since a merge of splits or a second tile costs ~3 us and a
-# single tile ~1; longer caches are split 32 positions at a time (4 warps) over as many programs as the step's
-# position needs.
+# The decode step's geometry, chosen by the step's cost in a CUDA graph of q/k/v -> step -> o (Llama-3-8B heads,
+# B = 1, bf16; figures in docs/kernels.md, "Decode attention"): with caches of up to 256 positions one program per
+# head walks them 128 at a time (8 warps, no pipelining), since a merge of splits or a second tile costs a few
+# times what a single tile does; longer caches are split 32 positions at a time (4 warps) over as many programs
+# as the step's position needs.
 STEP_ONE_PROGRAM_MAX_S = 256
 
 
