@@ -24,7 +24,7 @@
    always read from the quantile tables; the per-level tables in the file (LEVELS) are the same
    function evaluated on a grid, for reading and for other tools. Levels above 0.9 are refused.
 SmolLM2-135M, defaults (65,536 statistics tokens, greedy on 8 x 32 positions, step 0.01):
-about 5 minutes on 2 CPU cores (321 s, 186 s of it the greedy).
+about 5 minutes on 2 CPU cores (the file records its own time).
 """
 import argparse
 import datetime

@@ -170,7 +170,7 @@ def resolve_dtype(args) -> torch.dtype:
 
 def configure_inductor():
     """Readable kernel names and cached graphs. (gpt-fast's coordinate_descent_tuning is left off:
-    on an H200 it turned the matvecs into Triton reductions slower than cuBLAS, 163 vs 190 tok/s.)"""
+    it turned the matvecs into Triton reductions slower than cuBLAS; docs/kernels.md.)"""
     import torch._inductor.config as inductor_config
 
     inductor_config.triton.unique_kernel_names = True

@@ -248,8 +248,8 @@ def silu_down_t(gate_up: Tensor, w_t: Tensor, threshold: Tensor, sparse: bool, r
 def all_reduce_if_sharded(x: Tensor, group) -> Tensor:
     """Sum the partial outputs of input-sharded projections over tensor-parallel ranks. Traced by
     torch.compile: the functional collective, which it and CUDA graphs capture. Eager: an in-place
-    all-reduce of x (a fresh output), since the functional form's wrappers cost about 0.4 ms a call
-    (a 5-token Llama-3-8B prompt on two H200s, timed alone with the ranks aligned: 36 ms against 62-72)."""
+    all-reduce of x (a fresh output), since in eager mode the functional form's wrappers cost more than
+    the reduction itself (measured in docs/design.md, "Tensor parallelism")."""
     if group is None:
         return x
     if torch.compiler.is_compiling():

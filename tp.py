@@ -44,8 +44,8 @@ def init_distributed(device: str) -> tuple:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
         # Without NCCL's support for mixing captured and uncaptured collectives, a compiled step's
-        # all-reduces in CUDA graphs ran faster on two H200s (dense 233 -> 258 tok/s, 50% sparse
-        # 282 -> 323). What it then asks of us: no uncaptured NCCL call while a graph launch is
+        # all-reduces in CUDA graphs ran faster on two GPUs (docs/design.md, "Tensor parallelism").
+        # What it then asks of us: no uncaptured NCCL call while a graph launch is
         # outstanding (generate() synchronizes before each prompt). NCCL_GRAPH_MIXING_SUPPORT=1 restores it.
         os.environ.setdefault("NCCL_GRAPH_MIXING_SUPPORT", "0")
     if not dist.is_initialized():
@@ -125,7 +125,7 @@ def shard_model(model: Transformer, rank: int, world: int, group=None) -> Transf
         add_weight(ffn, "w13_t", ffn.w13_t.shape[0], 2 * ffn.hidden, quant, device)
         add_weight(ffn, "w2_t", ffn.hidden, model.args.dim, quant, device)
         # One rank has nothing to sum: no collective at all, so TP=1 runs the plain path's kernels
-        # (with a 1-rank all-reduce it measured 3.8% slower on an H200).
+        # (a 1-rank all-reduce measurably slowed the step: docs/design.md).
         attn.tp_group = ffn.tp_group = None if world == 1 else (group if group is not None else dist.group.WORLD)
         # The residual goes into rank 0's kernel (fused there, as on one GPU): the all-reduce then
         # sums x + rank 0's share + the others', and no separate add runs after it.

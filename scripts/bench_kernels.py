@@ -72,7 +72,7 @@ def shapes_to_tune(spec: str) -> list:
 TP_SHAPES = [s for config in ("Llama-3-8B", "Llama-3-70B") for world in (2, 4, 8) for s in shard_matvec_shapes(config, world)
              if s[1:4] not in [t[1:4] for t in TUNED_SHAPES]]
 LEVELS = [round(0.1 * i, 1) for i in range(10)]
-COPY_GBPS = 4300  # device-to-device copy on our H200 (the design page measured 4.31 TB/s; bench_sweep 4.28-4.29)
+COPY_GBPS = 4300  # copy bandwidth of our H200, GB/s, for the table's % column (measured: docs/kernels.md)
 
 
 # ---------------------------------------------------------------- problems
@@ -460,8 +460,8 @@ def tune(shapes, batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=N
 
 def copy_bandwidth(device="cuda") -> float:
     """Bytes read + written per second by a copy kernel over 2 GiB, timed as the kernels are (CUDA
-    graph). Not tensor.copy_: captured in a graph, a device copy becomes a memcpy node that ran at
-    2.72 TB/s on our H200, against 4.23 TB/s issued on a stream and 4.28 TB/s for this kernel."""
+    graph). Not tensor.copy_: captured in a graph, a device copy becomes a memcpy node that runs
+    well below the copy bandwidth (docs/kernels.md)."""
     src = torch.empty(1 << 30, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
     with torch.cuda.device(device):

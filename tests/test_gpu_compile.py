@@ -7,8 +7,8 @@ on the GPU. Each case takes its grid arguments from the launcher itself (launch_
 tensors of the real shapes) and compiles to a cubin with the ptxas that ships with Triton.
 Nothing runs; the GPU checks of scripts/bench_kernels.py and bench_attention.py test results.
 The SASS (Triton's nvdisasm) of the tuned configs is also checked for two silent slowdowns: in
-the streaming loop, register copies that wait for the loads just issued (found in session 5); in
-the split-K reduction, a loop that waits for each load of partials before the next (session 6).
+the streaming loop, register copies that wait for the loads just issued; in the split-K
+reduction, a loop that waits for each load of partials before the next (docs/kernels.md).
 """
 import functools
 import json

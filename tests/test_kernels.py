@@ -303,8 +303,8 @@ def test_launcher_takes_unit_stride_thresholds_and_norm_weights_only():
 
 
 def test_untuned_shapes_take_the_nearest_tuned_tile(monkeypatch):
-    """Shapes nobody tuned once fell to a tl.dot heuristic: Llama-3-8B's shards over two GPUs ran 3-7x
-    slower than cuBLAS, and the sparse step at twice the dense time. Now they take the elementwise
+    """Shapes nobody tuned once fell to a tl.dot heuristic: Llama-3-8B's shards over two GPUs ran several
+    times slower than cuBLAS (results/tp2_shards.json), the sparse step slower than dense. Now they take the elementwise
     tile of the nearest tuned shape, with about as many programs as that shape's grid. The shards
     are tuned now too, so the tensor-parallel shapes are taken out of the table here."""
     from tp import shard_matvec_shapes
