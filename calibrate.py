@@ -315,7 +315,7 @@ def main(argv=None):
                         help="fp32 by default on every device: the statistics are the thresholds")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    run_cli(run, parser.parse_args(argv))
+    run_cli(run, parser.parse_args(argv), "calibrating")
 
 
 def run(args):

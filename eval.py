@@ -87,7 +87,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    run_cli(run, parser.parse_args(argv))
+    run_cli(run, parser.parse_args(argv), "evaluating perplexity")
 
 
 def run(args):

@@ -181,7 +181,7 @@ def main(argv=None):
     parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarking)")
     parser.add_argument("--seed", type=int, default=1234)
     add_model_args(parser)
-    run_cli(run, parser.parse_args(argv))
+    run_cli(run, parser.parse_args(argv), "generating")
 
 
 def run(args):

@@ -105,14 +105,24 @@ def finish_model(model: Transformer, device) -> Transformer:
 
 # ---------------------------------------------------------------------------- command-line plumbing
 
-def run_cli(run, args):
-    """Run a CLI's body; bad input (missing file, wrong shapes, bad level) becomes one line."""
+def run_cli(run, args, doing: str):
+    """Run a CLI's body. Bad input (missing file, wrong shapes, bad level) becomes one line, `error: ...`.
+    Ctrl-C (or SIGINT from elsewhere) becomes one line, `interrupted: <doing>` (what the tool was doing,
+    e.g. "calibrating"), and exit status 130, as shells report a SIGINT; files are written whole or not at
+    all (fileio.atomic_write), so an interrupted run leaves the previous ones as they were."""
     try:
         if hasattr(args, "device"):
             check_device(args.device)
         run(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print(f"interrupted: {doing}", file=sys.stderr, flush=True)
+        try:
+            close_distributed()  # under torchrun every rank gets the signal: leave the process group
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C while leaving: exit all the same
+        sys.exit(130)
     close_distributed()
 
 

@@ -151,7 +151,7 @@ def main(argv=None):
                         help="also compile the prompt forward (dynamic shapes), as generate.py --compile_prefill")
     parser.add_argument("--prefill_check", action="store_true", help="time prompt matmuls vs gpt-fast's layout")
     parser.add_argument("--out", type=Path, default=ROOT / "results/bench_sweep.json")
-    run_cli(run, parser.parse_args(argv))
+    run_cli(run, parser.parse_args(argv), "benchmarking the sparsity sweep")
 
 
 def build(args, weights: str, device, dtype, tp):

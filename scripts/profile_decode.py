@@ -105,7 +105,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=100, help="tokens per generation")
     parser.add_argument("--rows", type=int, default=28, help="kernels listed per path")
     parser.add_argument("--out", type=Path, default=ROOT / "results/profile_decode.json")
-    run_cli(run, parser.parse_args(argv))
+    run_cli(run, parser.parse_args(argv), "profiling the decode step")
 
 
 if __name__ == "__main__":
