@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from data import load_text, token_windows
+from fileio import atomic_write
 from loader import DEFAULT_CHECKPOINT, DTYPES, default_device, load_model, refuse_directory, resolve_dtype, run_cli
 from model import STATES, Transformer
 from teal import SparsityFile, SparsityMeter, forward_window
@@ -147,7 +148,8 @@ def run(args):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(checkpoint=str(args.checkpoint_path), data=args.data, windows=len(windows),
                     window_len=args.window_len, seed=args.seed, device=args.device, dtype=str(dtype))
-        args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
+        with atomic_write(args.out) as tmp:
+            tmp.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
         print(f"Wrote {args.out}")
 
 

@@ -10,7 +10,6 @@ The meter counts, on real text, the entries each projection drops at the thresho
 """
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fileio import atomic_write
 from model import PROJECTIONS, STATES, Transformer, projection_params, scales_of
 
 FORMAT = "teal-fast sparsity file v1"
@@ -81,9 +81,8 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
     try:  # written whole or not at all (several ranks may start together)
-        tmp = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(dict(key, sha256=h.hexdigest())) + "\n")
-        os.replace(tmp, sidecar)
+        with atomic_write(sidecar) as tmp:
+            tmp.write_text(json.dumps(dict(key, sha256=h.hexdigest())) + "\n")
     except OSError:
         pass
     return h.hexdigest()
@@ -196,7 +195,8 @@ class SparsityFile:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {k: v for k, v in self.data.items() if k != "modes"}
         data["modes"] = self.level_tables()
-        path.write_text(dump_json(data) + "\n")
+        with atomic_write(path) as tmp:  # an interrupted save leaves the previous file as it was
+            tmp.write_text(dump_json(data) + "\n")
 
 
 def round_digits(x, digits):

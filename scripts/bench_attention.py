@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 from sparse_kernels import (decode_attention, decode_attention_ref, decode_attention_step,  # noqa: E402
                             decode_attention_step_ref, ops)
 from bench_kernels import graph_time_us  # noqa: E402  (scripts/ is on the path when this script runs)
+from fileio import atomic_write  # noqa: E402
+from loader import run_cli  # noqa: E402
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 CHECKS = [  # B, KV, G, S, hd, dtype, attended fraction
@@ -217,11 +219,14 @@ def time_kernel(q, caches, mask, block_s, num_warps, per_sm):
         return float("nan")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_attention.json"), help="JSON results path")
     ap.add_argument("--lengths", default="205,1024,2048,8192", help="cache lengths S (comma separated)")
-    args = ap.parse_args()
+    run_cli(run, ap.parse_args(argv), "benchmarking decode attention")
+
+
+def run(args):
     if not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device; the attention benchmark needs a GPU (CPU tests: tests/test_attention.py)")
     import triton
@@ -270,7 +275,8 @@ def main():
     context_rows = step_in_context([int(s) for s in args.lengths.split(",")])
     result["step_in_context"] = context_rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    with atomic_write(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}; bf16, Llama-3-8B heads, "
           f"32 caches per CUDA graph, median us per call; checks {'pass' if result['checks']['ok'] else 'FAILED'}; "
           f"JSON: {args.out}")

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loader import DTYPES  # noqa: E402
+from fileio import atomic_write  # noqa: E402
+from loader import DTYPES, run_cli  # noqa: E402
 from sparse_kernels import ops, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref  # noqa: E402
 from sparse_kernels.checks import (EPS, TOL, fused_inputs, kernel_input, random_quantized, reference_op,  # noqa: E402
                                    run_op)
@@ -469,7 +470,7 @@ def copy_bandwidth(device="cuda") -> float:
     return 2 * src.numel() * src.element_size() / (us * 1e-6)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_kernels.json"), help="JSON results path")
     ap.add_argument("--tune", action="store_true", help="search configs and write --configs before benchmarking")
@@ -491,7 +492,10 @@ def main():
                          "beside gpt-fast's way of running them)")
     ap.add_argument("--groupsize", type=int, default=128, help="int4 rows per scale")
     ap.add_argument("--table_shapes", default="all", help="all, or comma-separated shape names (e.g. '8B gate+up')")
-    args = ap.parse_args()
+    run_cli(run, ap.parse_args(argv), "benchmarking the sparse kernels")
+
+
+def run(args):
     try:
         tune_shapes = shapes_to_tune(args.tune_shapes)
     except ValueError as e:
@@ -525,12 +529,14 @@ def main():
         table = {**old.get("configs", {}), **table}  # shapes and batches not tuned now keep their configs
         record = {**old.get("tuning", {}), **record}
         Path(args.configs).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.configs).write_text(json.dumps(dict(
+        text = json.dumps(dict(
             device=result["device"], torch=result["torch"], triton=result["triton"],
             note="written by scripts/bench_kernels.py --tune; key op:KxN:dtype:B; chosen by the geometric mean "
                  "over p in {0, 0.5, 0.9} of time / best time at that p (tuning: the chosen and the best per p); "
                  "entries not tuned in the latest run are kept from earlier runs",
-            configs=table, tuning=record), indent=1) + "\n")
+            configs=table, tuning=record), indent=1) + "\n"
+        with atomic_write(args.configs) as tmp:  # ops.py reads it at import: never leave half of one
+            tmp.write_text(text)
         ops._configs = table
         result["tuning"] = record
         print(f"tune: wrote {args.configs} ({time.time() - t_start:.0f} s)", flush=True)
@@ -565,7 +571,8 @@ def main():
     result["quantized_rows"] = quantized = quantized_table(shapes, [w for w in weights if w != "float"],
                                                            args.groupsize, args.rep)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    with atomic_write(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
     if "checks" in result:
         print(f"\nGPU checks: {'all pass' if result['checks']['ok'] else 'FAILED (see above)'}")
     print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}, bf16, "

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_kernels import copy_bandwidth  # noqa: E402  (this script's folder)
 from calibrate import calibrate_random  # noqa: E402
+from fileio import atomic_write  # noqa: E402
 from generate import decode_one_token, generate, prefill, run_prefill  # noqa: E402
 from loader import DTYPES, configure_inductor, load_model, random_model, run_cli, synchronize  # noqa: E402
 from model import QUANTIZATION_MODES  # noqa: E402
@@ -124,7 +125,8 @@ def plot(results: list, limit_bw: float, bytes_fns: dict, path: Path, title: str
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120)
 
 
 def main(argv=None):
@@ -217,7 +219,8 @@ def run(args):
                 copy_bandwidth=copy_bw, per_format=meta_runs)
     if rank == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
+        with atomic_write(args.out) as tmp:
+            tmp.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
         plot(results, copy_bw, bytes_fns, args.out.with_suffix(".png"), f"{name}, {meta['device']}, {tp_label}")
     for weights, seconds in compile_s.items():
         runs = meta_runs[weights]

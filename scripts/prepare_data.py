@@ -31,6 +31,9 @@ from pathlib import Path
 
 import mwparserfromhell
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fileio import atomic_write  # noqa: E402
+
 GENSIM_SPEC = "gensim==4.4.0"
 SENTENCEPIECE_SPEC = "sentencepiece==0.2.0"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -230,7 +233,8 @@ def prepare(data_dir: Path, gensim_package: Path, sentencepiece_package: Path) -
     outputs = {}
     for name, text in texts.items():
         data = (text + "\n").encode("utf-8")
-        (data_dir / f"{name}.txt").write_bytes(data)
+        with atomic_write(data_dir / f"{name}.txt") as tmp:
+            tmp.write_bytes(data)
         outputs[name] = {"file": f"{name}.txt", "sha256": sha256(data), "characters": len(text)}
     outputs["wiki_calib"]["titles"] = [title for title, _ in calibration]
     outputs["wiki_eval"]["titles"] = [title for title, _ in evaluation]
@@ -249,7 +253,8 @@ def prepare(data_dir: Path, gensim_package: Path, sentencepiece_package: Path) -
         "dropped_articles": short,
         "outputs": outputs,
     }
-    (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    with atomic_write(data_dir / "manifest.json") as tmp:  # last: it vouches for the files above
+        tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return manifest
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_sweep import cudagraph_skips  # noqa: E402  (this script's folder)
 from calibrate import calibrate_random  # noqa: E402
+from fileio import atomic_write  # noqa: E402
 from generate import decode_one_token, generate  # noqa: E402
 from loader import configure_inductor, random_model, run_cli, synchronize  # noqa: E402
 from tp import broadcast_thresholds, init_distributed  # noqa: E402
@@ -94,7 +95,8 @@ def run(args):
                   f"{row['us_per_token'] / row['per_token']:7.2f}  {row['name']}")
     if rank == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        with atomic_write(args.out) as tmp:
+            tmp.write_text(json.dumps(out, indent=1) + "\n")
         print(f"\nwrote {args.out}")
 
 
