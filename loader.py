@@ -20,6 +20,8 @@ from teal import MAX_LEVEL
 from tp import close_distributed, shard_model, shard_tensor
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
+CONVERT_AGAIN = ("convert the checkpoint again (`bash scripts/quickstart.sh` for the default model, else "
+                 "scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py)")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -34,7 +36,7 @@ def load_model(checkpoint_dir, device, dtype, tp=None) -> Transformer:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run `bash scripts/quickstart.sh` for the default model, "
                                     f"or convert a checkpoint with scripts/convert_hf_checkpoint.py")
-    args = ModelArgs.from_dict(read_config(checkpoint_dir))
+    args = read_checkpoint_config(checkpoint_dir)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -62,13 +64,24 @@ def load_model(checkpoint_dir, device, dtype, tp=None) -> Transformer:
     return finish_model(model, device)
 
 
-def read_config(checkpoint_dir) -> dict:
-    """checkpoint_dir/config.json: every ModelArgs field of the checkpoint."""
+def read_checkpoint_config(checkpoint_dir) -> ModelArgs:
+    """The ModelArgs of a checkpoint: its config.json must be a JSON object giving every field of
+    model.CHECKPOINT_FIELDS (the converters write them all); anything else is a one-line ValueError
+    that names the file (and the key) and says how to make a good one."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `bash scripts/quickstart.sh` for the default model, or convert "
-                                f"a checkpoint with scripts/convert_hf_checkpoint.py")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"{path} not found: {CONVERT_AGAIN}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e}): {CONVERT_AGAIN}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of model settings: "
+                         f"{CONVERT_AGAIN}") from None
+    try:
+        return ModelArgs.from_dict(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}: {CONVERT_AGAIN}") from None
 
 
 def random_model(config_name: str, device, dtype, seed: int = 0, tp=None) -> Transformer:

@@ -60,15 +60,20 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
+        """A checkpoint's config (its config.json): every field of CHECKPOINT_FIELDS given, of its type.
+        Unlike from_name, nothing is defaulted: a wrong guess (a rotary base, say) still runs and gives
+        fluent-looking garbage."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"config has unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
-        numbers = known - {"rope_scaling", "tie_embeddings", "quantization"}
-        wrong = sorted(k for k, v in d.items() if k in numbers and v is not None and
-                       (isinstance(v, bool) or not isinstance(v, (int, float))))
-        if wrong:
-            raise ValueError(f"config fields {wrong} must be numbers; got {[d[k] for k in wrong]}")
+            raise ValueError(f"unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        missing = [k for k in CHECKPOINT_FIELDS if k not in d]
+        if missing:
+            raise ValueError(f"missing {', '.join(map(repr, missing))} (every hyperparameter that changes the "
+                             f"math must be given; none is defaulted)")
+        for key, kind in CHECKPOINT_FIELDS.items():
+            if not valid_field(d[key], kind):
+                raise ValueError(f"{key!r} must be {FIELD_KINDS[kind]}, got {d[key]!r}")
         return cls(**d)
 
     @classmethod
@@ -83,6 +88,30 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# The fields a checkpoint's config.json must give (ModelArgs.from_dict), with their JSON kind. Each changes
+# the model's output: the shapes (the weights' shapes do not pin them all down: 9 heads of 64 and 18 of 32
+# give the same tensors), the rotary base and scaling, the norm epsilon, whether the head is the embedding,
+# and block_size (the longest sequence, the length of the rotary table). Fields not listed are optional:
+# quantization absent means float weights (its value is checked in __post_init__).
+CHECKPOINT_FIELDS = dict(block_size="count", vocab_size="count", n_layer="count", n_head="count", dim="count",
+                         intermediate_size="count", n_local_heads="count", head_dim="count", rope_base="positive",
+                         norm_eps="positive", rope_scaling="scaling", tie_embeddings="bool")
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+FIELD_KINDS = dict(count="a positive integer", positive="a positive number", bool="true or false",
+                   scaling=f"null or an object of the numbers {', '.join(ROPE_SCALING_KEYS)}")
+
+
+def valid_field(v, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "scaling":
+        return v is None or (isinstance(v, dict) and sorted(v) == sorted(ROPE_SCALING_KEYS) and
+                             all(valid_field(v[k], "positive") for k in ROPE_SCALING_KEYS))
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        return False
+    return kind == "positive" or isinstance(v, int)
 
 
 _llama3 = dict(vocab_size=128256, n_local_heads=8, rope_base=500000.0)

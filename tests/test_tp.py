@@ -18,7 +18,7 @@ from model import ModelArgs, Transformer
 ROOT = Path(__file__).resolve().parent.parent
 # SmolLM2's head layout (9 query heads over 3 kv heads), so 2 ranks get an uneven 2 + 1 kv split.
 TINY = dict(n_layer=2, n_head=9, n_local_heads=3, dim=144, head_dim=16, intermediate_size=190, vocab_size=500,
-            block_size=64, rope_base=100000.0, tie_embeddings=True)
+            block_size=64, rope_base=100000.0, norm_eps=1e-5, rope_scaling=None, tie_embeddings=True)
 
 
 def write_checkpoint(path: Path) -> Transformer:
