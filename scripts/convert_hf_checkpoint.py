@@ -19,37 +19,49 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fileio import atomic_write  # noqa: E402
+from loader import run_cli  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 
 
 def model_args_from_hf(cfg: dict) -> ModelArgs:
-    """Every hyperparameter from the HF config (transformers 4 and 5 spellings)."""
+    """Every hyperparameter from the HF config (transformers 4 and 5 spellings). A key the HF config
+    may omit takes the value transformers itself gives it (Llama and Mistral agree: no rope_theta is
+    10000, as in Llama-2's config; no num_key_value_heads is no GQA; untied embeddings, which the
+    weights then confirm); any other key missing is an error, never a guess."""
+    def need(key):
+        if key not in cfg:
+            raise ValueError(f"the HF config.json has no {key!r}: is it a Llama-architecture model's?")
+        return cfg[key]
+
     if cfg.get("model_type") not in ("llama", "mistral", None):
         raise ValueError(f"model_type {cfg.get('model_type')!r} is not a Llama-architecture model")
     rope = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or rope
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "llama3":
-        scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                           "original_max_position_embeddings")}
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if any(k not in scaling for k in keys):
+            raise ValueError(f"the HF config's llama3 rope scaling lacks {[k for k in keys if k not in scaling]}")
+        scaling = {k: scaling[k] for k in keys}
     elif kind == "default":
         scaling = None
     else:
         raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, llama3)")
-    n_head = cfg["num_attention_heads"]
+    n_head = need("num_attention_heads")
     return ModelArgs(
-        block_size=cfg.get("max_position_embeddings", 2048),
-        vocab_size=cfg["vocab_size"],
-        n_layer=cfg["num_hidden_layers"],
+        block_size=need("max_position_embeddings"),
+        vocab_size=need("vocab_size"),
+        n_layer=need("num_hidden_layers"),
         n_head=n_head,
-        dim=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
+        dim=need("hidden_size"),
+        intermediate_size=need("intermediate_size"),
         n_local_heads=cfg.get("num_key_value_heads") or n_head,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+        head_dim=cfg.get("head_dim") or need("hidden_size") // n_head,
         rope_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        norm_eps=need("rms_norm_eps"),
         rope_scaling=scaling,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
@@ -121,18 +133,25 @@ def convert(src: Path, out: Path, dtype=None):
     config_path = src / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: download the model first (scripts/download.py)")
-    args = model_args_from_hf(json.loads(config_path.read_text()))
+    try:
+        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path} is not JSON ({e}): download the model again") from None
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{config_path} is not a JSON object: download the model again")
+    args = model_args_from_hf(hf_config)
     print(f"Converting {src} ({args.n_layer} layers, dim {args.dim}) ...", flush=True)
     state = convert_state(read_hf_weights(src), args)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     out.mkdir(parents=True, exist_ok=True)
-    # Write the weights under a temporary name first so that an interrupted run leaves no half file.
-    tmp = out / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+    # Each file whole or not at all (an interrupted run leaves no half file), config.json last: a
+    # folder with a config.json was converted to the end.
+    with atomic_write(out / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     write_tokenizer(src, out)
+    with atomic_write(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(args.to_dict(), indent=2) + "\n")
     print(f"Wrote {out}/model.safetensors and config.json", flush=True)
 
 
@@ -144,12 +163,14 @@ def write_tokenizer(src: Path, out: Path):
     for name in TOKENIZER_FILES:  # in order of preference: tokenizer.model before original/tokenizer.model
         dest = out / Path(name).name
         if (src / name).is_file() and dest.name not in written:
-            shutil.copy(src / name, dest)
+            with atomic_write(dest) as tmp:
+                shutil.copy(src / name, tmp)
             written.add(dest.name)
     has_model = (src / "tokenizer.model").is_file() or (src / "original/tokenizer.model").is_file()
     if not has_model and (src / "tokenizer.json").is_file():
         spec = bpe_spec_from_hf(src)
-        (out / "tokenizer_bpe.json").write_text(json.dumps(spec) + "\n")
+        with atomic_write(out / "tokenizer_bpe.json") as tmp:
+            tmp.write_text(json.dumps(spec) + "\n")
     else:
         (out / "tokenizer_bpe.json").unlink(missing_ok=True)
 
@@ -197,10 +218,12 @@ def main(argv=None):
     out = args.out or (args.checkpoint_dir.parent if args.checkpoint_dir.name == "hf" else None)
     if out is None:
         sys.exit("error: give --out, a directory other than the HF snapshot (or name the snapshot dir hf/)")
-    try:
-        convert(args.checkpoint_dir, out, dtype)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    args.out, args.dtype = out, dtype
+    run_cli(run, args, "converting the checkpoint")
+
+
+def run(args):
+    convert(args.checkpoint_dir, args.out, args.dtype)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from loader import run_cli  # noqa: E402
 from scripts.convert_hf_checkpoint import convert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,17 +34,17 @@ def main(argv=None):
     parser.add_argument("--repo_id", required=True, help="e.g. meta-llama/Meta-Llama-3-8B")
     parser.add_argument("--hf_token", default=os.environ.get("HF_TOKEN"), help="for gated models (or set HF_TOKEN)")
     parser.add_argument("--checkpoint_dir", type=Path, default=ROOT / "checkpoints")
-    args = parser.parse_args(argv)
+    run_cli(run, parser.parse_args(argv), "downloading and converting")
+
+
+def run(args):
     out = args.checkpoint_dir / args.repo_id
     try:
         hf_download(args.repo_id, out / "hf", args.hf_token)
     except Exception as e:  # hub errors come in many classes; one line is what the user needs
-        sys.exit(f"error: could not download {args.repo_id} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                 f"check the repo id, your network and --hf_token for gated models")
-    try:
-        convert(out / "hf", out)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        raise ValueError(f"could not download {args.repo_id} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                         f"check the repo id, your network and --hf_token for gated models") from None
+    convert(out / "hf", out)
 
 
 if __name__ == "__main__":
