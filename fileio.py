@@ -18,6 +18,8 @@ def atomic_write(path):
     """Yield a temporary Path beside `path` (same suffix, so tools that read the format from the name
     still work; the process id, so concurrent writers do not collide); rename it over `path` on success."""
     path = Path(path)
+    if path.is_symlink():  # write where the link points, as a plain open() would, not over the link
+        path = path.resolve()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp

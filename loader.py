@@ -3,8 +3,9 @@
     model = load_model("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct", "cpu", torch.float32)
     model = random_model("Llama-3-8B", "cuda", torch.bfloat16)      # real shapes, random weights
 
-A checkpoint directory holds config.json (every ModelArgs field) and model.safetensors in this
-project's layout (the converters in scripts/ write both). Loading reads one tensor at a time and,
+A checkpoint directory holds config.json (every hyperparameter that changes the math, model.CHECKPOINT_FIELDS:
+none is defaulted, see read_checkpoint_config) and model.safetensors in this project's layout (the converters
+in scripts/ write both). Loading reads one tensor at a time and,
 under tensor parallelism, keeps only this rank's shard.
 """
 import argparse

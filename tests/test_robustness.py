@@ -205,6 +205,16 @@ def test_atomic_write_keeps_the_old_file_when_the_body_fails(tmp_path):
     assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
+def test_atomic_write_writes_through_a_symlink(tmp_path):
+    target = tmp_path / "real" / "sparsity.json"
+    target.parent.mkdir()
+    previous_file(target)
+    (tmp_path / "link.json").symlink_to(target)
+    with atomic_write(tmp_path / "link.json") as tmp:
+        tmp.write_text("new\n")
+    assert (tmp_path / "link.json").is_symlink() and target.read_text() == "new\n"
+
+
 def test_atomic_write_gives_a_new_file_the_usual_permissions(tmp_path):
     from safetensors.torch import save_file
 
