@@ -188,6 +188,21 @@ def test_converted_config_loads_and_unknown_fields_are_refused(tiny, tmp_path):
         load_model(ckpt, "cpu", torch.float32)
 
 
+def test_hf_converter_guesses_nothing_transformers_would_not():
+    from scripts.convert_hf_checkpoint import model_args_from_hf
+
+    rng = random.Random(1)
+    hf = dict(model_type="llama", num_attention_heads=8, num_hidden_layers=rng.randint(2, 40), hidden_size=512,
+              intermediate_size=1376, vocab_size=rng.randint(1000, 50000), max_position_embeddings=4096,
+              rms_norm_eps=1e-5)  # Llama-2's config.json has no rope_theta: transformers takes 10000
+    args = model_args_from_hf(hf)
+    assert (args.rope_base, args.norm_eps, args.block_size) == (10000.0, 1e-5, 4096)
+    assert (args.n_layer, args.vocab_size, args.n_local_heads) == (hf["num_hidden_layers"], hf["vocab_size"], 8)
+    for key in ("rms_norm_eps", "max_position_embeddings", "hidden_size"):
+        with pytest.raises(ValueError, match=f"no '{key}'"):
+            model_args_from_hf({k: v for k, v in hf.items() if k != key})
+
+
 # ---------------------------------------------------------------------------- atomic_write
 
 def test_atomic_write_keeps_the_old_file_when_the_body_fails(tmp_path):
