@@ -4,6 +4,7 @@ Interrupts are real SIGINTs sent to a CLI running in a subprocess, on a tiny con
 (2 layers, dim 128, a byte vocabulary) so that each run takes seconds.
 """
 import json
+import os
 import random
 import signal
 import subprocess
@@ -42,9 +43,10 @@ def previous_file(path: Path) -> bytes:
 
 def start(*args) -> subprocess.Popen:
     # SIGINT back to its default in the child: a runner that ignores it (a background job) would
-    # otherwise pass SIG_IGN on, and Python then never raises KeyboardInterrupt.
+    # otherwise pass SIG_IGN on, and Python then never raises KeyboardInterrupt. One thread: the
+    # model is tiny, and on a shared machine more threads only wait for each other.
     return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
@@ -112,8 +114,8 @@ def test_sigint_while_writing_the_sparsity_file_keeps_the_old_one(tiny):
     out = ckpt.parent / "half" / "sparsity.json"
     out.parent.mkdir()
     old = previous_file(out)
-    proc = start("-c", INTERRUPTED_WRITE, "--checkpoint_path", ckpt, "--data", text, "--tokens", 512,
-                 "--seq_len", 128, "--greedy_seqs", 1, "--greedy_tokens", 8, "--step", 0.1, "--device", "cpu",
+    proc = start("-c", INTERRUPTED_WRITE, "--checkpoint_path", ckpt, "--data", text, "--tokens", 256,
+                 "--seq_len", 64, "--greedy_seqs", 1, "--greedy_tokens", 4, "--step", 0.1, "--device", "cpu",
                  "--out", out)
     stdout, stderr = proc.communicate(timeout=300)
     assert "half written" in stdout, stderr
