@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from fileio import atomic_write
 from loader import load_model, read_checkpoint_config, run_cli
 from model import QUANTIZATION_MODES, Transformer, add_weight, check_quantization, scales_of
 from sparse_kernels import pack_int4
@@ -116,7 +117,7 @@ def main(argv=None):
     parser.add_argument("--mode", choices=QUANTIZATION_MODES, required=True)
     parser.add_argument("--groupsize", type=int, default=128, help="int4: input rows per scale (32, 64, 128, 256)")
     parser.add_argument("--out", type=Path, default=None, help="default: CHECKPOINT-int8 or CHECKPOINT-int4-gG beside it")
-    run_cli(run, parser.parse_args(argv))
+    run_cli(run, parser.parse_args(argv), "quantizing")
 
 
 def run(args):
@@ -138,12 +139,16 @@ def run(args):
     quantize_model(model, args.mode, args.groupsize, progress=True)
     out.mkdir(parents=True, exist_ok=True)
     state = {name: t.contiguous() for name, t in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(model.args.to_dict(), indent=2) + "\n")
+    # Each file whole or not at all (an interrupted run leaves no half file), config.json last, as the converters.
+    with atomic_write(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
     skip = {"model.safetensors", "config.json", "sparsity.json"}
-    for f in args.checkpoint_path.iterdir():  # the tokenizer and anything else that is not weights
-        if f.is_file() and f.name not in skip and not f.name.endswith(".sha256.json"):
-            shutil.copy2(f, out / f.name)
+    for f in args.checkpoint_path.iterdir():  # the tokenizer and anything else that is not weights (nor hidden)
+        if f.is_file() and f.name not in skip and not f.name.endswith(".sha256.json") and not f.name.startswith("."):
+            with atomic_write(out / f.name) as tmp:
+                shutil.copy2(f, tmp)
+    with atomic_write(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(model.args.to_dict(), indent=2) + "\n")
     size = (out / "model.safetensors").stat().st_size
     before = (args.checkpoint_path / "model.safetensors").stat().st_size
     print(f"Wrote {out} in {time.perf_counter() - t0:.1f} s: model.safetensors {size / 1e6:.1f} MB "
