@@ -178,8 +178,12 @@ def check_quantization(quantization: dict, rows: dict) -> None:
             raise ValueError(f"int4 groupsize {group!r} must be a power of two of at least 16 (e.g. 32, 64, 128)")
         odd = {name: K for name, K in rows.items() if K % group}
         if odd:
+            common = math.gcd(*rows.values())
+            largest = common & -common  # the largest power of two dividing every K
+            hint = f"the largest groupsize this model takes is {largest}" if largest >= 16 else \
+                "no int4 groupsize fits this model: use int8"
             raise ValueError(f"int4 groupsize {group} does not divide K of {', '.join(f'{n} ({k})' for n, k in odd.items())}"
-                             f"; choose a groupsize that divides {math.gcd(*rows.values())}")
+                             f"; {hint}")
 
 
 def add_weight(module: nn.Module, name: str, K: int, N: int, quantization: Optional[dict] = None, device=None):
