@@ -28,6 +28,6 @@ def wiki_cloze(**metadata) -> dict:
     return as_dataset("wiki_cloze")
 
 
-def wiki_nextsent(**metadata) -> dict:
+def wiki_ending(**metadata) -> dict:
     """{"test": documents {"context", "choices", "label"}}."""
-    return as_dataset("wiki_nextsent")
+    return as_dataset("wiki_ending")

@@ -17,8 +17,9 @@ lines, one paragraph or heading per line inside an article) and data/manifest.js
 documents of the local lm-eval tasks (lm_eval_tasks/), cut from the held-out wiki_eval text only:
   data/wiki_cloze.jsonl     a passage and its last word, which appears earlier in the passage
                             (LAMBADA-like: the word is guessable from the context, not the sentence)
-  data/wiki_nextsent.jsonl  a few sentences and four candidate next sentences: the true one and three
-                            from elsewhere in the same article, of similar length
+  data/wiki_ending.jsonl    a few sentences and the first half of the next one, and four candidate
+                            second halves: the true one and three of other sentences of the same
+                            article, of similar length (HellaSwag-like)
 A second run of the same script over an intact data/ does nothing (--force rebuilds).
 """
 import argparse
@@ -197,12 +198,12 @@ def botchan_text(raw: bytes) -> str:
 
 # ---- lm-eval task documents (held-out Wikipedia only) ----------------------------------
 LM_EVAL_SEED = 1234
-CLOZE_DOCS = 250  # sized for minutes per level on 2 CPU cores with the 135M model
-NEXTSENT_DOCS = 150
-CLOZE_CONTEXT_WORDS = (30, 100)  # the passage before the target word, in words
-NEXTSENT_CONTEXT_WORDS = (12, 50)
-NEXTSENT_WORDS = (8, 35)  # of each candidate sentence
-NEXTSENT_LENGTH_RATIO = 1.5  # a distractor is at most this much longer or shorter than the true sentence
+CLOZE_DOCS = 200  # sized for minutes per level on 2 CPU cores with the 135M model (~100 tokens each)
+ENDING_DOCS = 150  # ~210 tokens each over the four choices
+CLOZE_CONTEXT_WORDS = (30, 80)  # the passage before the target word, in words
+ENDING_CONTEXT_WORDS = (8, 30)  # the sentences before the one to complete
+ENDING_SENTENCE_WORDS = (10, 30)  # of the sentence to complete and of those giving distractors
+ENDING_LENGTH_RATIO = 1.5  # a distractor's sentence is at most this much longer or shorter
 # Words that end in a period without ending a sentence ("Mr. Jones", "etc. The").
 NOT_SENTENCE_ENDS = {"Mr", "Mrs", "Ms", "Dr", "St", "Mt", "Ft", "Jr", "Sr", "Gen", "Col", "Lt", "Sgt", "Capt",
                      "Gov", "Sen", "Rev", "Prof", "Inc", "Ltd", "Co", "Corp", "No", "Nos", "Vol", "vol", "etc",
@@ -215,7 +216,7 @@ def sentences(paragraph: str) -> list[str]:
     pieces = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])", paragraph)
     out = []
     for piece in pieces:
-        if out and re.search(r"(?:\b(?:" + "|".join(NOT_SENTENCE_ENDS) + r")|\b[A-Z]|\b(?:[A-Za-z]\.)+[A-Za-z])\.$", out[-1]):
+        if out and re.search(r"(?:\b(?:" + "|".join(NOT_SENTENCE_ENDS) + r")|\b[A-Za-z]|\b(?:[A-Za-z]\.)+[A-Za-z])\.$", out[-1]):
             out[-1] += " " + piece
         else:
             out.append(piece)
@@ -268,12 +269,18 @@ def cloze_docs(articles: list[str], n_docs: int, seed: int) -> list[dict]:
     return random_subset(candidates, n_docs, seed, "cloze")
 
 
-def nextsent_docs(articles: list[str], n_docs: int, seed: int) -> list[dict]:
-    """A few sentences of a paragraph and four candidate next sentences: the true one and three
-    drawn from the same article, away from the context, of similar length:
-    {"context", "choices" (4), "label": the index of the true one}."""
+def halves(sentence: str) -> tuple[str, str]:
+    """A sentence cut in two at its middle word: (first half, second half)."""
+    words = sentence.split()
+    return " ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])
+
+
+def ending_docs(articles: list[str], n_docs: int, seed: int) -> list[dict]:
+    """The sentences of a paragraph before one sentence and that sentence's first half; four
+    candidate second halves: its own and those of three sentences of the same article away from
+    it, of similar length: {"context", "choices" (4), "label": the index of the true one}."""
     rng = random.Random(seed)
-    lo, hi = NEXTSENT_WORDS
+    lo, hi = ENDING_SENTENCE_WORDS
     candidates = []
     for article in articles:
         sents = article_sentences(article)
@@ -281,18 +288,19 @@ def nextsent_docs(articles: list[str], n_docs: int, seed: int) -> list[dict]:
             n = len(sentence.split())
             if i == 0 or sents[i - 1][0] != paragraph or not lo <= n <= hi:
                 continue
-            context = join_pieces(passage(sents, i, NEXTSENT_CONTEXT_WORDS[1], same_paragraph=True))
-            if len(context.split()) < NEXTSENT_CONTEXT_WORDS[0]:
+            before = join_pieces(passage(sents, i, ENDING_CONTEXT_WORDS[1], same_paragraph=True))
+            if len(before.split()) < ENDING_CONTEXT_WORDS[0]:
                 continue
-            pool = [s for j, (_, s) in enumerate(sents) if abs(j - i) > 3 and s != sentence
-                    and lo <= len(s.split()) <= hi and 1 / NEXTSENT_LENGTH_RATIO <= len(s.split()) / n <= NEXTSENT_LENGTH_RATIO]
-            if len(set(pool)) >= 3:
-                candidates.append((context, sentence, sorted(set(pool))))
+            head, ending = halves(sentence)
+            pool = {halves(s)[1] for j, (_, s) in enumerate(sents) if abs(j - i) > 3 and lo <= len(s.split()) <= hi
+                    and 1 / ENDING_LENGTH_RATIO <= len(s.split()) / n <= ENDING_LENGTH_RATIO} - {ending}
+            if len(pool) >= 3:
+                candidates.append((f"{before} {head}", ending, sorted(pool)))
     docs = []
-    for context, sentence, pool in random_subset(candidates, n_docs, seed, "next-sentence"):
+    for context, ending, pool in random_subset(candidates, n_docs, seed, "sentence-ending"):
         choices = rng.sample(pool, 3)
         label = rng.randrange(4)
-        choices.insert(label, sentence)
+        choices.insert(label, ending)
         docs.append(dict(context=context, choices=choices, label=label))
     return docs
 
@@ -354,7 +362,7 @@ def prepare(data_dir: Path, gensim_package: Path, sentencepiece_package: Path) -
         outputs[name] = {"file": f"{name}.txt", "sha256": sha256(data), "characters": len(text)}
     eval_articles = [text for _, text in evaluation]
     for name, docs in (("wiki_cloze", cloze_docs(eval_articles, CLOZE_DOCS, LM_EVAL_SEED)),
-                       ("wiki_nextsent", nextsent_docs(eval_articles, NEXTSENT_DOCS, LM_EVAL_SEED))):
+                       ("wiki_ending", ending_docs(eval_articles, ENDING_DOCS, LM_EVAL_SEED))):
         data = jsonl(docs)
         (data_dir / f"{name}.jsonl").write_bytes(data)
         outputs[name] = {"file": f"{name}.jsonl", "sha256": sha256(data), "docs": len(docs)}
