@@ -183,12 +183,14 @@ def print_table(rows):
 def run_lm_eval(args):
     if importlib.util.find_spec("lm_eval") is None:
         raise ValueError("--lm_eval needs lm-evaluation-harness: pip install lm_eval==0.4.13")
-    from lm_eval_adapter import LOCAL_TASK_NAMES, TealLM, evaluate_tasks, task_manager  # imports lm_eval
+    from lm_eval_adapter import LOCAL_TASK_NAMES, TealLM, check_tasks, evaluate_tasks, task_manager  # imports lm_eval
 
     tasks = [t for t in args.lm_eval.split(",") if t]
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError("--batch_size and --limit must be at least 1")
     refuse_directory(args.out, "lm_eval.json")
+    manager = task_manager(include_defaults=not all(t in LOCAL_TASK_NAMES for t in tasks))  # lm-eval's own: seconds
+    check_tasks(tasks, manager)
     levels = [p for p in parse_levels(args.sparsity) if p > 0]  # level 0 is the dense row
     modes = [m for m in args.modes.split(",") if m] if levels else []
     dtype = resolve_dtype(args)
@@ -201,12 +203,13 @@ def run_lm_eval(args):
         for mode in modes:  # refuse a bad level or mode now, not after the dense pass
             for level in levels:
                 sparsity_file.thresholds(level, mode)
-    local_only = all(t in LOCAL_TASK_NAMES for t in tasks)  # lm-eval's own index takes seconds to build
-    manager = task_manager(include_defaults=not local_only)
     lm = TealLM(model, tokenizer, batch_size=args.batch_size)
 
     rows = []
-    for mode, level in [("dense", 0.0)] + [(m, p) for m in modes for p in levels]:
+    meta = dict(checkpoint=str(args.checkpoint_path), tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                regime="all", batch_size=args.batch_size, device=args.device, dtype=str(dtype),
+                lm_eval=importlib.metadata.version("lm_eval"))
+    for mode, level in [("dense", 0.0)] + [(m, p) for p in levels for m in modes]:
         thresholds = sparsity_file.thresholds(level, mode) if level > 0 else torch.zeros_like(model.get_thresholds())
         model.set_thresholds(thresholds.to(args.device))
         lm.sparse = level > 0
@@ -217,14 +220,12 @@ def run_lm_eval(args):
             rows.append(dict(task=task, mode=mode, level=level, seconds=seconds, **metrics))
         print(f"{mode:>7} {level:.2f}  " + "  ".join(f"{task} {metric_summary(m)}" for task, m in results.items())
               + f"  ({seconds:.0f} s)", flush=True)
+        if args.out:  # after every level: a long run that stops keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
     model.set_thresholds(torch.zeros_like(model.get_thresholds()))
     print_lm_eval_table(rows)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(checkpoint=str(args.checkpoint_path), tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
-                    regime="all", batch_size=args.batch_size, device=args.device, dtype=str(dtype),
-                    lm_eval=importlib.metadata.version("lm_eval"))
-        args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
         print(f"Wrote {args.out}")
 
 

@@ -180,16 +180,20 @@ def task_manager(include_defaults: bool = True):
     return TaskManager(include_path=str(LOCAL_TASKS), include_defaults=include_defaults)
 
 
-def evaluate_tasks(lm: TealLM, tasks: list, manager, *, limit: Optional[int] = None,
-                   num_fewshot: Optional[int] = None) -> dict:
-    """{task: {metric: value, metric + "_stderr": value, "docs": n}} of one lm-eval run."""
-    from lm_eval import simple_evaluate
-
+def check_tasks(tasks: list, manager):
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}: the local ones are "
                          f"{', '.join(LOCAL_TASK_NAMES)}; lm-eval's own (hellaswag, arc_easy, mmlu, ...) are "
                          f"looked up when a task is not local")
+
+
+def evaluate_tasks(lm: TealLM, tasks: list, manager, *, limit: Optional[int] = None,
+                   num_fewshot: Optional[int] = None) -> dict:
+    """{task: {metric: value, metric + "_stderr": value, "docs": n}} of one lm-eval run."""
+    from lm_eval import simple_evaluate
+
+    check_tasks(tasks, manager)
     out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                           bootstrap_iters=1000, log_samples=False)
     results = {}

@@ -198,8 +198,8 @@ def botchan_text(raw: bytes) -> str:
 
 # ---- lm-eval task documents (held-out Wikipedia only) ----------------------------------
 LM_EVAL_SEED = 1234
-CLOZE_DOCS = 200  # sized for minutes per level on 2 CPU cores with the 135M model (~100 tokens each)
-ENDING_DOCS = 150  # ~210 tokens each over the four choices
+CLOZE_DOCS = 150  # sized for minutes per level on 2 CPU cores with the 135M model (~90 tokens each)
+ENDING_DOCS = 100  # ~230 tokens each over the four choices
 CLOZE_CONTEXT_WORDS = (30, 80)  # the passage before the target word, in words
 ENDING_CONTEXT_WORDS = (8, 30)  # the sentences before the one to complete
 ENDING_SENTENCE_WORDS = (10, 30)  # of the sentence to complete and of those giving distractors
@@ -251,9 +251,10 @@ def join_pieces(pieces: list[str]) -> str:
     return re.sub(r" ?\n ?", "\n", " ".join(pieces))
 
 
-def cloze_docs(articles: list[str], n_docs: int, seed: int) -> list[dict]:
+def cloze_docs(articles: list[str], n_docs: int, seed: int, calibration: str = "") -> list[dict]:
     """Passages whose last word (before the final period) appears earlier in the passage:
-    {"context": the passage up to that word, "target": the word}."""
+    {"context": the passage up to that word, "target": the word}. A sentence that the calibration
+    text also holds (articles quote each other) is never a target."""
     candidates = []
     for article in articles:
         sents = article_sentences(article)
@@ -262,6 +263,8 @@ def cloze_docs(articles: list[str], n_docs: int, seed: int) -> list[dict]:
             if not m or m.group(1) in NOT_SENTENCE_ENDS:
                 continue
             target, head = m.group(1), sentence[:m.start(1)].rstrip()
+            if len(head.split()) < 3 or sentence in calibration:
+                continue  # a heading or a fragment, not a sentence; or not held out
             budget = CLOZE_CONTEXT_WORDS[1] - len(head.split())
             context = join_pieces(passage(sents, i, budget, same_paragraph=False) + [head]) if budget > 0 else head
             if len(context.split()) >= CLOZE_CONTEXT_WORDS[0] and re.search(rf"\b{target}\b", context):
@@ -275,10 +278,11 @@ def halves(sentence: str) -> tuple[str, str]:
     return " ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])
 
 
-def ending_docs(articles: list[str], n_docs: int, seed: int) -> list[dict]:
+def ending_docs(articles: list[str], n_docs: int, seed: int, calibration: str = "") -> list[dict]:
     """The sentences of a paragraph before one sentence and that sentence's first half; four
     candidate second halves: its own and those of three sentences of the same article away from
-    it, of similar length: {"context", "choices" (4), "label": the index of the true one}."""
+    it, of similar length: {"context", "choices" (4), "label": the index of the true one}.
+    A sentence that the calibration text also holds is never completed."""
     rng = random.Random(seed)
     lo, hi = ENDING_SENTENCE_WORDS
     candidates = []
@@ -286,7 +290,7 @@ def ending_docs(articles: list[str], n_docs: int, seed: int) -> list[dict]:
         sents = article_sentences(article)
         for i, (paragraph, sentence) in enumerate(sents):
             n = len(sentence.split())
-            if i == 0 or sents[i - 1][0] != paragraph or not lo <= n <= hi:
+            if i == 0 or sents[i - 1][0] != paragraph or not lo <= n <= hi or sentence in calibration:
                 continue
             before = join_pieces(passage(sents, i, ENDING_CONTEXT_WORDS[1], same_paragraph=True))
             if len(before.split()) < ENDING_CONTEXT_WORDS[0]:
@@ -361,8 +365,8 @@ def prepare(data_dir: Path, gensim_package: Path, sentencepiece_package: Path) -
         (data_dir / f"{name}.txt").write_bytes(data)
         outputs[name] = {"file": f"{name}.txt", "sha256": sha256(data), "characters": len(text)}
     eval_articles = [text for _, text in evaluation]
-    for name, docs in (("wiki_cloze", cloze_docs(eval_articles, CLOZE_DOCS, LM_EVAL_SEED)),
-                       ("wiki_ending", ending_docs(eval_articles, ENDING_DOCS, LM_EVAL_SEED))):
+    for name, docs in (("wiki_cloze", cloze_docs(eval_articles, CLOZE_DOCS, LM_EVAL_SEED, texts["wiki_calib"])),
+                       ("wiki_ending", ending_docs(eval_articles, ENDING_DOCS, LM_EVAL_SEED, texts["wiki_calib"]))):
         data = jsonl(docs)
         (data_dir / f"{name}.jsonl").write_bytes(data)
         outputs[name] = {"file": f"{name}.jsonl", "sha256": sha256(data), "docs": len(docs)}
