@@ -1,6 +1,6 @@
 """lm-evaluation-harness over our model, dense or at any TEAL sparsity level and mode.
 
-    python eval.py --lm_eval wiki_cloze,wiki_nextsent --sparsity 0.25,0.4,0.5 --modes uniform,greedy
+    python eval.py --lm_eval wiki_cloze,wiki_ending --sparsity 0.25,0.4,0.5 --modes uniform,greedy
     python eval.py --lm_eval hellaswag,arc_easy --limit 200      # hub tasks, where the hub is reachable
 
 TealLM implements lm-eval's LM interface (loglikelihood, loglikelihood_rolling, generate_until)
@@ -27,7 +27,7 @@ from lm_eval.api.model import LM
 from generate import generate
 from model import Transformer
 from teal import forward_window
-from tokenizer import STOP_TOKENS, Tokenizer
+from tokenizer import Tokenizer
 
 LOCAL_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"  # YAML of the tasks built from data/
 LOCAL_TASK_NAMES = ("wiki_cloze", "wiki_ending", "wiki_local")  # the tasks there and their group
@@ -58,9 +58,7 @@ class TealLM(LM):
         super().__init__()
         self.model, self.tokenizer, self.sparse, self.batch_size = model, tokenizer, sparse, batch_size
         self.max_length = min(max_length or model.args.block_size, model.args.block_size)
-        self.device_ = model.tok_embeddings.weight.device
-        stops = [tokenizer.special_id(t) for t in STOP_TOKENS]
-        self.stop_ids = {t for t in stops if t is not None} | ({tokenizer.eos_id} - {None})
+        self._device = model.tok_embeddings.weight.device  # lm-eval's LM.device
         # Conditions an empty context and the first token of a document: bos where the model's tokenizer
         # starts with one, else GPT-2-style vocabularies' document separator, else eos.
         endoftext = tokenizer.special_id("<|endoftext|>")
@@ -135,9 +133,9 @@ class TealLM(LM):
             tokens = torch.zeros(len(batch), L, dtype=torch.long)  # (B, L) right-padded with token 0
             for row, i in enumerate(batch):
                 tokens[row, :len(seqs[i]) - 1] = torch.tensor(seqs[i][:-1])
-            logits = forward_window(self.model, tokens.to(self.device_), 0, sparse_tail=self.sparse)  # (B, L, V)
+            logits = forward_window(self.model, tokens.to(self.device), 0, sparse_tail=self.sparse)  # (B, L, V)
             for row, i in enumerate(batch):
-                n_inputs, target = len(seqs[i]) - 1, torch.tensor(pairs[i][1], device=self.device_)
+                n_inputs, target = len(seqs[i]) - 1, torch.tensor(pairs[i][1], device=self.device)
                 logprobs = F.log_softmax(logits[row, n_inputs - len(target):n_inputs].float(), dim=-1)  # (C, V)
                 results[i] = (float(logprobs.gather(1, target[:, None]).sum()),
                               bool((logprobs.argmax(-1) == target).all()))
@@ -155,16 +153,16 @@ class TealLM(LM):
         if max_new >= self.max_length:
             raise ValueError(f"max_gen_toks {max_new} leaves no room for a prompt in {self.max_length} tokens")
         ids = self.tokenizer.encode(context, bos=True)[-(self.max_length - max_new):] if context else [self.prefix_id]
-        prompt = torch.tensor(ids, dtype=torch.int, device=self.device_)
+        prompt = torch.tensor(ids, dtype=torch.int, device=self.device)
         saved = (self.model.sparse_prefill, self.model.sparse_decode)
         self.model.sparse_prefill = self.model.sparse_decode = self.sparse
         try:
             seq = generate(self.model, prompt, max_new, temperature=temperature, top_k=kwargs.get("top_k"),
-                           stop_ids=self.stop_ids)
+                           stop_ids=self.tokenizer.stop_ids)
         finally:
             self.model.sparse_prefill, self.model.sparse_decode = saved
         new = seq[0, len(ids):].tolist()
-        end = next((i for i, t in enumerate(new) if t in self.stop_ids), len(new))
+        end = next((i for i, t in enumerate(new) if t in self.tokenizer.stop_ids), len(new))
         text = self.tokenizer.decode(new[:end])
         cut = min((text.find(s) for s in until if s and s in text), default=len(text))
         return text[:cut]
