@@ -172,7 +172,7 @@ class TealLM(LM):
 
 def task_manager(include_defaults: bool = True):
     """lm-eval's task index: the local tasks, and lm-eval's own unless include_defaults is False
-    (indexing those takes a few seconds)."""
+    (indexing its thousands of YAML files takes seconds to a minute)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(LOCAL_TASKS), include_defaults=include_defaults)
