@@ -3,6 +3,8 @@
     python eval.py                                     # dense, 64 windows x 512 tokens of held-out Wikipedia
     python eval.py --sparsity 0.25,0.4,0.5 --modes uniform,greedy
     python eval.py --paper                             # 128 windows, 2048-token context, last 512 scored
+    python eval.py --lm_eval wiki_cloze,wiki_ending --sparsity 0.25,0.4,0.5 --modes uniform,greedy
+                                                       # lm-evaluation-harness tasks (lm_eval_adapter.py)
 
 Two regimes for every sparse level:
   all     every token of the window goes through the sparse model; scored on the last --scored tokens;
@@ -10,8 +12,15 @@ Two regimes for every sparse level:
           --scored tokens are processed sparsely and scored (default: second half of the window).
 Realized sparsity is measured on the evaluation text: per state, and model-wide weighted by the
 parameters each projection holds.
+
+--lm_eval runs lm-evaluation-harness tasks instead (pip install lm_eval==0.4.13): the local ones of
+lm_eval_tasks/ (wiki_cloze, wiki_ending; group wiki_local), or any of lm-eval's own where its
+dataset hub is reachable, dense and at every level and mode, every token sparse (see
+lm_eval_adapter.py).
 """
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import math
 import time
@@ -88,10 +97,17 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    run_cli(run, parser.parse_args(argv), "evaluating perplexity")
+    parser.add_argument("--lm_eval", default="", metavar="TASKS",
+                        help="comma-separated lm-eval tasks or groups instead of perplexity, e.g. wiki_local")
+    parser.add_argument("--limit", type=int, default=None, help="--lm_eval: at most this many documents a task")
+    parser.add_argument("--num_fewshot", type=int, default=None, help="--lm_eval: examples in each prompt")
+    args = parser.parse_args(argv)
+    run_cli(run, args, "running lm-eval tasks" if args.lm_eval else "evaluating perplexity")
 
 
 def run(args):
+    if args.lm_eval:
+        return run_lm_eval(args)
     if args.paper:
         args.windows, args.window_len, args.scored = 128, 2048, 512
     if args.batch_size < 1 or args.windows < 1:
@@ -162,6 +178,82 @@ def print_table(rows):
         realized = f"{r['realized']:.3f}" if "realized" in r else "-"
         print(f"| {r['regime']} | {r['mode']} | {r['level']:.2f} | {r['scored']} | {r['perplexity']:.3f} | "
               f"{realized} | {cells} |")
+
+
+
+# ---------------------------------------------------------------------------- lm-eval tasks
+
+def run_lm_eval(args):
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("--lm_eval needs lm-evaluation-harness: pip install lm_eval==0.4.13")
+    from lm_eval_adapter import LOCAL_TASK_NAMES, TealLM, check_tasks, evaluate_tasks, task_manager  # imports lm_eval
+
+    tasks = [t for t in args.lm_eval.split(",") if t]
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise ValueError("--batch_size and --limit must be at least 1")
+    refuse_directory(args.out, "lm_eval.json")
+    manager = task_manager(include_defaults=not all(t in LOCAL_TASK_NAMES for t in tasks))  # lm-eval's own: seconds
+    check_tasks(tasks, manager)
+    levels = [p for p in parse_levels(args.sparsity) if p > 0]  # level 0 is the dense row
+    modes = [m for m in args.modes.split(",") if m] if levels else []
+    dtype = resolve_dtype(args)
+    model = load_model(args.checkpoint_path, args.device, dtype)
+    tokenizer = load_tokenizer(args.checkpoint_path, model.args.vocab_size)
+    sparsity_file = None
+    if levels:
+        path = args.sparsity_file or args.checkpoint_path / "sparsity.json"
+        sparsity_file = SparsityFile.load(path, model, args.checkpoint_path)
+        for mode in modes:  # refuse a bad level or mode now, not after the dense pass
+            for level in levels:
+                sparsity_file.thresholds(level, mode)
+    lm = TealLM(model, tokenizer, batch_size=args.batch_size)
+
+    rows = []
+    meta = dict(checkpoint=str(args.checkpoint_path), tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                regime="all", batch_size=args.batch_size, device=args.device, dtype=str(dtype),
+                lm_eval=importlib.metadata.version("lm_eval"))
+    for mode, level in [("dense", 0.0)] + [(m, p) for p in levels for m in modes]:
+        thresholds = sparsity_file.thresholds(level, mode) if level > 0 else torch.zeros_like(model.get_thresholds())
+        model.set_thresholds(thresholds.to(args.device))
+        lm.sparse = level > 0
+        t0 = time.perf_counter()
+        results = evaluate_tasks(lm, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot)
+        seconds = time.perf_counter() - t0
+        for task, metrics in results.items():
+            rows.append(dict(task=task, mode=mode, level=level, seconds=seconds, **metrics))
+        print(f"{mode:>7} {level:.2f}  " + "  ".join(f"{task} {metric_summary(m)}" for task, m in results.items())
+              + f"  ({seconds:.0f} s)", flush=True)
+        if args.out:  # after every level: a long run that stops keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(args.out) as tmp:
+                tmp.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
+    model.set_thresholds(torch.zeros_like(model.get_thresholds()))
+    print_lm_eval_table(rows)
+    if args.out:
+        print(f"Wrote {args.out}")
+
+
+METRICS = ("acc", "acc_norm", "perplexity")  # shown first, in this order; any others after
+
+
+def metric_names(rows) -> list:
+    names = {k for r in rows for k in r if k not in ("task", "mode", "level", "seconds", "docs")
+             and not k.endswith("_stderr")}
+    return [m for m in METRICS if m in names] + sorted(names - set(METRICS))
+
+
+def metric_summary(metrics: dict) -> str:
+    return " ".join(f"{name} {metrics[name]:.4g}" for name in metric_names([metrics]))
+
+
+def print_lm_eval_table(rows):
+    names = metric_names(rows)
+    print("\n| task | mode | level | docs | " + " | ".join(names) + " |")
+    print("|---|---|---|---|" + "---|" * len(names))
+    for r in rows:
+        cells = " | ".join(f"{r[n]:.4f} ± {r[n + '_stderr']:.4f}" if n + "_stderr" in r
+                           else f"{r[n]:.4f}" if n in r else "-" for n in names)
+        print(f"| {r['task']} | {r['mode']} | {r['level']:.2f} | {r.get('docs', '-')} | {cells} |")
 
 
 if __name__ == "__main__":

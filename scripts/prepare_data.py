@@ -13,13 +13,20 @@ dump order) and taken into the eval set until it holds EVAL_CHARS characters; ca
 gets the rest. The news stories are written separately and are not part of calibration.
 
 Writes data/{wiki_calib,wiki_eval,news,botchan}.txt (articles/stories separated by blank
-lines, one paragraph or heading per line inside an article) and data/manifest.json.
+lines, one paragraph or heading per line inside an article) and data/manifest.json, and the
+documents of the local lm-eval tasks (lm_eval_tasks/), cut from the held-out wiki_eval text only:
+  data/wiki_cloze.jsonl     a passage and its last word, which appears earlier in the passage
+                            (LAMBADA-like: the word is guessable from the context, not the sentence)
+  data/wiki_ending.jsonl    a few sentences and the first half of the next one, and four candidate
+                            second halves: the true one and three of other sentences of the same
+                            article, of similar length (HellaSwag-like)
 A second run of the same script over an intact data/ does nothing (--force rebuilds).
 """
 import argparse
 import bz2
 import hashlib
 import json
+import random
 import re
 import subprocess
 import sys
@@ -192,6 +199,131 @@ def botchan_text(raw: bytes) -> str:
     return text[start:end].strip()
 
 
+# ---- lm-eval task documents (held-out Wikipedia only) ----------------------------------
+LM_EVAL_SEED = 1234
+CLOZE_DOCS = 150  # sized for minutes per level on 2 CPU cores with the 135M model (~90 tokens each)
+ENDING_DOCS = 100  # ~230 tokens each over the four choices
+CLOZE_CONTEXT_WORDS = (30, 80)  # the passage before the target word, in words
+ENDING_CONTEXT_WORDS = (8, 30)  # the sentences before the one to complete
+ENDING_SENTENCE_WORDS = (10, 30)  # of the sentence to complete and of those giving distractors
+ENDING_LENGTH_RATIO = 1.5  # a distractor's sentence is at most this much longer or shorter
+# Words that end in a period without ending a sentence ("Mr. Jones", "etc. The").
+NOT_SENTENCE_ENDS = {"Mr", "Mrs", "Ms", "Dr", "St", "Mt", "Ft", "Jr", "Sr", "Gen", "Col", "Lt", "Sgt", "Capt",
+                     "Gov", "Sen", "Rev", "Prof", "Inc", "Ltd", "Co", "Corp", "No", "Nos", "Vol", "vol", "etc",
+                     "approx", "esp", "viz", "vs", "fig", "ibid", "incl", "ed", "eds", "trans", "pp", "ca"}
+
+
+def sentences(paragraph: str) -> list[str]:
+    """A paragraph split after . ! or ? before a capital, a digit, a quote or a bracket; a piece that
+    ends in an abbreviation or an initial ("J. R. R.", "U.S.") is joined to the next."""
+    pieces = re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])", paragraph)
+    out = []
+    for piece in pieces:
+        if out and re.search(r"(?:\b(?:" + "|".join(NOT_SENTENCE_ENDS) + r")|\b[A-Za-z]|\b(?:[A-Za-z]\.)+[A-Za-z])\.$", out[-1]):
+            out[-1] += " " + piece
+        else:
+            out.append(piece)
+    return out
+
+
+def article_sentences(article: str) -> list[tuple[int, str]]:
+    """(paragraph index, sentence) for every sentence of an article (one paragraph per line)."""
+    return [(i, s) for i, line in enumerate(article.split("\n")) for s in sentences(line)]
+
+
+def passage(sents: list[tuple[int, str]], end: int, max_words: int, same_paragraph: bool) -> list[str]:
+    """The sentences before sents[end], as many as fit in max_words, newest last, as text pieces:
+    a sentence, or "\n" where a paragraph ends (same_paragraph: stop there instead)."""
+    pieces, words = [], 0
+    for i in range(end - 1, -1, -1):
+        if sents[i][0] != sents[i + 1][0]:
+            if same_paragraph:
+                break
+            pieces.append("\n")
+        n = len(sents[i][1].split())
+        if words + n > max_words:
+            break
+        pieces.append(sents[i][1])
+        words += n
+    while pieces and pieces[-1] == "\n":  # never start with a paragraph break
+        pieces.pop()
+    return pieces[::-1]
+
+
+def join_pieces(pieces: list[str]) -> str:
+    return re.sub(r" ?\n ?", "\n", " ".join(pieces))
+
+
+def cloze_docs(articles: list[str], n_docs: int, seed: int, calibration: str = "") -> list[dict]:
+    """Passages whose last word (before the final period) appears earlier in the passage:
+    {"context": the passage up to that word, "target": the word}. A sentence that the calibration
+    text also holds (articles quote each other) is never a target."""
+    candidates = []
+    for article in articles:
+        sents = article_sentences(article)
+        for i, (_, sentence) in enumerate(sents):
+            m = re.search(r"(?:^|\s)([A-Za-z]{3,})\.$", sentence)
+            if not m or m.group(1) in NOT_SENTENCE_ENDS:
+                continue
+            target, head = m.group(1), sentence[:m.start(1)].rstrip()
+            if len(head.split()) < 3 or sentence in calibration:
+                continue  # a heading or a fragment, not a sentence; or not held out
+            budget = CLOZE_CONTEXT_WORDS[1] - len(head.split())
+            context = join_pieces(passage(sents, i, budget, same_paragraph=False) + [head]) if budget > 0 else head
+            if len(context.split()) >= CLOZE_CONTEXT_WORDS[0] and re.search(rf"\b{target}\b", context):
+                candidates.append(dict(context=context, target=target))
+    return random_subset(candidates, n_docs, seed, "cloze")
+
+
+def halves(sentence: str) -> tuple[str, str]:
+    """A sentence cut in two at its middle word: (first half, second half)."""
+    words = sentence.split()
+    return " ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])
+
+
+def ending_docs(articles: list[str], n_docs: int, seed: int, calibration: str = "") -> list[dict]:
+    """The sentences of a paragraph before one sentence and that sentence's first half; four
+    candidate second halves: its own and those of three sentences of the same article away from
+    it, of similar length: {"context", "choices" (4), "label": the index of the true one}.
+    A sentence that the calibration text also holds is never completed."""
+    rng = random.Random(seed)
+    lo, hi = ENDING_SENTENCE_WORDS
+    candidates = []
+    for article in articles:
+        sents = article_sentences(article)
+        for i, (paragraph, sentence) in enumerate(sents):
+            n = len(sentence.split())
+            if i == 0 or sents[i - 1][0] != paragraph or not lo <= n <= hi or sentence in calibration:
+                continue
+            before = join_pieces(passage(sents, i, ENDING_CONTEXT_WORDS[1], same_paragraph=True))
+            if len(before.split()) < ENDING_CONTEXT_WORDS[0]:
+                continue
+            head, ending = halves(sentence)
+            pool = {halves(s)[1] for j, (_, s) in enumerate(sents) if abs(j - i) > 3 and lo <= len(s.split()) <= hi
+                    and 1 / ENDING_LENGTH_RATIO <= len(s.split()) / n <= ENDING_LENGTH_RATIO} - {ending}
+            if len(pool) >= 3:
+                candidates.append((f"{before} {head}", ending, sorted(pool)))
+    docs = []
+    for context, ending, pool in random_subset(candidates, n_docs, seed, "sentence-ending"):
+        choices = rng.sample(pool, 3)
+        label = rng.randrange(4)
+        choices.insert(label, ending)
+        docs.append(dict(context=context, choices=choices, label=label))
+    return docs
+
+
+def random_subset(candidates: list, n: int, seed: int, what: str) -> list:
+    """n of the candidates drawn with the seed, kept in text order."""
+    if len(candidates) < n:
+        raise SystemExit(f"error: only {len(candidates)} {what} candidates in the evaluation text, {n} needed")
+    keep = sorted(random.Random(seed).sample(range(len(candidates)), n))
+    return [candidates[i] for i in keep]
+
+
+def jsonl(docs: list[dict]) -> bytes:
+    return "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs).encode("utf-8")
+
+
 # ---- the data directory ---------------------------------------------------------------
 def script_sha256() -> str:
     return sha256(Path(__file__).read_bytes())
@@ -236,6 +368,13 @@ def prepare(data_dir: Path, gensim_package: Path, sentencepiece_package: Path) -
         with atomic_write(data_dir / f"{name}.txt") as tmp:
             tmp.write_bytes(data)
         outputs[name] = {"file": f"{name}.txt", "sha256": sha256(data), "characters": len(text)}
+    eval_articles = [text for _, text in evaluation]
+    for name, docs in (("wiki_cloze", cloze_docs(eval_articles, CLOZE_DOCS, LM_EVAL_SEED, texts["wiki_calib"])),
+                       ("wiki_ending", ending_docs(eval_articles, ENDING_DOCS, LM_EVAL_SEED, texts["wiki_calib"]))):
+        data = jsonl(docs)
+        with atomic_write(data_dir / f"{name}.jsonl") as tmp:
+            tmp.write_bytes(data)
+        outputs[name] = {"file": f"{name}.jsonl", "sha256": sha256(data), "docs": len(docs)}
     outputs["wiki_calib"]["titles"] = [title for title, _ in calibration]
     outputs["wiki_eval"]["titles"] = [title for title, _ in evaluation]
     outputs["news"]["stories"] = len(news_stories(news_raw))
@@ -283,7 +422,8 @@ def main():
     manifest = prepare(args.data_dir, gensim_package, sentencepiece_package)
     for name, entry in manifest["outputs"].items():
         count = f"{len(entry['titles'])} articles, " if "titles" in entry else ""
-        print(f"  {args.data_dir / entry['file']}: {count}{entry['characters']:,} characters")
+        size = f"{entry['docs']} documents" if "docs" in entry else f"{entry['characters']:,} characters"
+        print(f"  {args.data_dir / entry['file']}: {count}{size}")
     print(f"done in {time.time() - t0:.1f} s")
 
 

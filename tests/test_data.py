@@ -1,6 +1,7 @@
 """data.py and scripts/prepare_data.py on the real prepared text (a few seconds)."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,24 @@ def test_calibration_tokens(data_dir):
     assert calibration_tokens(ByteTokenizer(), path, n_tokens=1000, seq_len=512).shape == (2, 512)
     with pytest.raises(ValueError, match="fewer than"):
         calibration_tokens(ByteTokenizer(), path, n_tokens=len(full) + 1, seq_len=1)
+
+
+def test_lm_eval_task_documents(data_dir, manifest):
+    """The local lm-eval tasks' documents: as many as asked, well formed, rebuilt identically from the
+    held-out text by the seed, and none of their text in the calibration split."""
+    read = lambda name: [json.loads(line) for line in (data_dir / f"{name}.jsonl").read_text().splitlines()]
+    cloze, ending = read("wiki_cloze"), read("wiki_ending")
+    assert len(cloze) == manifest["outputs"]["wiki_cloze"]["docs"] == prepare_data.CLOZE_DOCS
+    assert len(ending) == manifest["outputs"]["wiki_ending"]["docs"] == prepare_data.ENDING_DOCS
+    for doc in cloze:
+        assert doc["target"].isalpha() and re.search(rf"\b{doc['target']}\b", doc["context"]), doc
+    for doc in ending:
+        assert len(doc["choices"]) == len(set(doc["choices"])) == 4 and 0 <= doc["label"] < 4
+    assert sorted({doc["label"] for doc in ending}) == [0, 1, 2, 3]
+    articles = load_text("wiki-eval", data_dir).rstrip("\n").split("\n\n")
+    calib = load_text("wiki-calib", data_dir)
+    assert prepare_data.cloze_docs(articles, len(cloze), prepare_data.LM_EVAL_SEED, calib) == cloze
+    assert prepare_data.ending_docs(articles, len(ending), prepare_data.LM_EVAL_SEED, calib) == ending
+    assert prepare_data.cloze_docs(articles, len(cloze), prepare_data.LM_EVAL_SEED + 1, calib) != cloze
+    assert not [doc for doc in cloze if doc["context"][-60:] in calib]
+    assert not [doc for doc in ending if (doc["context"] + " " + doc["choices"][doc["label"]])[-60:] in calib]
