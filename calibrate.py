@@ -104,9 +104,9 @@ def projection_shares(model: Transformer) -> np.ndarray:
 
 class BlockProbe:
     """One block evaluated at sampled query positions of dense input sequences, with per-projection
-    thresholds, through the block's own pieces (Attention.project_qkv, heads, attend, project_out,
-    FeedForward.project_gate_up, project_down: the code a forward runs). Keys and values cover every
-    position (the context); the attention's query side, o and the MLP run only at the sampled
+    thresholds, through the block's own pieces (Attention.project_one, to_heads, attend, project_out;
+    FeedForward.project_one, project_down: the code a forward runs, one projection at a time). Keys
+    and values cover every position (the context); q, o and the MLP run only at the sampled
     positions. Partial results of the current allocation are cached, so a candidate recomputes only
     what it changes (an MLP candidate never touches attention)."""
 
@@ -114,50 +114,64 @@ class BlockProbe:
         # x (B, L, D) dense block inputs; positions (M,) sampled query positions; freqs_cis (>= L, hd/2, 2)
         self.block, self.attn, self.ffn = block, block.attention, block.feed_forward
         L = x.shape[1]
-        self.x, self.x_at, self.positions = x, x[:, positions], positions  # (B, L, D), (B, M, D)
-        self.freqs = freqs_cis[:L]
+        self.x, self.x_at = x, x[:, positions]  # (B, L, D), (B, M, D)
+        self.freqs_all, self.freqs_at = freqs_cis[:L], freqs_cis[positions]
         self.mask = positions[:, None] >= torch.arange(L, device=x.device)[None, :]  # (M, L)
         self.t = [0.0] * len(PROJECTIONS)
         self.cache = self.full(self.t)
         self.memo = {}  # attention outputs of q/k/v candidates: valid until an attention threshold changes
         self.reference = self.cache["out"]  # the dense block output at the sampled positions
 
-    def thresholds(self, t: list, a: int, b: int) -> Tensor:
-        return torch.tensor(t[a:b], dtype=torch.float32, device=self.x.device)
+    def threshold(self, t: list, j: int) -> Tensor:
+        return torch.tensor(t[j:j + 1], dtype=torch.float32, device=self.x.device)
 
     # pieces (every projection sparse: a threshold of 0 keeps every nonzero entry)
-    def attention_output(self, t) -> Tensor:  # (B, M, H hd): the o input at the sampled positions
-        qkv = self.attn.project_qkv(self.x, self.block.attention_norm, self.thresholds(t, 0, 3), True)  # (B, L, N)
-        q, k, v = self.attn.heads(qkv, self.freqs)
-        return self.attn.attend(q[:, :, self.positions], k, v, self.mask)
+    def q(self, t):  # (B, H, M, hd)
+        return self.attn.to_heads(self.attn.project_one("q", self.x_at, self.block.attention_norm,
+                                                        self.threshold(t, 0), True), self.freqs_at)
+
+    def k(self, t):  # (B, KV, L, hd)
+        return self.attn.to_heads(self.attn.project_one("k", self.x, self.block.attention_norm,
+                                                        self.threshold(t, 1), True), self.freqs_all)
+
+    def v(self, t):  # (B, KV, L, hd)
+        return self.attn.to_heads(self.attn.project_one("v", self.x, self.block.attention_norm,
+                                                        self.threshold(t, 2), True))
 
     def after_attention(self, y, t):  # the rest of the block from the o input, all thresholds t
-        h = self.attn.project_out(y, self.x_at, self.thresholds(t, 3, 4), True)
-        return dict(y=y, h=h, **self.mlp(h, t))
+        h = self.attn.project_out(y, self.x_at, self.threshold(t, 3), True)
+        gate, up = (self.ffn.project_one(part, h, self.block.ffn_norm, self.threshold(t, j), True)
+                    for part, j in (("gate", 4), ("up", 5)))
+        return dict(y=y, h=h, gate=gate, up=up, **self.down(h, gate, up, t))
 
-    def mlp(self, h, t):
-        gate_up = self.ffn.project_gate_up(h, self.block.ffn_norm, self.thresholds(t, 4, 6), True)
-        return dict(gate_up=gate_up, **self.down(h, gate_up, t))
-
-    def down(self, h, gate_up, t):
-        return dict(out=self.ffn.project_down(gate_up, h, self.thresholds(t, 6, 7), True))
+    def down(self, h, gate, up, t):
+        return dict(out=self.ffn.project_down(torch.cat([gate, up], dim=-1), h, self.threshold(t, 6), True))
 
     def full(self, t):
-        return self.after_attention(self.attention_output(t), t)
+        q, k, v = self.q(t), self.k(t), self.v(t)
+        return dict(q=q, k=k, v=v, **self.after_attention(self.attn.attend(q, k, v, self.mask), t))
 
     def candidate(self, j: int, t: list) -> dict:
         """Cache entries that change when projection j's threshold becomes t[j] (t: all seven)."""
         c = self.cache
         if j < 3:
-            key = tuple(t[:3])
+            key = (j, *t[:3])
             if key not in self.memo:
-                self.memo[key] = self.attention_output(t)
-            return self.after_attention(self.memo[key], t)
+                qkv = dict(q=c["q"], k=c["k"], v=c["v"])
+                name = "qkv"[j]
+                qkv[name] = getattr(self, name)(t)
+                self.memo[key] = (name, qkv[name], self.attn.attend(qkv["q"], qkv["k"], qkv["v"], self.mask))
+            name, new, y = self.memo[key]
+            return {name: new, **self.after_attention(y, t)}
         if j == 3:
             return self.after_attention(c["y"], t)
-        if j < 6:
-            return self.mlp(c["h"], t)
-        return self.down(c["h"], c["gate_up"], t)
+        if j == 4:
+            gate = self.ffn.project_one("gate", c["h"], self.block.ffn_norm, self.threshold(t, 4), True)
+            return dict(gate=gate, **self.down(c["h"], gate, c["up"], t))
+        if j == 5:
+            up = self.ffn.project_one("up", c["h"], self.block.ffn_norm, self.threshold(t, 5), True)
+            return dict(up=up, **self.down(c["h"], c["gate"], up, t))
+        return self.down(c["h"], c["gate"], c["up"], t)
 
     def adopt(self, j: int, t: list, change: dict):
         """Make candidate j (thresholds t, cache entries change) the current allocation."""

@@ -210,6 +210,17 @@ def scales_of(module: nn.Module, name: str) -> tuple:
     return getattr(module, f"{name}_scale"), getattr(module, f"{name}_zero")
 
 
+def weight_columns(module: nn.Module, name: str, start: int, end: int) -> tuple:
+    """Columns start..end of W^T `name` as stored, and their (scale, zero): views, no copy. int4 holds
+    two columns a byte, so start and end must be even."""
+    w, (scale, zero) = getattr(module, name), scales_of(module, name)
+    per_byte = 2 if w.dtype == torch.uint8 else 1
+    if start % per_byte or end % per_byte:
+        raise ValueError(f"{name}: int4 columns {start}..{end} split a byte; take an even range")
+    return w[:, start // per_byte:end // per_byte], (None if scale is None else scale[..., start:end],
+                                                      None if zero is None else zero[..., start:end])
+
+
 def keeps_stored_dtype(name: str, t: Tensor) -> bool:
     """Whether a checkpoint tensor loads in its stored dtype rather than the model's: quantized
     weights (integers) and their scales."""
@@ -333,15 +344,24 @@ class Attention(nn.Module):
         return linear_t(x, self.wqkv_t, thresholds, self.splits, sparse, norm=norm, quant=scales_of(self, "wqkv_t"),
                         fused=self.fused)
 
+    def project_one(self, part: str, x: Tensor, norm, threshold: Tensor, sparse: bool) -> Tensor:
+        """One of q, k, v alone, as project_qkv computes it: norm(x) (B, T, D) -> (B, T, its columns),
+        threshold (1,) its own (calibration's greedy recomputes only the part whose threshold moves)."""
+        s = "qkv".index(part)
+        start = sum(self.splits[:s])
+        w, quant = weight_columns(self, "wqkv_t", start, start + self.splits[s])
+        return linear_t(x, w, threshold, [self.splits[s]], sparse, norm=norm, quant=quant, fused=self.fused)
+
     def heads(self, qkv: Tensor, freqs_cis: Tensor):
         """q (B, H, T, hd), k and v (B, KV, T, hd) from qkv (B, T, N), q and k rotated by freqs_cis (T, hd/2, 2)."""
-        B, T, _ = qkv.shape
         q, k, v = qkv.split(self.splits, dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return self.to_heads(q, freqs_cis), self.to_heads(k, freqs_cis), self.to_heads(v)
+
+    def to_heads(self, t: Tensor, freqs_cis: Optional[Tensor] = None) -> Tensor:
+        """(B, T, n hd) -> (B, n, T, hd), rotated by freqs_cis (T, hd/2, 2) if given (q and k)."""
+        B, T, _ = t.shape
+        t = t.view(B, T, -1, self.head_dim)
+        return (t if freqs_cis is None else apply_rotary_emb(t, freqs_cis)).transpose(1, 2)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """q (B, H, T, hd) over k, v (B, KV, S, hd) with mask (T, S) -> (B, T, H hd), the o projection's input."""
@@ -393,6 +413,12 @@ class FeedForward(nn.Module):
         """[gate | up] = norm(x) (B, T, D) @ w13_t -> (B, T, 2I), thresholds (2,) [gate, up]."""
         return linear_t(x, self.w13_t, thresholds, [self.hidden, self.hidden], sparse, norm=norm,
                         quant=scales_of(self, "w13_t"), fused=self.fused)
+
+    def project_one(self, part: str, x: Tensor, norm, threshold: Tensor, sparse: bool) -> Tensor:
+        """gate or up alone, as project_gate_up computes it: (B, T, D) -> (B, T, I) (see Attention.project_one)."""
+        start = ("gate", "up").index(part) * self.hidden
+        w, quant = weight_columns(self, "w13_t", start, start + self.hidden)
+        return linear_t(x, w, threshold, [self.hidden], sparse, norm=norm, quant=quant, fused=self.fused)
 
     def project_down(self, gate_up: Tensor, x: Tensor, threshold: Tensor, sparse: bool) -> Tensor:
         """x + silu(gate) * up @ w2_t, threshold (1,); under tensor parallelism summed over ranks."""
