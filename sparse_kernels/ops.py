@@ -23,6 +23,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from . import cpu
 from .reference import (check_args, decode_attention_ref, decode_attention_step_ref, masked_linear, masked_matmul,
                         silu_mul, split_qkv)
 
@@ -229,7 +230,9 @@ def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], spli
     if use_triton(x):
         return run_triton("linear", x, w_t, thresholds, splits, norm_weight=norm_weight, eps=eps, residual=residual,
                           early_weights=not copied)
-    # CPU: the reference; CUDA without the kernel (B > 8): the same math, no fp32 copy of the weights
+    if cpu.usable(x):  # the CPU kernel (cpu_kernels.c)
+        return cpu.matvec(x, w_t, thresholds, splits, norm_weight, eps, residual)
+    # the CPU without its kernel: the reference; CUDA without the kernel (B > 8): the same math, no fp32 copy of the weights
     return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual, matmul=masked_matmul)
 
 
@@ -246,6 +249,8 @@ def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tenso
     if use_triton(gate_up):
         return run_triton("silu_down", gate_up, w_t, threshold, [w_t.shape[1]], residual=residual,
                           early_weights=not copied)
+    if cpu.usable(gate_up):
+        return _cpu_silu_down(gate_up, w_t, threshold, residual)
     return masked_linear(silu_mul(gate_up), w_t, None if threshold is None else threshold[:1], [w_t.shape[1]],
                          residual=residual, matmul=masked_matmul)  # as in _sparse_linear_op
 
@@ -253,6 +258,16 @@ def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tenso
 @_sparse_silu_down_op.register_fake
 def _(gate_up, w_t, threshold, residual=None):
     return gate_up.new_empty(gate_up.shape[0], w_t.shape[1])
+
+
+# ---- the CPU kernels (cpu.py, cpu_kernels.c) ----
+# eager_cpu_kernel: outside torch.compile the public functions below call the CPU kernels
+# themselves: a custom op's dispatch costs about 20 us a call, 3 ms a token of a 30-layer model.
+# Compiled graphs call the ops, whose CPU branches run the same kernels.
+
+def _cpu_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
+    return cpu.matvec(gate_up, w_t, None if threshold is None else threshold[:1], [w_t.shape[1]],
+                      residual=residual, silu=True)
 
 
 def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight: Optional[Tensor] = None,
@@ -267,6 +282,8 @@ def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, 
     check_args(x, w_t, thresholds, splits, norm_weight, residual)
     if norm_weight is not None and eps is None:
         raise ValueError("sparse_linear: pass the norm's eps with norm_weight (e.g. the model's norm_eps)")
+    if not torch.compiler.is_compiling() and cpu.usable(x):  # eager_cpu_kernel
+        return cpu.matvec(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual)
     return _sparse_linear_op(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual)
 
 
@@ -277,6 +294,8 @@ def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor],
     if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
     check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [w_t.shape[1]], residual=residual)
+    if not torch.compiler.is_compiling() and cpu.usable(gate_up):  # eager_cpu_kernel
+        return _cpu_silu_down(gate_up, w_t, threshold, residual)
     return _sparse_silu_down_op(gate_up, w_t, threshold, residual)
 
 
@@ -327,6 +346,8 @@ def _decode_attention_step_op(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache
     # Whole tensors cross the op boundary and the kernel finds the position's angles and the
     # causal mask itself: inductor then computes nothing per layer before the call.
     B, KV, _, hd = k_cache.shape
+    if cpu.takes_attention(qkv, k_cache, v_cache, rope_table):
+        return cpu.attention_step(qkv, n_head, k_cache, v_cache, rope_table, input_pos)
     usable = use_attention_kernel(qkv, hd)
     if usable:  # the caches are written in place, so they must be walkable as they are
         from . import attention
@@ -392,4 +413,6 @@ def decode_attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Te
             input_pos.numel() != 1:
         raise ValueError(f"decode_attention_step: a RoPE table (>= {S}, {hd // 2}, 2) and one position expected; "
                          f"got {tuple(rope_table.shape)} and {input_pos.numel()} positions")
+    if not torch.compiler.is_compiling() and cpu.takes_attention(qkv, k_cache, v_cache, rope_table):
+        return cpu.attention_step(qkv, int(n_head), k_cache, v_cache, rope_table, input_pos)  # eager_cpu_kernel
     return _decode_attention_step_op(qkv, int(n_head), k_cache, v_cache, rope_table, input_pos)
