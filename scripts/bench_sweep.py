@@ -3,6 +3,8 @@
     python scripts/bench_sweep.py --config Llama-3-8B                  # random weights, real shapes (GPU)
     python scripts/bench_sweep.py --checkpoint_path checkpoints/...     # a real model and its sparsity file
     torchrun --nproc_per_node 2 scripts/bench_sweep.py --config Llama-3-8B
+    python scripts/bench_sweep.py --device cpu --precision fp32 --max_new_tokens 100 \
+        --checkpoint_path checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --out results/sweep_smollm2_cpu_fp32.json
 
 Protocol (the design page's, section 6): bf16, decode step compiled with mode="reduce-overhead" and
 fullgraph, a 5-token prompt, 200 new tokens, median of 3 runs per level. Thresholds of a random
@@ -10,6 +12,9 @@ model come from calibrate.py's own code on random tokens. A level change is a co
 threshold buffers; the script counts recompilations to prove none happen. Writes JSON and a PNG.
 tokens/s counts every generation's whole time, the prompt's forward included; the table also
 gives that forward alone (prefill ms). --compile_prefill compiles it too (dynamic shapes).
+On the CPU: the decode step compiled with inductor's C++ backend (mode None; fullgraph in one
+process), torch's threads (--threads, default one per core), and the limit column from the read
+bandwidth of a sum over 512 MB (decoding reads its weights and writes almost nothing).
 """
 import argparse
 import json
@@ -23,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_kernels import copy_bandwidth  # noqa: E402  (this script's folder)
+from bench_cpu_kernels import read_bandwidth  # noqa: E402  (this script's folder)
+from bench_kernels import copy_bandwidth  # noqa: E402
 from calibrate import calibrate_random  # noqa: E402
 from generate import decode_one_token, generate, prefill, run_prefill  # noqa: E402
 from loader import DTYPES, configure_inductor, load_model, random_model, run_cli, synchronize  # noqa: E402
@@ -89,6 +95,16 @@ def prefill_layout_check(model, device, dtype, lengths=(512, 2048)) -> list:
     return rows
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), with the number of threads torch uses."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else 'cpu'}, {torch.get_num_threads()} threads"
+
+
 def plot(results: list, limit_bw: float, bytes_fn, path: Path, title: str):
     import matplotlib
 
@@ -134,6 +150,7 @@ def main(argv=None):
     parser.add_argument("--compile_prefill", action="store_true",
                         help="also compile the prompt forward (dynamic shapes), as generate.py --compile_prefill")
     parser.add_argument("--prefill_check", action="store_true", help="time prompt matmuls vs gpt-fast's layout")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: torch's threads (default: one per core)")
     parser.add_argument("--out", type=Path, default=ROOT / "results/bench_sweep.json")
     run_cli(run, parser.parse_args(argv))
 
@@ -142,6 +159,8 @@ def run(args):
     if (args.config is None) == (args.checkpoint_path is None):
         raise ValueError("give exactly one of --config NAME (random weights) or --checkpoint_path DIR")
     rank, world, device = init_distributed(args.device)  # world 0: not under torchrun
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.precision]
     levels = [float(x) for x in args.levels.split(",") if x]
     t0 = time.perf_counter()
@@ -167,7 +186,7 @@ def run(args):
     on_cuda = str(device).startswith("cuda")
     configure_inductor()
     decode_fn = decode_one_token if args.no_compile else torch.compile(
-        decode_one_token, mode="reduce-overhead" if on_cuda else None, fullgraph=on_cuda)
+        decode_one_token, mode="reduce-overhead" if on_cuda else None, fullgraph=on_cuda or not world)
     compile_prefill = args.compile_prefill and not args.no_compile
     prefill_fn = torch.compile(prefill, fullgraph=on_cuda, dynamic=True) if compile_prefill else prefill
     compile_s = {}
@@ -204,7 +223,7 @@ def run(args):
     skips = cudagraph_skips()
     dense_tok = results[0]["tokens_per_s"]
 
-    copy_bw = copy_bandwidth(device) if on_cuda else float("nan")
+    copy_bw = copy_bandwidth(device) if on_cuda else read_bandwidth() if str(device) == "cpu" else float("nan")
     dense_bytes = weight_bytes_per_token(model)
     head = model.tok_embeddings.weight if model.output is None else model.output.weight
     fixed = head.numel() * head.element_size()
@@ -215,7 +234,7 @@ def run(args):
     prefill_rows = prefill_layout_check(model, device, dtype) if (args.prefill_check and on_cuda) else []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(model=name, mode=mode, world_size=world, device=torch.cuda.get_device_name(device) if on_cuda
-                else "cpu", dtype=str(dtype), torch=torch.__version__, prompt_tokens=prompt.numel(),
+                else cpu_name(), threads=torch.get_num_threads(), dtype=str(dtype), torch=torch.__version__, prompt_tokens=prompt.numel(),
                 new_tokens=args.max_new_tokens, runs=args.runs, compile_prefill=compile_prefill, compile_s=compile_s,
                 recompiles_after_warmup=recompiles,
                 cudagraph_skips=skips,
@@ -225,7 +244,8 @@ def run(args):
         plot(results, copy_bw, bytes_at, args.out.with_suffix(".png"),
              f"{name}, {dtype}, {meta['device']}, {tp_label}")
     print(f"\ncompile: {', '.join(f'{k} {v:.1f} s' for k, v in compile_s.items())}; "
-          f"recompilations after warm-up across level changes: {recompiles}; copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+          f"recompilations after warm-up across level changes: {recompiles}; "
+          f"{'copy' if on_cuda else 'read'} bandwidth {copy_bw / 1e12:.3f} TB/s")
     if on_cuda and not args.no_compile and skips:
         print(f"CUDA graphs were skipped for {skips} compiled graph(s) (inductor's log above says why): "
               f"their tokens/s include a host-side launch per kernel")
