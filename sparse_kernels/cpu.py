@@ -5,8 +5,8 @@
 The shared library is cached under $TEAL_CACHE_DIR (default ~/.cache/teal-fast), keyed by a hash of
 the source, the compiler flags and the machine's CPU flags (-march=native code must not run on
 another CPU). Without a compiler (or with TEAL_CPU_REFERENCE=1) usable() is False and the ops run
-the torch reference; a failed build warns once. OpenMP comes from the libgomp torch has already
-loaded (same soname), so the kernel's threads are torch's own pool: torch.get_num_threads() of them.
+the torch reference; a failed build warns once. The kernel runs on torch.get_num_threads() threads
+(its own small pool, cpu_kernels.c says why not OpenMP's).
 """
 import ctypes
 import hashlib
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-pthread", "-shared", "-fPIC"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_B = 8  # larger batches (and prompts) are matmuls: the reference's torch math
 
@@ -108,8 +108,15 @@ def takes_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope_table: T
             k_cache.stride(-1) == 1 and rope_table.dtype == torch.float32 and available())
 
 
-def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+_segments = {}  # splits -> the ctypes int array the kernel reads
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _unit_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def matvec(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int], norm_weight: Optional[Tensor] = None,
@@ -117,20 +124,27 @@ def matvec(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[in
            n_threads: Optional[int] = None) -> Tensor:
     """The reference's sparse_linear (silu=False) or sparse_silu_down (x = [gate | up], thresholds[:1]) on
     checked arguments (reference.check_args). out: a contiguous (B, N) tensor to write (default: a new
-    one); n_threads: default torch.get_num_threads()."""
+    one); n_threads: default torch.get_num_threads(). Lean: a decode step makes 120 of these calls."""
     B, (K, N) = x.shape[0], w_t.shape
-    y = torch.empty(B, N, dtype=x.dtype) if out is None else out
-    x, w_t, norm_weight, residual = (_unit_stride(t) for t in (x, w_t, norm_weight, residual))
-    if thresholds is not None:
-        thresholds = thresholds.to(torch.float32).contiguous()
+    x, w_t = _unit_stride(x), _unit_stride(w_t)
+    if norm_weight is not None:
+        norm_weight = _unit_stride(norm_weight)
+    if residual is not None:
+        residual = _unit_stride(residual)
     if thresholds is None:  # segments only choose thresholds: a dense product is one segment
-        splits = [N]
-    seg = (ctypes.c_int * len(splits))(*splits)
-    ptr = (lambda t: None if t is None else t.data_ptr())
+        splits = (N,)
+    elif thresholds.dtype != torch.float32 or thresholds.stride(-1) != 1:
+        thresholds = thresholds.to(torch.float32).contiguous()
+    key = tuple(splits)
+    seg = _segments.get(key)
+    if seg is None:
+        seg = _segments[key] = (ctypes.c_int * len(key))(*key)
+    y = torch.empty(B, N, dtype=x.dtype) if out is None else out
     status = library().teal_sparse_matvec(B, K, N, x.data_ptr(), x.stride(0), w_t.data_ptr(), w_t.stride(0),
-                                     DTYPE_CODES[x.dtype], ptr(thresholds), seg, len(splits), int(silu),
-                                     ptr(norm_weight), eps, ptr(residual), 0 if residual is None else residual.stride(0),
-                                     y.data_ptr(), n_threads or torch.get_num_threads())
+                                          DTYPE_CODES[x.dtype], _ptr(thresholds), seg, len(key), silu,
+                                          _ptr(norm_weight), eps, _ptr(residual),
+                                          0 if residual is None else residual.stride(0), y.data_ptr(),
+                                          n_threads or torch.get_num_threads())
     if status:
         raise MemoryError("sparse_kernels: the CPU kernel could not allocate its scratch")
     return y

@@ -4,19 +4,20 @@
    h = x, rms_norm(x) * norm_weight, or silu(gate) * up: the reference's roundings (its docstring).
 
    A decode step's matvec is bound by memory bandwidth, so the work is arranged around the bytes
-   of W^T: the threads split the output columns (each streams its column slice of every kept row,
-   no reduction between threads), weighted by the kept rows of each column's segment so that a
-   segment with a low threshold does not leave the other threads idle. Every thread forms the
-   (cheap) inputs and kept-row lists itself: no barrier inside the op. Weights are fp32 or bf16;
-   products are summed in fp32. Built by sparse_kernels/cpu.py (cc -O3 -march=native -fopenmp).
+   of W^T. The caller forms the inputs and the kept-row lists; then the threads split the output
+   columns (each streams its column slice of every kept row, no reduction between threads, so the
+   sums do not depend on the thread count), weighted by the kept rows of each column's segment so
+   that a segment with a low threshold does not leave the other threads idle. Weights are fp32 or
+   bf16; products are summed in fp32. Also the decode attention step (RoPE, cache write,
+   attention). Built by sparse_kernels/cpu.py (cc -O3 -march=native -pthread).
 */
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <time.h>
 
 enum { F32 = 0, BF16 = 1 };
 
@@ -45,17 +46,126 @@ static inline float load(const void *p, long i, int dtype) {
 
 static inline float round_to(float v, int dtype) { return dtype == BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
-/* Per-thread scratch, grown on demand and kept: the pool's threads live as long as the process. */
-static __thread float *scratch;
-static __thread size_t scratch_floats;
+/* Per-thread scratch, grown on demand and kept (the threads live as long as the process): slot
+   INPUTS holds a call's inputs and kept-row lists (the caller's, read by every thread of the
+   call), slot WORK a thread's accumulators. */
+enum { INPUTS = 0, WORK = 1 };
+static __thread float *scratch[2];
+static __thread size_t scratch_floats[2];
 
-static float *thread_scratch(size_t floats) {
-    if (floats > scratch_floats) {
-        free(scratch);
-        scratch = malloc(floats * sizeof(float));
-        scratch_floats = scratch ? floats : 0;
+static float *thread_scratch(int slot, size_t floats) {
+    if (floats > scratch_floats[slot]) {
+        free(scratch[slot]);
+        scratch[slot] = malloc(floats * sizeof(float));
+        scratch_floats[slot] = scratch[slot] ? floats : 0;
     }
-    return scratch;
+    return scratch[slot];
+}
+
+/* ---- A small thread pool that never waits for a helper that has not started ----
+   On a busy machine a woken helper can wait a whole scheduler slice (10-20 ms) for a core, and an
+   OpenMP region's closing barrier makes the call wait with it: 120 matvecs took 1.4 s instead of
+   50 ms on this project's shared 2-core machine. Here a job is a few chunks that threads claim one
+   at a time; the caller claims too, so it finishes the job alone if no helper turns up, and waits
+   only for chunks a helper has started. Helpers spin for SPIN_NS after a job (the next matvec of a
+   decode step comes within microseconds), then sleep on a condition variable. */
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX()
+#endif
+#define SPIN_NS 200000L
+#define MAX_HELPERS 63
+
+typedef void (*chunk_fn)(void *ctx, int chunk);
+
+static struct {
+    pthread_mutex_t busy;          /* one job at a time; another caller meanwhile runs its job alone */
+    pthread_mutex_t sleep_lock;
+    pthread_cond_t wake;
+    _Atomic uint64_t ticket;       /* job id << 32 | number of chunks << 16 | next chunk to claim */
+    atomic_int done;               /* chunks of the current job finished */
+    atomic_int sleepers;
+    chunk_fn fn;                   /* the current job: written before its ticket is published */
+    void *ctx;
+    int n_helpers;
+    uint64_t jobs;                 /* the last job id, 1 .. 2^32 - 1 */
+} pool = {.busy = PTHREAD_MUTEX_INITIALIZER, .sleep_lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+/* The next unclaimed chunk of job, or -1: the chunk count travels in the ticket, so a helper that
+   wakes late cannot claim into another job. */
+static int claim(uint64_t job) {
+    uint64_t t = atomic_load(&pool.ticket);
+    while (t >> 32 == job && (t & 0xffff) < ((t >> 16) & 0xffff)) {
+        if (atomic_compare_exchange_weak(&pool.ticket, &t, t + 1))
+            return (int)(t & 0xffff);
+    }
+    return -1;
+}
+
+static void run_claimed(uint64_t job) {
+    for (int c; (c = claim(job)) >= 0; atomic_fetch_add(&pool.done, 1))
+        pool.fn(pool.ctx, c);
+}
+
+static void *helper(void *unused) {
+    (void)unused;
+    uint64_t seen = 0;
+    for (;;) {
+        long idle_since = now_ns();
+        while (atomic_load(&pool.ticket) >> 32 == seen) {
+            CPU_RELAX();
+            if (now_ns() - idle_since > SPIN_NS) {
+                pthread_mutex_lock(&pool.sleep_lock);
+                atomic_fetch_add(&pool.sleepers, 1);
+                while (atomic_load(&pool.ticket) >> 32 == seen)
+                    pthread_cond_wait(&pool.wake, &pool.sleep_lock);
+                atomic_fetch_sub(&pool.sleepers, 1);
+                pthread_mutex_unlock(&pool.sleep_lock);
+            }
+        }
+        seen = atomic_load(&pool.ticket) >> 32;
+        run_claimed(seen);
+    }
+    return NULL;
+}
+
+/* fn(ctx, c) for c < n_chunks, on up to n_threads threads (the caller one of them). */
+static void run_parallel(chunk_fn fn, void *ctx, int n_chunks, int n_threads) {
+    if (n_chunks <= 1 || n_threads <= 1 || pthread_mutex_trylock(&pool.busy) != 0) {
+        for (int c = 0; c < n_chunks; c++)
+            fn(ctx, c);
+        return;
+    }
+    while (pool.n_helpers < n_threads - 1 && pool.n_helpers < MAX_HELPERS) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, helper, NULL) != 0)
+            break;
+        pthread_detach(thread);
+        pool.n_helpers++;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    atomic_store(&pool.done, 0);
+    uint64_t job = pool.jobs = pool.jobs % 0xffffffffu + 1;
+    atomic_store(&pool.ticket, job << 32 | (uint64_t)n_chunks << 16);
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.sleep_lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.sleep_lock);
+    }
+    run_claimed(job);
+    while (atomic_load(&pool.done) < n_chunks) /* only chunks a helper is running are left */
+        CPU_RELAX();
+    pthread_mutex_unlock(&pool.busy);
 }
 
 /* exp(x) to about an ulp in a form the compiler vectorizes (libm's expf is a call per element):
@@ -256,6 +366,55 @@ static void thread_columns(int t, int T, int n_seg, const int *splits, const int
         *hi = start;
 }
 
+/* One matvec, shared by the threads that run its column chunks. */
+typedef struct {
+    int B, K, N, dtype, n_seg, n_chunks;
+    const void *w, *residual;
+    long ldw, ldr;
+    void *y;
+    const int *splits, *n_kept;
+    const float *lists; /* segment s's kept rows (ints) and their inputs at lists + s * per_seg */
+    size_t per_seg;
+    atomic_int failed;
+} matvec_job;
+
+static void matvec_chunk(void *ctx, int chunk) {
+    matvec_job *j = ctx;
+    int B = j->B, dtype = j->dtype, tile = (TILE_BYTES / 4 / B) / UNIT * UNIT;
+    float *acc = thread_scratch(WORK, (size_t)B * tile);
+    if (acc == NULL) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    long lo, hi, start = 0;
+    thread_columns(chunk, j->n_chunks, j->n_seg, j->splits, j->n_kept, &lo, &hi);
+    for (int s = 0; s < j->n_seg; start += j->splits[s++]) {
+        long a = lo > start ? lo : start, e = hi < start + j->splits[s] ? hi : start + j->splits[s];
+        const float *seg = j->lists + s * j->per_seg;
+        for (long c0 = a; c0 < e; c0 += tile) {
+            int width = (int)(e - c0 < tile ? e - c0 : tile);
+            memset(acc, 0, sizeof(float) * B * width);
+            if (dtype == BF16)
+                stream_bf16(acc, B, width, (const int *)seg, seg + j->K, j->n_kept[s], (const uint16_t *)j->w + c0,
+                            j->ldw);
+            else
+                stream_f32(acc, B, width, (const int *)seg, seg + j->K, j->n_kept[s], (const float *)j->w + c0,
+                           j->ldw);
+            for (int b = 0; b < B; b++) { /* the sum rounded once; then the residual add, rounded */
+                for (int c = 0; c < width; c++) {
+                    float v = round_to(acc[(long)b * width + slot(c, width, dtype)], dtype);
+                    if (j->residual)
+                        v = round_to(load(j->residual, b * j->ldr + c0 + c, dtype) + v, dtype);
+                    if (dtype == BF16)
+                        ((uint16_t *)j->y)[(long)b * j->N + c0 + c] = f32_to_bf16(v);
+                    else
+                        ((float *)j->y)[(long)b * j->N + c0 + c] = v;
+                }
+            }
+        }
+    }
+}
+
 /* x (B, K) rows ldx apart ((B, 2K) [gate | up] when silu), w_t (K, N) rows ldw apart, thresholds
    (n_seg,) fp32 or NULL (dense), splits: the segments' widths (summing to N), norm_weight (K,) or
    NULL, residual (B, N) rows ldr apart or NULL -> y (B, N) contiguous. Returns 0, or -1 if scratch
@@ -263,56 +422,20 @@ static void thread_columns(int t, int T, int n_seg, const int *splits, const int
 int teal_sparse_matvec(int B, int K, int N, const void *x, long ldx, const void *w, long ldw, int dtype,
                        const float *thresholds, const int *splits, int n_seg, int silu, const void *norm_weight,
                        float eps, const void *residual, long ldr, void *y, int n_threads) {
-    int failed = 0;
-#pragma omp parallel num_threads(n_threads) reduction(| : failed)
-    {
-#ifdef _OPENMP
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        int t = 0, T = 1;
-#endif
-        int tile = (TILE_BYTES / 4 / B) / UNIT * UNIT;
-        size_t per_seg = (size_t)K * (B + 1); /* rows[] (as ints) and vals[] of one segment */
-        float *buf = thread_scratch((size_t)B * K + (size_t)n_seg * per_seg + (size_t)B * tile + K);
-        if (buf == NULL) {
-            failed = 1;
-        } else {
-            float *h = buf, *acc = buf + (size_t)B * K + (size_t)n_seg * per_seg, *tmp = acc + (size_t)B * tile;
-            int n_kept[n_seg];
-            form_inputs(h, tmp, B, K, x, ldx, dtype, silu, norm_weight, eps);
-            for (int s = 0; s < n_seg; s++) {
-                float *seg = h + (size_t)B * K + s * per_seg;
-                n_kept[s] = kept_rows((int *)seg, seg + K, h, B, K, thresholds ? thresholds + s : NULL);
-            }
-            long lo, hi, start = 0;
-            thread_columns(t, T, n_seg, splits, n_kept, &lo, &hi);
-            for (int s = 0; s < n_seg; s++) {
-                long a = lo > start ? lo : start, e = hi < start + splits[s] ? hi : start + splits[s];
-                float *seg = h + (size_t)B * K + s * per_seg;
-                for (long c0 = a; c0 < e; c0 += tile) {
-                    int width = (int)(e - c0 < tile ? e - c0 : tile);
-                    memset(acc, 0, sizeof(float) * B * width);
-                    if (dtype == BF16)
-                        stream_bf16(acc, B, width, (const int *)seg, seg + K, n_kept[s], (const uint16_t *)w + c0, ldw);
-                    else
-                        stream_f32(acc, B, width, (const int *)seg, seg + K, n_kept[s], (const float *)w + c0, ldw);
-                    for (int b = 0; b < B; b++) { /* the sum rounded once; then the residual add, rounded */
-                        for (int c = 0; c < width; c++) {
-                            float v = round_to(acc[(long)b * width + slot(c, width, dtype)], dtype);
-                            if (residual)
-                                v = round_to(load(residual, b * ldr + c0 + c, dtype) + v, dtype);
-                            if (dtype == BF16)
-                                ((uint16_t *)y)[(long)b * N + c0 + c] = f32_to_bf16(v);
-                            else
-                                ((float *)y)[(long)b * N + c0 + c] = v;
-                        }
-                    }
-                }
-                start += splits[s];
-            }
-        }
-    }
-    return failed ? -1 : 0;
+    size_t per_seg = (size_t)K * (B + 1); /* rows[] (as ints) and vals[] of one segment */
+    float *h = thread_scratch(INPUTS, (size_t)B * K + (size_t)n_seg * per_seg + K);
+    if (h == NULL)
+        return -1;
+    float *lists = h + (size_t)B * K, *tmp = lists + (size_t)n_seg * per_seg;
+    int n_kept[n_seg];
+    form_inputs(h, tmp, B, K, x, ldx, dtype, silu, norm_weight, eps);
+    for (int s = 0; s < n_seg; s++)
+        n_kept[s] = kept_rows((int *)(lists + s * per_seg), lists + s * per_seg + K, h, B, K,
+                              thresholds ? thresholds + s : NULL);
+    int n_chunks = (long)K * N < (1L << 15) ? 1 : n_threads; /* a tiny product is not worth a second thread */
+    matvec_job job = {B, K, N, dtype, n_seg, n_chunks, w, residual, ldw, ldr, y, splits, n_kept, lists, per_seg, 0};
+    run_parallel(matvec_chunk, &job, n_chunks, n_threads);
+    return atomic_load(&job.failed) ? -1 : 0;
 }
 
 /* RoPE of one head of hd values (adjacent channel pairs), the table's cos/sin of one position; fp32
@@ -336,35 +459,38 @@ static void store(void *dst, const float *src, int n, int dtype) {
     }
 }
 
-/* The causal decode step of reference.decode_attention_step_ref, one position per sequence.
-   qkv (B, (KV G + 2 KV) hd) rows ldq apart: [q | k | v], head h = kv * G + g. The caches (B, KV, S,
-   hd) with strides (sb, skv, ss) and unit stride along hd; rope_table (>= S, hd / 2, 2) fp32.
-   Writes rope(k) and v into the caches at pos, then out (B, KV, G, hd) = softmax(q k^T / sqrt(hd))
-   over positions 0..pos, the probabilities rounded to the dtype, times v: fp32 sums rounded once.
-   The (b, kv) heads are split between threads when the caches are long enough to pay for it. */
-int teal_decode_attention_step(int B, int KV, int G, int hd, const void *qkv, long ldq, void *k_cache,
-                               void *v_cache, long sb, long skv, long ss, const float *rope_table, long pos,
-                               void *out, int dtype, int n_threads) {
-    int es = dtype == BF16 ? 2 : 4, failed = 0;
-    long n = pos + 1; /* positions attended to */
+/* One decode attention step, shared by the threads that run its chunks of (b, kv) heads. */
+typedef struct {
+    int B, KV, G, hd, dtype, n_chunks;
+    const void *qkv;
+    void *k_cache, *v_cache, *out;
+    long ldq, sb, skv, ss, pos;
+    const float *cos_sin;
+    atomic_int failed;
+} attention_job;
+
+static void attention_chunk(void *ctx, int chunk) {
+    attention_job *j = ctx;
+    int KV = j->KV, G = j->G, hd = j->hd, dtype = j->dtype, es = dtype == BF16 ? 2 : 4;
+    long n = j->pos + 1, ss = j->ss; /* positions attended to */
     float scale = 1.0f / sqrtf((float)hd);
-    const float *cos_sin = rope_table + pos * hd;
-#pragma omp parallel for num_threads(n_threads) if ((long)B * KV * n * hd > (1L << 18)) reduction(| : failed)
-    for (int bk = 0; bk < B * KV; bk++) {
+    float *buf = thread_scratch(WORK, 3 * (size_t)hd + n);
+    if (buf == NULL) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    float *q = buf, *o = buf + hd, *tmp = buf + 2 * hd, *p = buf + 3 * hd;
+    int heads = j->B * KV;
+    for (int bk = heads * chunk / j->n_chunks; bk < heads * (chunk + 1) / j->n_chunks; bk++) {
         int b = bk / KV, kv = bk % KV;
-        float *buf = thread_scratch(3 * (size_t)hd + n);
-        if (buf == NULL) {
-            failed = 1;
-            continue;
-        }
-        float *q = buf, *o = buf + hd, *tmp = buf + 2 * hd, *p = buf + 3 * hd;
-        const char *row = (const char *)qkv + b * ldq * es;
-        char *kc = (char *)k_cache + (b * sb + kv * skv) * es, *vc = (char *)v_cache + (b * sb + kv * skv) * es;
-        rope_head(tmp, row + ((long)KV * G + kv) * hd * es, cos_sin, hd, dtype); /* this step's k and v */
-        store(kc + pos * ss * es, tmp, hd, dtype);
-        memcpy(vc + pos * ss * es, row + ((long)KV * G + KV + kv) * hd * es, (size_t)hd * es);
+        const char *row = (const char *)j->qkv + b * j->ldq * es;
+        char *kc = (char *)j->k_cache + (b * j->sb + kv * j->skv) * es;
+        char *vc = (char *)j->v_cache + (b * j->sb + kv * j->skv) * es;
+        rope_head(tmp, row + ((long)KV * G + kv) * hd * es, j->cos_sin, hd, dtype); /* this step's k and v */
+        store(kc + j->pos * ss * es, tmp, hd, dtype);
+        memcpy(vc + j->pos * ss * es, row + ((long)KV * G + KV + kv) * hd * es, (size_t)hd * es);
         for (int g = 0; g < G; g++) {
-            rope_head(q, row + ((long)kv * G + g) * hd * es, cos_sin, hd, dtype);
+            rope_head(q, row + ((long)kv * G + g) * hd * es, j->cos_sin, hd, dtype);
             float top = -INFINITY, sum = 0.0f;
             for (long s = 0; s < n; s++) {
                 widen(tmp, kc + s * ss * es, hd, dtype);
@@ -387,8 +513,23 @@ int teal_decode_attention_step(int B, int KV, int G, int hd, const void *qkv, lo
                 for (int d = 0; d < hd; d++)
                     o[d] += p[s] * tmp[d];
             }
-            store((char *)out + (((long)b * KV + kv) * G + g) * hd * es, o, hd, dtype);
+            store((char *)j->out + (((long)b * KV + kv) * G + g) * hd * es, o, hd, dtype);
         }
     }
-    return failed ? -1 : 0;
+}
+
+/* The causal decode step of reference.decode_attention_step_ref, one position per sequence.
+   qkv (B, (KV G + 2 KV) hd) rows ldq apart: [q | k | v], head h = kv * G + g. The caches (B, KV, S,
+   hd) with strides (sb, skv, ss) and unit stride along hd; rope_table (>= S, hd / 2, 2) fp32.
+   Writes rope(k) and v into the caches at pos, then out (B, KV, G, hd) = softmax(q k^T / sqrt(hd))
+   over positions 0..pos, the probabilities rounded to the dtype, times v: fp32 sums rounded once.
+   The (b, kv) heads are split between threads when the caches are long enough to pay for it. */
+int teal_decode_attention_step(int B, int KV, int G, int hd, const void *qkv, long ldq, void *k_cache,
+                               void *v_cache, long sb, long skv, long ss, const float *rope_table, long pos,
+                               void *out, int dtype, int n_threads) {
+    int heads = B * KV, n_chunks = (long)heads * (pos + 1) * hd < (1L << 18) ? 1 : heads < n_threads ? heads : n_threads;
+    attention_job job = {B, KV, G, hd, dtype, n_chunks, qkv, k_cache, v_cache, out, ldq, sb, skv, ss, pos,
+                         rope_table + pos * hd, 0};
+    run_parallel(attention_chunk, &job, n_chunks, n_threads);
+    return atomic_load(&job.failed) ? -1 : 0;
 }
