@@ -171,3 +171,48 @@ def attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, r
     if status:
         raise MemoryError("sparse_kernels: the CPU kernel could not allocate its scratch")
     return out
+
+
+# ---- the kernels as ops of their own, for compiled graphs ----
+# teal::cpu_matvec and teal::cpu_decode_attention_step are registered with torch.library.Library,
+# not torch.library.custom_op: the latter's Python dispatch layers (autograd, redispatch, the
+# dynamo-disabled backend wrapper) cost ~70 us a call, ~10 ms a token over a decode step's 150
+# calls; a Library kernel is reached in ~8 us. Outside torch.compile the functions below call the
+# kernels directly.
+_library = torch.library.Library("teal", "FRAGMENT")
+_library.define("cpu_matvec(Tensor x, Tensor w_t, Tensor? thresholds, int[] splits, Tensor? norm_weight, float eps, "
+                "Tensor? residual, bool silu) -> Tensor")
+_library.define("cpu_decode_attention_step(Tensor qkv, int n_head, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+                "Tensor rope_table, Tensor input_pos) -> Tensor")
+_library.impl("cpu_matvec", matvec, "CPU")
+_library.impl("cpu_decode_attention_step", attention_step, "CPU")
+
+
+@torch.library.register_fake("teal::cpu_matvec")
+def _(x, w_t, thresholds, splits, norm_weight, eps, residual, silu):
+    return x.new_empty(x.shape[0], w_t.shape[1])
+
+
+@torch.library.register_fake("teal::cpu_decode_attention_step")
+def _(qkv, n_head, k_cache, v_cache, rope_table, input_pos):
+    B, KV, _, hd = k_cache.shape
+    return qkv.new_empty(B, KV, n_head // KV, hd)
+
+
+def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int],
+                  norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
+                  silu: bool = False) -> Tensor:
+    """matvec, through its op when compiling (ops.sparse_linear and ops.sparse_silu_down call this where
+    usable(x))."""
+    if torch.compiler.is_compiling():
+        return torch.ops.teal.cpu_matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, silu)
+    return matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, silu)
+
+
+def decode_attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, rope_table: Tensor,
+                          input_pos: Tensor) -> Tensor:
+    """attention_step, through its op when compiling (ops.decode_attention_step calls this where
+    takes_attention)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.teal.cpu_decode_attention_step(qkv, n_head, k_cache, v_cache, rope_table, input_pos)
+    return attention_step(qkv, n_head, k_cache, v_cache, rope_table, input_pos)

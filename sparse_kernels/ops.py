@@ -250,7 +250,8 @@ def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tenso
         return run_triton("silu_down", gate_up, w_t, threshold, [w_t.shape[1]], residual=residual,
                           early_weights=not copied)
     if cpu.usable(gate_up):
-        return _cpu_silu_down(gate_up, w_t, threshold, residual)
+        return cpu.matvec(gate_up, w_t, None if threshold is None else threshold[:1], [w_t.shape[1]],
+                          residual=residual, silu=True)
     return masked_linear(silu_mul(gate_up), w_t, None if threshold is None else threshold[:1], [w_t.shape[1]],
                          residual=residual, matmul=masked_matmul)  # as in _sparse_linear_op
 
@@ -260,15 +261,10 @@ def _(gate_up, w_t, threshold, residual=None):
     return gate_up.new_empty(gate_up.shape[0], w_t.shape[1])
 
 
-# ---- the CPU kernels (cpu.py, cpu_kernels.c) ----
-# eager_cpu_kernel: outside torch.compile the public functions below call the CPU kernels
-# themselves: a custom op's dispatch costs about 20 us a call, 3 ms a token of a 30-layer model.
-# Compiled graphs call the ops, whose CPU branches run the same kernels.
-
-def _cpu_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
-    return cpu.matvec(gate_up, w_t, None if threshold is None else threshold[:1], [w_t.shape[1]],
-                      residual=residual, silu=True)
-
+# cpu_kernels: where the CPU kernels take the inputs, the public functions below call them
+# (cpu.py): directly, or in compiled graphs through their own light ops, since a custom op's
+# dispatch costs ~70 us a call (a decode step makes 150). The custom ops' CPU branches run the
+# same kernels for direct callers of torch.ops.teal.*.
 
 def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight: Optional[Tensor] = None,
                   eps: Optional[float] = None, residual: Optional[Tensor] = None) -> Tensor:
@@ -282,8 +278,8 @@ def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, 
     check_args(x, w_t, thresholds, splits, norm_weight, residual)
     if norm_weight is not None and eps is None:
         raise ValueError("sparse_linear: pass the norm's eps with norm_weight (e.g. the model's norm_eps)")
-    if not torch.compiler.is_compiling() and cpu.usable(x):  # eager_cpu_kernel
-        return cpu.matvec(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual)
+    if cpu.usable(x):  # cpu_kernels
+        return cpu.sparse_linear(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual)
     return _sparse_linear_op(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual)
 
 
@@ -294,8 +290,9 @@ def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor],
     if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
     check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [w_t.shape[1]], residual=residual)
-    if not torch.compiler.is_compiling() and cpu.usable(gate_up):  # eager_cpu_kernel
-        return _cpu_silu_down(gate_up, w_t, threshold, residual)
+    if cpu.usable(gate_up):  # cpu_kernels
+        return cpu.sparse_linear(gate_up, w_t, None if threshold is None else threshold[:1], [w_t.shape[1]],
+                                 residual=residual, silu=True)
     return _sparse_silu_down_op(gate_up, w_t, threshold, residual)
 
 
@@ -413,6 +410,6 @@ def decode_attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Te
             input_pos.numel() != 1:
         raise ValueError(f"decode_attention_step: a RoPE table (>= {S}, {hd // 2}, 2) and one position expected; "
                          f"got {tuple(rope_table.shape)} and {input_pos.numel()} positions")
-    if not torch.compiler.is_compiling() and cpu.takes_attention(qkv, k_cache, v_cache, rope_table):
-        return cpu.attention_step(qkv, int(n_head), k_cache, v_cache, rope_table, input_pos)  # eager_cpu_kernel
+    if cpu.takes_attention(qkv, k_cache, v_cache, rope_table):  # cpu_kernels
+        return cpu.decode_attention_step(qkv, int(n_head), k_cache, v_cache, rope_table, input_pos)
     return _decode_attention_step_op(qkv, int(n_head), k_cache, v_cache, rope_table, input_pos)
