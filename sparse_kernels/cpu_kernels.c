@@ -469,17 +469,39 @@ typedef struct {
     atomic_int failed;
 } attention_job;
 
+/* a . b with eight partial sums: a single running sum is a chain of n dependent multiply-adds. */
+static inline float dot(const float *a, const float *b, int n) {
+    float part[8] = {0.0f};
+    int d = 0;
+    for (; d + 8 <= n; d += 8)
+        for (int i = 0; i < 8; i++)
+            part[i] += a[d + i] * b[d + i];
+    float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (; d < n; d++)
+        sum += a[d] * b[d];
+    return sum;
+}
+
+/* The row of a cache at position s in fp32: the row itself (fp32) or widened into tmp (bf16). */
+static inline const float *cache_row(const char *cache, long s, long ss, int hd, int dtype, float *tmp) {
+    const char *row = cache + s * ss * (dtype == BF16 ? 2 : 4);
+    if (dtype != BF16)
+        return (const float *)row;
+    widen(tmp, row, hd, dtype);
+    return tmp;
+}
+
 static void attention_chunk(void *ctx, int chunk) {
     attention_job *j = ctx;
     int KV = j->KV, G = j->G, hd = j->hd, dtype = j->dtype, es = dtype == BF16 ? 2 : 4;
     long n = j->pos + 1, ss = j->ss; /* positions attended to */
     float scale = 1.0f / sqrtf((float)hd);
-    float *buf = thread_scratch(WORK, 3 * (size_t)hd + n);
+    float *buf = thread_scratch(WORK, (2 * (size_t)G + 1) * hd + (size_t)G * n);
     if (buf == NULL) {
         atomic_store(&j->failed, 1);
         return;
     }
-    float *q = buf, *o = buf + hd, *tmp = buf + 2 * hd, *p = buf + 3 * hd;
+    float *q = buf, *o = q + (size_t)G * hd, *tmp = o + (size_t)G * hd, *p = tmp + hd; /* p: (G, n) */
     int heads = j->B * KV;
     for (int bk = heads * chunk / j->n_chunks; bk < heads * (chunk + 1) / j->n_chunks; bk++) {
         int b = bk / KV, kv = bk % KV;
@@ -489,32 +511,34 @@ static void attention_chunk(void *ctx, int chunk) {
         rope_head(tmp, row + ((long)KV * G + kv) * hd * es, j->cos_sin, hd, dtype); /* this step's k and v */
         store(kc + j->pos * ss * es, tmp, hd, dtype);
         memcpy(vc + j->pos * ss * es, row + ((long)KV * G + KV + kv) * hd * es, (size_t)hd * es);
-        for (int g = 0; g < G; g++) {
-            rope_head(q, row + ((long)kv * G + g) * hd * es, j->cos_sin, hd, dtype);
-            float top = -INFINITY, sum = 0.0f;
+        for (int g = 0; g < G; g++) /* the G query heads of this kv head, each cache row read once for all */
+            rope_head(q + (size_t)g * hd, row + ((long)kv * G + g) * hd * es, j->cos_sin, hd, dtype);
+        for (long s = 0; s < n; s++) {
+            const float *k = cache_row(kc, s, ss, hd, dtype, tmp);
+            for (int g = 0; g < G; g++)
+                p[g * n + s] = dot(q + (size_t)g * hd, k, hd) * scale;
+        }
+        for (int g = 0; g < G; g++) { /* softmax in fp32, the probabilities rounded to the dtype */
+            float *pg = p + g * n, top = -INFINITY, sum = 0.0f;
+            for (long s = 0; s < n; s++)
+                top = pg[s] > top ? pg[s] : top;
             for (long s = 0; s < n; s++) {
-                widen(tmp, kc + s * ss * es, hd, dtype);
-                float dot = 0.0f;
-                for (int d = 0; d < hd; d++)
-                    dot += q[d] * tmp[d];
-                p[s] = dot * scale;
-                top = p[s] > top ? p[s] : top;
-            }
-            for (long s = 0; s < n; s++) {
-                p[s] = exp_f32(p[s] - top);
-                sum += p[s];
+                pg[s] = exp_f32(pg[s] - top);
+                sum += pg[s];
             }
             for (long s = 0; s < n; s++)
-                p[s] /= sum;
-            round_all(p, (int)n, dtype);
-            memset(o, 0, sizeof(float) * hd);
-            for (long s = 0; s < n; s++) {
-                widen(tmp, vc + s * ss * es, hd, dtype);
-                for (int d = 0; d < hd; d++)
-                    o[d] += p[s] * tmp[d];
-            }
-            store((char *)j->out + (((long)b * KV + kv) * G + g) * hd * es, o, hd, dtype);
+                pg[s] /= sum;
+            round_all(pg, (int)n, dtype);
         }
+        memset(o, 0, sizeof(float) * G * hd);
+        for (long s = 0; s < n; s++) {
+            const float *v = cache_row(vc, s, ss, hd, dtype, tmp);
+            for (int g = 0; g < G; g++)
+                for (int d = 0; d < hd; d++)
+                    o[g * hd + d] += p[g * n + s] * v[d];
+        }
+        for (int g = 0; g < G; g++)
+            store((char *)j->out + (((long)b * KV + kv) * G + g) * hd * es, o + (size_t)g * hd, hd, dtype);
     }
 }
 
