@@ -23,6 +23,7 @@ enum { F32 = 0, BF16 = 1 };
 
 #define UNIT 16        /* columns are split in units of 16 (64 bytes of fp32: one cache line) */
 #define ROWS 4         /* kept rows summed per pass over the accumulators */
+#define AHEAD 16       /* rows ahead whose first cache line(s) are prefetched (see stream_f32) */
 #define TILE_BYTES (16 << 10) /* accumulators of one column tile, all batch rows: stay in L1 */
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -255,13 +256,19 @@ static int kept_rows(int *rows, float *vals, const float *h, int B, int K, const
 
 /* One thread's pass over the kept rows for columns [col0, col0 + width) of every batch row:
    acc[b * width + slot(c)] += sum over rows j of vals[j * B + b] * w_t[rows[j], col0 + c].
-   ROWS rows at a time, so the accumulators are read and written once per ROWS rows of weights. */
+   ROWS rows at a time, so the accumulators are read and written once per ROWS rows of weights.
+   Each row's slice is a short stream that the hardware prefetcher only picks up after its first
+   misses; asking for the first line of the rows AHEAD rows on hides that. Timed on SmolLM2's
+   block (one thread, 30 layers, paired runs): dense 15% and 50% sparse 10% faster in fp32, 6-10%
+   in bf16 (two lines there); the whole slice, or 4 lines, gained less. */
 static void stream_f32(float *restrict acc, int B, int width, const int *rows, const float *vals, int n_rows,
                        const float *w, long ldw) {
     int j = 0;
     for (; j + ROWS <= n_rows; j += ROWS) {
         const float *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw, *w2 = w + rows[j + 2] * ldw,
                     *w3 = w + rows[j + 3] * ldw;
+        for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++)
+            __builtin_prefetch(w + rows[r] * ldw);
         for (int b = 0; b < B; b++) {
             const float *v = vals + (long)j * B + b;
             float v0 = v[0], v1 = v[B], v2 = v[2 * B], v3 = v[3 * B];
@@ -304,6 +311,11 @@ static void stream_bf16(float *restrict acc, int B, int width, const int *rows, 
     for (; j + ROWS <= n_rows; j += ROWS) {
         const uint16_t *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw, *w2 = w + rows[j + 2] * ldw,
                        *w3 = w + rows[j + 3] * ldw;
+        for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++) { /* as in stream_f32 */
+            __builtin_prefetch(w + rows[r] * ldw);
+            if (width > 32)
+                __builtin_prefetch(w + rows[r] * ldw + 32);
+        }
         for (int b = 0; b < B; b++) {
             const float *v = vals + (long)j * B + b;
             float v0 = v[0], v1 = v[B], v2 = v[2 * B], v3 = v[3 * B];
