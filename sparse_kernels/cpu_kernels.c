@@ -13,6 +13,7 @@
 */
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -69,7 +70,8 @@ static float *thread_scratch(int slot, size_t floats) {
    50 ms on this project's shared 2-core machine. Here a job is a few chunks that threads claim one
    at a time; the caller claims too, so it finishes the job alone if no helper turns up, and waits
    only for chunks a helper has started. Helpers spin for SPIN_NS after a job (the next matvec of a
-   decode step comes within microseconds), then sleep on a condition variable. */
+   decode step comes within microseconds), then sleep on a condition variable; a caller waiting
+   longer than that for a helper's chunk yields its core. */
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
 #elif defined(__aarch64__)
@@ -164,8 +166,12 @@ static void run_parallel(chunk_fn fn, void *ctx, int n_chunks, int n_threads) {
         pthread_mutex_unlock(&pool.sleep_lock);
     }
     run_claimed(job);
-    while (atomic_load(&pool.done) < n_chunks) /* only chunks a helper is running are left */
-        CPU_RELAX();
+    for (long since = now_ns(); atomic_load(&pool.done) < n_chunks;) { /* chunks a helper is running */
+        if (now_ns() - since < SPIN_NS)
+            CPU_RELAX();
+        else
+            sched_yield(); /* the helper may be waiting for this core */
+    }
     pthread_mutex_unlock(&pool.busy);
 }
 
@@ -259,8 +265,8 @@ static int kept_rows(int *rows, float *vals, const float *h, int B, int K, const
    ROWS rows at a time, so the accumulators are read and written once per ROWS rows of weights.
    Each row's slice is a short stream that the hardware prefetcher only picks up after its first
    misses; asking for the first line of the rows AHEAD rows on hides that. Timed on SmolLM2's
-   block (one thread, 30 layers, paired runs): dense 15% and 50% sparse 10% faster in fp32, 6-10%
-   in bf16 (two lines there); the whole slice, or 4 lines, gained less. */
+   block (one thread, 30 layers, paired runs): dense 10-15% and 50% sparse 2-10% faster in fp32,
+   6-10% in bf16 (two lines there); the whole slice, or 4 lines, gained less. */
 static void stream_f32(float *restrict acc, int B, int width, const int *rows, const float *vals, int n_rows,
                        const float *w, long ldw) {
     int j = 0;
