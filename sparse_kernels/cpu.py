@@ -1,12 +1,15 @@
-"""The CPU matvec kernel (cpu_kernels.c): built with the system C compiler at first use, called through ctypes.
+"""The CPU kernels (cpu_kernels.c): built with the system C compiler at first use, called through ctypes.
 
     y = cpu.matvec(x, w_t, thresholds, splits, norm_weight=None, eps=0.0, residual=None, silu=False)
+    out = cpu.attention_step(qkv, n_head, k_cache, v_cache, rope_table, input_pos)
 
-The shared library is cached under $TEAL_CACHE_DIR (default ~/.cache/teal-fast), keyed by a hash of
-the source, the compiler flags and the machine's CPU flags (-march=native code must not run on
-another CPU). Without a compiler (or with TEAL_CPU_REFERENCE=1) usable() is False and the ops run
-the torch reference; a failed build warns once. The kernel runs on torch.get_num_threads() threads
-(its own small pool, cpu_kernels.c says why not OpenMP's).
+The semantics are reference.py's; ops.py calls these where usable() / takes_attention() say so
+(sparse_linear / decode_attention_step below: through their own light ops when compiling). The
+shared library is cached under $TEAL_CACHE_DIR (default ~/.cache/teal-fast), keyed by a hash of the
+source, the compiler flags and the machine's CPU flags (-march=native code must not run on another
+CPU). Without a compiler (or with TEAL_CPU_REFERENCE=1) nothing is usable and the ops run the torch
+reference; a failed build warns once. The kernels run on torch.get_num_threads() threads (their
+own small pool, cpu_kernels.c says why not OpenMP's).
 """
 import ctypes
 import hashlib
@@ -24,8 +27,9 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-pthread", "-shared", "-fPIC"]
+PORTABLE_FLAGS = [f for f in FLAGS if f != "-march=native"]  # for compilers without -march=native
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-MAX_B = 8  # larger batches (and prompts) are matmuls: the reference's torch math
+MAX_B = 8  # more rows (larger batches, longer prompts) are matmuls: the reference's torch math
 
 _lib = None  # the loaded library, False once a build failed
 
@@ -49,12 +53,17 @@ def library_path(compiler: str) -> Path:
 
 
 def build(compiler: str, out: Path) -> None:
-    """Compile into a temporary file, then rename: concurrent first uses never load half a file."""
+    """Compile into a temporary file, then rename: concurrent first uses never load half a file. Without
+    -march=native if the compiler refuses it (Apple's clang on arm64 did)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        for flags in (FLAGS, PORTABLE_FLAGS):
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if result.returncode == 0:
+                break
+        result.check_returncode()
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -3,6 +3,11 @@
 Tolerances as in test_kernels.py (checks.TOL): the kernel sums in another order than the
 reference's matmul, and its exp (silu, softmax) is its own; the bf16 roundings are the reference's.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,8 +15,9 @@ from sparse_kernels import cpu, decode_attention_step, decode_attention_step_ref
 from sparse_kernels.checks import TOL, reference_op
 from tests.test_kernels import make_inputs
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler: the CPU kernel is not built")
+needs_kernel = pytest.mark.skipif(not cpu.available(), reason="no C compiler: the CPU kernel is not built")
 
+ROOT = Path(__file__).resolve().parent.parent
 F32, BF16 = torch.float32, torch.bfloat16
 # (op, B, K, N, splits, dtype, p, threads); p None: dense (no thresholds). Every fusion, B in 1 2 3 8,
 # the model's shapes and odd ones (odd segment widths, an N the threads cannot share evenly).
@@ -58,6 +64,7 @@ def n_bad(y, ref, tol):
     return int((~((y - ref).abs() <= tol + tol * ref.abs())).sum())  # nan (poison) counts as bad
 
 
+@needs_kernel
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_matvec_matches_reference(case):
     op, B, K, N, splits, dtype, p, threads = case
@@ -69,6 +76,7 @@ def test_matvec_matches_reference(case):
         assert not y.any(), "every input dropped: the output must be exactly 0"
 
 
+@needs_kernel
 def test_matvec_comparison_can_fail():
     """A slightly lower threshold, a norm without its weight or a missing residual is a different result."""
     x, w, thr, norm_w, residual = make_inputs("linear+norm+res", 2, 576, 576, 1, F32, 0.5, seed=3)
@@ -80,6 +88,7 @@ def test_matvec_comparison_can_fail():
     assert n_bad(y, reference_op("linear", x, w, thr, [576], norm_w, None), tol) > 0
 
 
+@needs_kernel
 def test_public_ops_run_the_kernel_and_the_switch_turns_it_off(monkeypatch):
     """sparse_linear / sparse_silu_down (eager, and the custom ops) take the kernel on the CPU; with
     TEAL_CPU_REFERENCE=1 they take the reference, which here gives bitwise the reference's result."""
@@ -112,6 +121,7 @@ def attention_inputs(B, KV, G, hd, S, dtype, seed, strided=False):
     return qkv, k_cache, v_cache, precompute_freqs_cis(S, hd, 10000.0)
 
 
+@needs_kernel
 @pytest.mark.parametrize("B,KV,G,hd,S,pos,dtype,threads,strided", [
     (1, 3, 3, 64, 40, 17, F32, 1, False),
     (1, 3, 3, 64, 40, 39, BF16, 2, False),
@@ -135,6 +145,7 @@ def test_attention_step_matches_reference(B, KV, G, hd, S, pos, dtype, threads, 
     assert pos == 0 or n_bad(out, other, tol) > 0
 
 
+@needs_kernel
 def test_attention_step_takes_the_kernel_and_refuses_a_bad_position():
     qkv, k_cache, v_cache, table = attention_inputs(1, 3, 3, 64, 20, F32, seed=0)
     assert cpu.takes_attention(qkv, k_cache, v_cache, table)
@@ -143,6 +154,7 @@ def test_attention_step_takes_the_kernel_and_refuses_a_bad_position():
         decode_attention_step(qkv, 9, k_cache, v_cache, table, torch.tensor([20]))
 
 
+@needs_kernel
 def test_greedy_text_at_40_percent_is_the_reference_paths(smollm2_checkpoint, smollm2_sparsity, monkeypatch):
     """The embedded model at 40%: the kernels' greedy text is the reference's (TEAL_CPU_REFERENCE=1).
     The two sum in different orders, so a value within rounding of its threshold can fall on the
@@ -164,3 +176,21 @@ def test_greedy_text_at_40_percent_is_the_reference_paths(smollm2_checkpoint, sm
     assert len(calls) >= 23 * 30 * 4  # every decode step's matvecs ran the kernel
     monkeypatch.setenv("TEAL_CPU_REFERENCE", "1")
     assert torch.equal(generate(model, prompt, 24), ours)
+
+
+def test_without_a_compiler_the_ops_run_the_reference(tmp_path):
+    """No C compiler (CC pointing nowhere, an empty cache): one warning, then the reference's results."""
+    script = """
+import warnings, torch
+from sparse_kernels import cpu, sparse_linear, sparse_linear_ref
+x, w, t = torch.randn(1, 64), torch.randn(64, 32), torch.tensor([0.5])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ys = [sparse_linear(x, w, t, [32]) for _ in range(3)]
+assert not cpu.available() and len(caught) == 1 and "torch reference" in str(caught[0].message), caught
+assert all(torch.equal(y, sparse_linear_ref(x, w, t, [32])) for y in ys)
+print("ok")
+"""
+    env = dict(os.environ, CC=str(tmp_path / "no-such-compiler"), TEAL_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
