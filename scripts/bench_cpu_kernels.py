@@ -118,7 +118,7 @@ def run(args):
             for row in bench_shape(*shape, dtype, args.calls)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(config=args.config, threads=torch.get_num_threads(), cpus=os.cpu_count(), torch=torch.__version__,
-                read_bandwidth=bandwidth, eps=EPS, calls=args.calls)
+                read_bandwidth=bandwidth, eps=EPS, calls=args.calls, load_average=os.getloadavg())
     args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=1) + "\n")
     print(f"wrote {args.out}")
 

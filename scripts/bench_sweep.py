@@ -18,6 +18,7 @@ bandwidth of a sum over 512 MB (decoding reads its weights and writes almost not
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -234,7 +235,7 @@ def run(args):
     prefill_rows = prefill_layout_check(model, device, dtype) if (args.prefill_check and on_cuda) else []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(model=name, mode=mode, world_size=world, device=torch.cuda.get_device_name(device) if on_cuda
-                else cpu_name(), threads=torch.get_num_threads(), dtype=str(dtype), torch=torch.__version__, prompt_tokens=prompt.numel(),
+                else cpu_name(), threads=torch.get_num_threads(), load_average=os.getloadavg(), dtype=str(dtype), torch=torch.__version__, prompt_tokens=prompt.numel(),
                 new_tokens=args.max_new_tokens, runs=args.runs, compile_prefill=compile_prefill, compile_s=compile_s,
                 recompiles_after_warmup=recompiles,
                 cudagraph_skips=skips,
