@@ -200,7 +200,9 @@ def run(args):
     if args.compile:
         configure_inductor()
         on_cuda = str(args.device).startswith("cuda")
-        decode_fn = torch.compile(decode_one_token, mode="reduce-overhead" if on_cuda else None, fullgraph=on_cuda)
+        # fullgraph on one CPU process too: the CPU kernels are custom ops, so the step is one graph
+        decode_fn = torch.compile(decode_one_token, mode="reduce-overhead" if on_cuda else None,
+                                  fullgraph=on_cuda or not world)
         if args.compile_prefill:
             prefill_fn = torch.compile(prefill, fullgraph=on_cuda, dynamic=True)
 

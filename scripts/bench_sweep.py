@@ -3,6 +3,8 @@
     python scripts/bench_sweep.py --config Llama-3-8B                  # random weights, real shapes (GPU)
     python scripts/bench_sweep.py --checkpoint_path checkpoints/...     # a real model and its sparsity file
     torchrun --nproc_per_node 2 scripts/bench_sweep.py --config Llama-3-8B
+    python scripts/bench_sweep.py --device cpu --precision fp32 --max_new_tokens 100 \
+        --checkpoint_path checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct --out results/sweep_smollm2_cpu_fp32.json
 
 Protocol (the design page's, section 6): bf16, decode step compiled with mode="reduce-overhead" and
 fullgraph, a 5-token prompt, 200 new tokens, median of 3 runs per level. Thresholds of a random
@@ -10,9 +12,13 @@ model come from calibrate.py's own code on random tokens. A level change is a co
 threshold buffers; the script counts recompilations to prove none happen. Writes JSON and a PNG.
 tokens/s counts every generation's whole time, the prompt's forward included; the table also
 gives that forward alone (prefill ms). --compile_prefill compiles it too (dynamic shapes).
+On the CPU: the decode step compiled with inductor's C++ backend (mode None; fullgraph in one
+process), torch's threads (--threads, default one per core), and the limit column from the read
+bandwidth of a sum over 512 MB (decoding reads its weights and writes almost nothing).
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -23,7 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_kernels import copy_bandwidth  # noqa: E402  (this script's folder)
+from bench_cpu_kernels import read_bandwidth  # noqa: E402  (this script's folder)
+from bench_kernels import copy_bandwidth  # noqa: E402
 from calibrate import calibrate_random  # noqa: E402
 from fileio import atomic_write  # noqa: E402
 from generate import decode_one_token, generate, prefill, run_prefill  # noqa: E402
@@ -92,6 +99,16 @@ def prefill_layout_check(model, device, dtype, lengths=(512, 2048)) -> list:
     return rows
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), with the number of threads torch uses."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else 'cpu'}, {torch.get_num_threads()} threads"
+
+
 def plot(results: list, limit_bw: float, bytes_fns: dict, path: Path, title: str):
     """tok/s against sparsity (one line per weight format, its bandwidth limit dashed) and the speedup
     over the first format's dense."""
@@ -152,6 +169,7 @@ def main(argv=None):
     parser.add_argument("--compile_prefill", action="store_true",
                         help="also compile the prompt forward (dynamic shapes), as generate.py --compile_prefill")
     parser.add_argument("--prefill_check", action="store_true", help="time prompt matmuls vs gpt-fast's layout")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: torch's threads (default: one per core)")
     parser.add_argument("--out", type=Path, default=ROOT / "results/bench_sweep.json")
     run_cli(run, parser.parse_args(argv), "benchmarking the sparsity sweep")
 
@@ -185,6 +203,8 @@ def run(args):
     if unknown:
         raise ValueError(f"--weights {','.join(unknown)}: choose from {', '.join([*DTYPES, *QUANTIZATION_MODES])}")
     rank, world, device = init_distributed(args.device)  # world 0: not under torchrun
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.precision]
     levels = [float(x) for x in args.levels.split(",") if x]
     on_cuda = str(device).startswith("cuda")
@@ -211,9 +231,9 @@ def run(args):
         if on_cuda:
             torch.cuda.empty_cache()
 
-    copy_bw = copy_bandwidth(device) if on_cuda else float("nan")
+    copy_bw = copy_bandwidth(device) if on_cuda else read_bandwidth() if str(device) == "cpu" else float("nan")
     meta = dict(model=name, mode=mode, world_size=world, device=torch.cuda.get_device_name(device) if on_cuda
-                else "cpu", dtype=str(dtype), torch=torch.__version__, prompt_tokens=prompt.numel(),
+                else cpu_name(), threads=torch.get_num_threads(), load_average=os.getloadavg(), dtype=str(dtype), torch=torch.__version__, prompt_tokens=prompt.numel(),
                 new_tokens=args.max_new_tokens, runs=args.runs, compile_prefill=args.compile_prefill and
                 not args.no_compile, compile_s=compile_s, groupsize=args.groupsize if "int4" in formats else None,
                 copy_bandwidth=copy_bw, per_format=meta_runs)
@@ -229,7 +249,7 @@ def run(args):
         if on_cuda and not args.no_compile and runs["cudagraph_skips"]:
             print(f"  CUDA graphs were skipped for {runs['cudagraph_skips']} compiled graph(s) (inductor's log above "
                   f"says why): their tokens/s include a host-side launch per kernel")
-    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s")
+    print(f"{'copy' if on_cuda else 'read'} bandwidth {copy_bw / 1e12:.3f} TB/s")
     for row in meta_runs.get("prefill", []):
         print(f"prefill {row['tokens']} tokens, block matmuls: ours {row['ours_ms']:.3f} ms, "
               f"gpt-fast layout {row['gpt_fast_layout_ms']:.3f} ms ({row['ratio']:.3f}x)")
@@ -256,7 +276,7 @@ def sweep(model, sparsity, mode, levels, prompt, args, device, on_cuda, weights)
     """Dense and every level of one model, in this process: (rows, compile seconds, recompilations, CUDA-graph skips).
     With args.anchor, also the dense decode through torch's products (model.use_fused_kernels(False))."""
     decode_fn = decode_one_token if args.no_compile else torch.compile(
-        decode_one_token, mode="reduce-overhead" if on_cuda else None, fullgraph=on_cuda)
+        decode_one_token, mode="reduce-overhead" if on_cuda else None, fullgraph=on_cuda or not torch.distributed.is_initialized())
     compile_prefill = args.compile_prefill and not args.no_compile
     prefill_fn = torch.compile(prefill, fullgraph=on_cuda, dynamic=True) if compile_prefill else prefill
     compile_s = {}

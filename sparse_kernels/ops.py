@@ -23,6 +23,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from . import cpu
 from .reference import (check_args, decode_attention_ref, decode_attention_step_ref, masked_linear, masked_matmul,
                         out_features, silu_mul, split_qkv)
 
@@ -241,7 +242,10 @@ def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], spli
     if use_triton(x):
         return run_triton("linear", x, w_t, thresholds, splits, norm_weight=norm_weight, eps=eps, residual=residual,
                           early_weights=not copied, scale=scale, zero=zero)
-    # CPU: the reference; CUDA without the kernel (B > 8): the same math, no fp32 copy of float weights
+    if cpu.usable(x, w_t):  # the CPU kernel (cpu_kernels.c)
+        return cpu.matvec(x, w_t, thresholds, splits, norm_weight, eps, residual)
+    # the CPU without its kernel (or quantized weights): the reference; CUDA without the kernel (B > 8): the
+    # same math, no fp32 copy of float weights
     return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual, matmul=masked_matmul, scale=scale,
                          zero=zero)
 
@@ -260,6 +264,8 @@ def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tenso
     if use_triton(gate_up):
         return run_triton("silu_down", gate_up, w_t, threshold, [N], residual=residual, early_weights=not copied,
                           scale=scale, zero=zero)
+    if cpu.usable(gate_up, w_t):
+        return cpu.matvec(gate_up, w_t, None if threshold is None else threshold[:1], [N], residual=residual, silu=True)
     return masked_linear(silu_mul(gate_up), w_t, None if threshold is None else threshold[:1], [N],
                          residual=residual, matmul=masked_matmul, scale=scale, zero=zero)  # as in _sparse_linear_op
 
@@ -268,6 +274,11 @@ def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tenso
 def _(gate_up, w_t, threshold, residual=None, scale=None, zero=None):
     return gate_up.new_empty(gate_up.shape[0], out_features(w_t))
 
+
+# cpu_kernels: where the CPU kernels take the inputs, the public functions below call them
+# (cpu.py): directly, or in compiled graphs through their own light ops, since a custom op's
+# dispatch costs ~70 us a call (a decode step makes 150). The custom ops' CPU branches run the
+# same kernels for direct callers of torch.ops.teal.*.
 
 def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight: Optional[Tensor] = None,
                   eps: Optional[float] = None, residual: Optional[Tensor] = None, scale: Optional[Tensor] = None,
@@ -283,6 +294,8 @@ def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, 
     check_args(x, w_t, thresholds, splits, norm_weight, residual, scale, zero)
     if norm_weight is not None and eps is None:
         raise ValueError("sparse_linear: pass the norm's eps with norm_weight (e.g. the model's norm_eps)")
+    if cpu.usable(x, w_t):  # cpu_kernels
+        return cpu.sparse_linear(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual)
     return _sparse_linear_op(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual, scale, zero)
 
 
@@ -294,6 +307,9 @@ def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], 
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
     check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [out_features(w_t)], residual=residual, scale=scale,
                zero=zero)
+    if cpu.usable(gate_up, w_t):  # cpu_kernels
+        return cpu.sparse_linear(gate_up, w_t, None if threshold is None else threshold[:1], [w_t.shape[1]],
+                                 residual=residual, silu=True)
     return _sparse_silu_down_op(gate_up, w_t, threshold, residual, scale, zero)
 
 
@@ -344,6 +360,8 @@ def _decode_attention_step_op(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache
     # Whole tensors cross the op boundary and the kernel finds the position's angles and the
     # causal mask itself: inductor then computes nothing per layer before the call.
     B, KV, _, hd = k_cache.shape
+    if cpu.takes_attention(qkv, k_cache, v_cache, rope_table):
+        return cpu.attention_step(qkv, n_head, k_cache, v_cache, rope_table, input_pos)
     usable = use_attention_kernel(qkv, hd)
     if usable:  # the caches are written in place, so they must be walkable as they are
         from . import attention
@@ -409,4 +427,6 @@ def decode_attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Te
             input_pos.numel() != 1:
         raise ValueError(f"decode_attention_step: a RoPE table (>= {S}, {hd // 2}, 2) and one position expected; "
                          f"got {tuple(rope_table.shape)} and {input_pos.numel()} positions")
+    if cpu.takes_attention(qkv, k_cache, v_cache, rope_table):  # cpu_kernels
+        return cpu.decode_attention_step(qkv, int(n_head), k_cache, v_cache, rope_table, input_pos)
     return _decode_attention_step_op(qkv, int(n_head), k_cache, v_cache, rope_table, input_pos)

@@ -8,7 +8,6 @@ bf16 2e-2 (1-2 ulps of the rounded output), fp16 4e-3, fp32 2e-4 (summation orde
 """
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -62,7 +61,7 @@ def run_kernel(tk, op, x, w, thr, splits, cfg, norm_w=None, residual=None, scale
 
 def _child():
     """Run in a process with TRITON_INTERPRET=1: every case, results as one JSON line."""
-    assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
+    assert os.environ.get("TRITON_INTERPRET") == "1"  # in the environment from the start: before any import of triton
     from sparse_kernels import triton_kernels as tk
 
     torch.set_num_threads(1)

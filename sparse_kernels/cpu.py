@@ -1,0 +1,229 @@
+"""The CPU kernels (cpu_kernels.c): built with the system C compiler at first use, called through ctypes.
+
+    y = cpu.matvec(x, w_t, thresholds, splits, norm_weight=None, eps=0.0, residual=None, silu=False)
+    out = cpu.attention_step(qkv, n_head, k_cache, v_cache, rope_table, input_pos)
+
+The semantics are reference.py's; ops.py calls these where usable() / takes_attention() say so
+(sparse_linear / decode_attention_step below: through their own light ops when compiling). The
+shared library is cached under $TEAL_CACHE_DIR (default ~/.cache/teal-fast), keyed by a hash of the
+source, the compiler flags and the machine's CPU flags (-march=native code must not run on another
+CPU). Without a compiler (or with TEAL_CPU_REFERENCE=1) nothing is usable and the ops run the torch
+reference; a failed build warns once. The kernels run on torch.get_num_threads() threads (their
+own small pool, cpu_kernels.c says why not OpenMP's).
+"""
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-pthread", "-shared", "-fPIC"]
+PORTABLE_FLAGS = [f for f in FLAGS if f != "-march=native"]  # for compilers without -march=native
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_B = 8  # more rows (larger batches, longer prompts) are matmuls: the reference's torch math
+
+_lib = None  # the loaded library, False once a build failed
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (Linux), or the platform's processor name elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path(compiler: str) -> Path:
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, platform.machine(), cpu_flags()])
+                         .encode()).hexdigest()[:16]
+    root = Path(os.environ.get("TEAL_CACHE_DIR") or Path.home() / ".cache" / "teal-fast")
+    return root / f"cpu_kernels-{key}.so"
+
+
+def build(compiler: str, out: Path) -> None:
+    """Compile into a temporary file, then rename: concurrent first uses never load half a file. Without
+    -march=native if the compiler refuses it (Apple's clang on arm64 did)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        for flags in (FLAGS, PORTABLE_FLAGS):
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if result.returncode == 0:
+                break
+        result.check_returncode()
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def library():
+    """The loaded kernel library, building it first if needed; None without a compiler or after a failed build."""
+    global _lib
+    if _lib is None:
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        _lib = False
+        if compiler is None:
+            warnings.warn("sparse_kernels: no C compiler (cc/gcc) found, so sparse decoding on the CPU runs the "
+                          "slower torch reference; install gcc for the CPU kernel", stacklevel=3)
+            return None
+        path = library_path(compiler)
+        try:
+            if not path.exists():
+                build(compiler, path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", None) or str(e)
+            warnings.warn(f"sparse_kernels: building the CPU kernel failed, so the CPU runs the slower torch "
+                          f"reference ({detail.strip()[-500:]})", stacklevel=3)
+            return None
+        P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        lib.teal_sparse_matvec.argtypes = [I, I, I, P, L, P, L, I, P, P, I, I, P, ctypes.c_float, P, L, P, I]
+        lib.teal_decode_attention_step.argtypes = [I, I, I, I, P, L, P, P, L, L, L, P, L, P, I, I]
+        lib.teal_sparse_matvec.restype = lib.teal_decode_attention_step.restype = I
+        _lib = lib
+    return _lib or None
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the kernel runs at all: the library built and TEAL_CPU_REFERENCE unset (the switch that
+    makes the CPU run the torch reference, e.g. to compare the two). A constant to torch.compile."""
+    return not os.environ.get("TEAL_CPU_REFERENCE") and library() is not None
+
+
+def usable(x: Tensor, w_t: Tensor) -> bool:
+    """Whether the matvec ops run the kernel for input x (B, K) and weights w_t: CPU, fp32 or bf16, 1 to
+    MAX_B rows, weights stored in x's dtype (quantized weights take the reference)."""
+    return (x.device.type == "cpu" and x.dtype in DTYPE_CODES and w_t.dtype == x.dtype and 0 < x.shape[0] <= MAX_B
+            and available())
+
+
+def takes_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope_table: Tensor) -> bool:
+    """Whether the decode attention step runs the kernel: CPU, fp32 or bf16, caches of one layout with
+    unit stride along hd (the kernel writes them in place), an fp32 RoPE table."""
+    return (qkv.device.type == "cpu" and qkv.dtype in DTYPE_CODES and k_cache.stride() == v_cache.stride() and
+            k_cache.stride(-1) == 1 and rope_table.dtype == torch.float32 and available())
+
+
+_segments = {}  # splits -> the ctypes int array the kernel reads
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _unit_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def matvec(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int], norm_weight: Optional[Tensor] = None,
+           eps: float = 0.0, residual: Optional[Tensor] = None, silu: bool = False, out: Optional[Tensor] = None,
+           n_threads: Optional[int] = None) -> Tensor:
+    """The reference's sparse_linear (silu=False) or sparse_silu_down (x = [gate | up], thresholds[:1]) on
+    checked arguments (reference.check_args). out: a contiguous (B, N) tensor to write (default: a new
+    one); n_threads: default torch.get_num_threads(). Lean: a decode step makes 120 of these calls."""
+    B, (K, N) = x.shape[0], w_t.shape
+    x, w_t = _unit_stride(x), _unit_stride(w_t)
+    if norm_weight is not None:
+        norm_weight = _unit_stride(norm_weight)
+    if residual is not None:
+        residual = _unit_stride(residual)
+    if thresholds is None:  # segments only choose thresholds: a dense product is one segment
+        splits = (N,)
+    elif thresholds.dtype != torch.float32 or thresholds.stride(-1) != 1:
+        thresholds = thresholds.to(torch.float32).contiguous()
+    key = tuple(splits)
+    seg = _segments.get(key)
+    if seg is None:
+        seg = _segments[key] = (ctypes.c_int * len(key))(*key)
+    y = torch.empty(B, N, dtype=x.dtype) if out is None else out
+    status = library().teal_sparse_matvec(B, K, N, x.data_ptr(), x.stride(0), w_t.data_ptr(), w_t.stride(0),
+                                          DTYPE_CODES[x.dtype], _ptr(thresholds), seg, len(key), silu,
+                                          _ptr(norm_weight), eps, _ptr(residual),
+                                          0 if residual is None else residual.stride(0), y.data_ptr(),
+                                          n_threads or torch.get_num_threads())
+    if status:
+        raise MemoryError("sparse_kernels: the CPU kernel could not allocate its scratch")
+    return y
+
+
+def attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, rope_table: Tensor,
+                   input_pos: Tensor, out: Optional[Tensor] = None, n_threads: Optional[int] = None) -> Tensor:
+    """reference.decode_attention_step_ref on checked arguments (ops.decode_attention_step) that
+    takes_attention accepts: RoPE, the cache write at input_pos and the attention of one position per
+    sequence -> (B, KV, G, hd)."""
+    B, KV, S, hd = k_cache.shape
+    pos = int(input_pos.reshape(()))
+    if not 0 <= pos < S:
+        raise ValueError(f"decode_attention_step: position {pos} is outside the cache's {S} positions")
+    rows = qkv.reshape(B, -1)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    table = rope_table.contiguous()
+    out = torch.empty(B, KV, n_head // KV, hd, dtype=qkv.dtype) if out is None else out
+    status = library().teal_decode_attention_step(B, KV, n_head // KV, hd, rows.data_ptr(), rows.stride(0),
+                                                  k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3],
+                                                  table.data_ptr(), pos, out.data_ptr(), DTYPE_CODES[qkv.dtype],
+                                                  n_threads or torch.get_num_threads())
+    if status:
+        raise MemoryError("sparse_kernels: the CPU kernel could not allocate its scratch")
+    return out
+
+
+# ---- the kernels as ops of their own, for compiled graphs ----
+# teal::cpu_matvec and teal::cpu_decode_attention_step are registered with torch.library.Library,
+# not torch.library.custom_op: the latter's Python dispatch layers (autograd, redispatch, the
+# dynamo-disabled backend wrapper) cost ~70 us a call, ~10 ms a token over a decode step's 150
+# calls; a Library kernel is reached in ~8 us. Outside torch.compile the functions below call the
+# kernels directly.
+_library = torch.library.Library("teal", "FRAGMENT")
+_library.define("cpu_matvec(Tensor x, Tensor w_t, Tensor? thresholds, int[] splits, Tensor? norm_weight, float eps, "
+                "Tensor? residual, bool silu) -> Tensor")
+_library.define("cpu_decode_attention_step(Tensor qkv, int n_head, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+                "Tensor rope_table, Tensor input_pos) -> Tensor")
+_library.impl("cpu_matvec", matvec, "CPU")
+_library.impl("cpu_decode_attention_step", attention_step, "CPU")
+
+
+@torch.library.register_fake("teal::cpu_matvec")
+def _(x, w_t, thresholds, splits, norm_weight, eps, residual, silu):
+    return x.new_empty(x.shape[0], w_t.shape[1])
+
+
+@torch.library.register_fake("teal::cpu_decode_attention_step")
+def _(qkv, n_head, k_cache, v_cache, rope_table, input_pos):
+    B, KV, _, hd = k_cache.shape
+    return qkv.new_empty(B, KV, n_head // KV, hd)
+
+
+def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int],
+                  norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
+                  silu: bool = False) -> Tensor:
+    """matvec, through its op when compiling (ops.sparse_linear and ops.sparse_silu_down call this where
+    usable(x, w_t))."""
+    if torch.compiler.is_compiling():
+        return torch.ops.teal.cpu_matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, silu)
+    return matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, silu)
+
+
+def decode_attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, rope_table: Tensor,
+                          input_pos: Tensor) -> Tensor:
+    """attention_step, through its op when compiling (ops.decode_attention_step calls this where
+    takes_attention)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.teal.cpu_decode_attention_step(qkv, n_head, k_cache, v_cache, rope_table, input_pos)
+    return attention_step(qkv, n_head, k_cache, v_cache, rope_table, input_pos)
