@@ -12,7 +12,10 @@ KV cache (shared) and on a cache of its own (own, dense verifier only). Greedy s
 emits the verifier's greedy sequence, so the acceptance is measured by replaying the draft on it:
 from every position s of the verifier's plain greedy run, with the verifier's cache before s, the
 draft's steps until the first that disagrees give L(s), the drafts a cycle from s keeps (capped at
-K); cycles then start at T, T + min(L(T), K) + 1, ... One replay serves every K. A run of
+K); cycles then start at T, T + min(L(T), K) + 1, ... One replay serves every K. In fp32 the
+replay's cache (written by decode steps) and a real run's (written by verify passes) differ in the
+last bits, which can move a sparse draft's activation across its threshold and, rarely, its token;
+in fp64 the replay's counts are the run's (tests/test_speculative.py). A run of
 generate.speculative_generate at the best (P, K) checks the replay (its accepted counts) and times
 plain and speculative decoding on this machine (the CPU reference skips no weights: a sparse draft
 step costs a dense one there). JSON: results/speculative_acceptance_smollm2.json; PNG beside it.
@@ -187,16 +190,21 @@ def acceptance_mode(args):
     check = None
     if best is not None and args.check_runs:  # the replay against speculative_generate itself, and speed
         p, k = best["P"], best["K"]
-        agree, spec_s, same_tokens = 0, [], 0
+        spec_s, real, replayed, agree, same_tokens = [], SpeculativeStats(), SpeculativeStats(), 0, 0
         for i, (_, prompt) in enumerate(prompts):
             t0 = time.perf_counter()
             seq, stats = speculative_generate(model, model, prompt, n_new, speculate_k=k, draft_thresholds=level_t[p])
             spec_s.append((time.perf_counter() - t0) / n_new)
             replay = cycles_of(runs[0, "shared", p][i], k, n_new)
+            for total, s in ((real, stats), (replayed, replay)):
+                total.cycles, total.drafted, total.accepted = (total.cycles + s.cycles, total.drafted + s.drafted,
+                                                               total.accepted + s.accepted)
             agree += (stats.cycles, stats.accepted) == (replay.cycles, replay.accepted)
             same_tokens += torch.equal(seq[0], trajectories[0, i][0, :T + n_new])
         plain = [plain_s[0, i] for i in range(len(prompts))]
         check = dict(P=p, K=k, prompts=len(prompts), replay_counts_equal=agree, tokens_equal_plain=same_tokens,
+                     real_tokens_per_verify=real.tokens_per_verify, replay_tokens_per_verify=replayed.tokens_per_verify,
+                     real_acceptance_rate=real.acceptance_rate, replay_acceptance_rate=replayed.acceptance_rate,
                      plain_tokens_per_s=1 / statistics.mean(plain), speculative_tokens_per_s=1 / statistics.mean(spec_s))
 
     meta = dict(model=checkpoint.name, device=str(args.device), dtype=str(dtype), torch=torch.__version__,
@@ -231,7 +239,9 @@ def print_acceptance(rows, best, check):
               f"accepted, ideal speedup {best['ideal_speedup']:.2f}x")
     if check:
         print(f"check at P={check['P']:.2f} K={check['K']}: speculative_generate's counts equal the replay's on "
-              f"{check['replay_counts_equal']}/{check['prompts']} prompts, its tokens equal plain greedy on "
+              f"{check['replay_counts_equal']}/{check['prompts']} prompts (tokens per verify "
+              f"{check['real_tokens_per_verify']:.3f} run, {check['replay_tokens_per_verify']:.3f} replayed: a sparse "
+              f"draft step can move with the last bits of the cache), its tokens equal plain greedy on "
               f"{check['tokens_equal_plain']}/{check['prompts']}; on this CPU plain {check['plain_tokens_per_s']:.2f} "
               f"tok/s, speculative {check['speculative_tokens_per_s']:.2f} tok/s")
 
@@ -424,7 +434,7 @@ def gpu_mode(args):
     for v in verify_levels:
         for i, k in enumerate(ks):
             set_level(model, level_t[v], sparse_prefill=v > 0)  # the verify pass is a multi-position forward
-            verify[v, k] = verify_ms(model, verify_fn, prompt, k, device)
+            verify[v, k] = verify_ms(model, verify_fn, prompt, k, device, runs=args.steps)
             recompiles += count() - compiled_at if i else 0
             compiled_at = count()
             print(f"  verify pass at {v:.2f}, K={k}: {verify[v, k]:.3f} ms", flush=True)
@@ -553,7 +563,7 @@ def main(argv=None):
     parser.add_argument("--acceptance", type=Path, default=None, help=f"GPU mode: default {ACCEPTANCE_JSON}")
     parser.add_argument("--reproject", type=Path, default=None,
                         help="a GPU mode JSON: redo its projection with --acceptance (no GPU needed)")
-    parser.add_argument("--steps", type=int, default=100, help="GPU mode: draft steps per timing")
+    parser.add_argument("--steps", type=int, default=100, help="GPU mode: draft steps (verify passes) per timing")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=sorted(DTYPES), default=None,

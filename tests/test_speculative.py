@@ -111,6 +111,12 @@ def smollm2(smollm2_checkpoint, smollm2_sparsity):
     return load_model(smollm2_checkpoint, "cpu", torch.float32), smollm2_sparsity
 
 
+@pytest.fixture(scope="module")
+def smollm2_fp64(smollm2_checkpoint):
+    """The embedded model in fp64: its rounding cannot reach a TEAL threshold (see the sparse verifier test)."""
+    return load_model(smollm2_checkpoint, "cpu", torch.float64)
+
+
 def held_out_prompts(checkpoint, n: int, length: int) -> list:
     """n prompts of `length` tokens, half from held-out Wikipedia articles, half from botchan."""
     from data import load_text, token_windows
@@ -150,14 +156,13 @@ def test_self_speculative_greedy_is_dense_greedy_on_20_prompts(smollm2, smollm2_
     check_greedy_equals_plain(model, sparsity, held_out_prompts(smollm2_checkpoint, 20, 16), cases, 8)
 
 
-def test_self_speculative_greedy_at_a_sparse_verifier_in_fp64(smollm2_checkpoint, smollm2_sparsity):
+def test_self_speculative_greedy_at_a_sparse_verifier_in_fp64(smollm2_fp64, smollm2_checkpoint, smollm2_sparsity):
     """A sparse verifier: an activation within rounding of its threshold is kept by one summation order and
     dropped by another, which moves the logits by up to ~1 in fp32 (the verify pass and decode steps sum
     in different orders), so fp32 outputs part now and then. In fp64 rounding cannot reach the
     thresholds: the tokens must be plain sparse decoding's."""
-    model = load_model(smollm2_checkpoint, "cpu", torch.float64)
     cases = [(0.5, 3, 0.4), (0.6, 2, 0.4), (0.7, 4, 0.5)]
-    check_greedy_equals_plain(model, smollm2_sparsity, held_out_prompts(smollm2_checkpoint, 4, 16)[:3], cases, 8)
+    check_greedy_equals_plain(smollm2_fp64, smollm2_sparsity, held_out_prompts(smollm2_checkpoint, 4, 16)[:3], cases, 8)
 
 
 def test_own_draft_cache_and_separate_drafts_keep_the_output(smollm2, smollm2_checkpoint):
@@ -247,3 +252,46 @@ def test_speculative_cli_with_a_draft_checkpoint(smollm2_checkpoint, tmp_path):
                      "--draft_checkpoint_path", str(other))
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "share the model's tokenizer" in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------------- scripts/bench_speculative.py
+
+def test_acceptance_replay_counts_what_speculative_generate_does(smollm2_fp64, smollm2_checkpoint, smollm2_sparsity):
+    """The benchmark's replay of the draft on the verifier's greedy run gives the cycles and accepted drafts
+    of speculative_generate itself, for every K from one replay. In fp64: in fp32 the replay's cache and
+    a run's differ in the last bits, enough to move a sparse draft's activation across a threshold."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_speculative import cache_snapshot, cycles_of, draft_runs
+
+    model, sparsity = smollm2_fp64, smollm2_sparsity
+    prompt, n_new, max_k = held_out_prompts(smollm2_checkpoint, 2, 16)[0], 8, 3
+    draft = sparsity.thresholds(0.5, "greedy")
+    seq = plain_greedy(model, prompt, n_new + max_k, None)
+    runs = draft_runs(model, seq, 16, n_new, max_k, cache_snapshot(model), draft)
+    for k in (2, 3):
+        out, stats = speculative_generate(model, model, prompt, n_new, speculate_k=k, draft_thresholds=draft)
+        replay = cycles_of(runs, k, n_new)
+        assert (replay.cycles, replay.drafted, replay.accepted) == (stats.cycles, stats.drafted, stats.accepted)
+        assert torch.equal(out[0], seq[0, :16 + n_new])
+    assert 0 < sum(runs) < len(runs) * max_k
+
+
+def test_bench_speculative_gpu_mode_runs_on_a_cpu(tmp_path):
+    """The GPU mode's whole path (eager, a random SmolLM2-shaped model, one P, K and verifier level): its
+    projection is the acceptance file's tokens per verify over the cycle time it measured."""
+    import json
+
+    acceptance = tmp_path / "acceptance.json"
+    acceptance.write_text(json.dumps(dict(meta=dict(model="test", prompts=1, new_tokens=8), acceptance=[
+        dict(verify=0.0, cache="shared", P=0.5, K=2, tokens_per_verify=2.5, acceptance_rate=0.75)])))
+    out = tmp_path / "projection.json"
+    r = subprocess.run([sys.executable, "scripts/bench_speculative.py", "--device", "cpu", "--config", "SmolLM2-135M",
+                        "--no_compile", "--acceptance", str(acceptance), "--levels", "0.5", "--ks", "2",
+                        "--verify_levels", "0", "--new_tokens", "6", "--runs", "1", "--steps", "2", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert row["cycle_ms"] > 0 and row["draft_step_ms"] > 0 and row["verify_ms"] > 0
+    assert row["projected_tokens_per_s"] == pytest.approx(2.5 / row["cycle_ms"] * 1e3)
+    assert report["best"]["0.0"]["K"] == 2 and out.with_suffix(".png").exists()
