@@ -483,26 +483,76 @@ def gpu_mode(args):
     write_projection(project(report, acceptance_path), out)
 
 
+def step_ms_from_sweep(row: dict, new_tokens: int) -> float:
+    """A decode step's time from a bench_sweep.py row: its generation minus the prompt's forward (which
+    also gives the first token) over the remaining new_tokens - 1 steps."""
+    return (new_tokens / row["tokens_per_s"] * 1e3 - row["prefill_ms"]) / (new_tokens - 1)
+
+
+def bound_mode(args):
+    """--bound SWEEP_JSON: an upper bound of the projection from a bench_sweep.py run (no GPU needed): its
+    decode step times are the draft steps, and a verify pass is taken to cost one plain step at the
+    verifier's level, its floor (it reads the same weights, for k + 1 positions at once); the host work
+    of a cycle is left out. The tokens per verify come from --acceptance."""
+    sweep = json.loads(args.bound.read_text())
+    n = sweep["meta"]["new_tokens"]
+    step = {round(r["level"], 4): step_ms_from_sweep(r, n) for r in sweep["results"]}
+    levels, ks, verify_levels = floats(args.levels), [int(k) for k in args.ks.split(",")], floats(args.verify_levels)
+    missing = sorted({round(v, 4) for v in levels + verify_levels} - set(step))
+    if missing:
+        raise ValueError(f"{args.bound} has no level {missing}: run bench_sweep.py with them in --levels")
+    plain = {v: 1e3 / step[round(v, 4)] for v in verify_levels}
+    results = [dict(verify=v, P=p, K=k, draft_step_ms=step[round(p, 4)], verify_ms=step[round(v, 4)],
+                    cycle_ms=k * step[round(p, 4)] + step[round(v, 4)],
+                    **{"tokens_per_verify_for_1.5x_dense": 1.5 * plain[0] * (k * step[round(p, 4)] + step[round(v, 4)])
+                       / 1e3})
+               for v in verify_levels for p in levels if p > v for k in ks]
+    meta = dict(sweep["meta"], from_sweep=str(args.bound), recompiles_across_levels_and_k=None,
+                projection="UPPER BOUND: tokens/s = tokens per verify measured on the acceptance model / (K decode "
+                           "steps at P + one decode step at the verifier's level), step times from the sweep; the "
+                           "verify pass at its floor and no host work per cycle")
+    report = dict(meta=meta, plain_tokens_per_s={str(v): t for v, t in plain.items()}, results=results,
+                  projection_paths=[])
+    write_projection(project(report, args.acceptance or ACCEPTANCE_JSON), args.out or ROOT / "results/speculative_bound.json")
+
+
 def reproject(args):
     """--reproject GPU_JSON: the projection of its measured costs with another acceptance JSON."""
     report = project(json.loads(args.reproject.read_text()), args.acceptance or ACCEPTANCE_JSON)
     write_projection(report, args.out or args.reproject)
 
 
+def acceptance_for(tokens_per_verify: float, k: int) -> float:
+    """The per-draft acceptance a that yields tokens_per_verify tokens a cycle if every draft is kept with
+    probability a independently (1 + a + ... + a^k); nan if even a = 1 (k + 1 tokens) is too few."""
+    if tokens_per_verify > k + 1:
+        return float("nan")
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        a = (lo + hi) / 2
+        lo, hi = (a, hi) if sum(a ** i for i in range(k + 1)) < tokens_per_verify else (lo, a)
+    return (lo + hi) / 2
+
+
 def print_projection(results, plain, best, paths, recompiles):
     print("\nplain decoding: " + ", ".join(f"{'dense' if v == 0 else f'{v:.2f}'} {t:.1f} tok/s"
-                                             for v, t in plain.items()))
-    print("\n| verifier | P | K | draft ms | verify ms | cycle ms | real tokens/verify | PROJECTED tok/s | "
-          "vs dense | vs plain at verifier | tokens/verify for 1.5x dense | random model tok/s (its acceptance) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                                         for v, t in plain.items()))
+    measured = any("random_model" in r for r in results)
+    print("\n| verifier | P | K | draft ms | verify ms | cycle ms | real tokens/verify | PROJECTED tok/s | vs dense | "
+          "vs plain at verifier | tokens/verify (acceptance) for 1.5x dense |"
+          + (" random model tok/s (its acceptance) |" if measured else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if measured else ""))
     for r in results:
-        rm = r["random_model"]
         proj = (f"{r['real_tokens_per_verify']:.2f} | {r['projected_tokens_per_s']:.1f} | "
                 f"{r['projected_speedup_vs_dense']:.2f}x | {r['projected_speedup_vs_plain_at_verify']:.2f}x"
                 if "projected_tokens_per_s" in r else "- | - | - | -")
-        print(f"| {'dense' if r['verify'] == 0 else r['verify']} | {r['P']:.2f} | {r['K']} | {r['draft_step_ms']:.3f} | "
-              f"{r['verify_ms']:.3f} | {r['cycle_ms']:.2f} | {proj} | {r['tokens_per_verify_for_1.5x_dense']:.2f} | "
-              f"{rm['tokens_per_s']:.1f} ({rm['acceptance_rate']:.2f}) |")
+        need = r["tokens_per_verify_for_1.5x_dense"]
+        line = (f"| {'dense' if r['verify'] == 0 else r['verify']} | {r['P']:.2f} | {r['K']} | {r['draft_step_ms']:.3f} | "
+                f"{r['verify_ms']:.3f} | {r['cycle_ms']:.2f} | {proj} | {need:.2f} ({acceptance_for(need, r['K']):.2f}) |")
+        if measured:
+            rm = r["random_model"]
+            line += f" {rm['tokens_per_s']:.1f} ({rm['acceptance_rate']:.2f}) |"
+        print(line)
     for v, r in best.items():
         if r:
             print(f"best PROJECTION, verifier {v}: P={r['P']:.2f} K={r['K']}: {r['projected_tokens_per_s']:.1f} tok/s "
@@ -511,7 +561,8 @@ def print_projection(results, plain, best, paths, recompiles):
     for r in paths:
         fused = f"{r['fused_dense_us']:.1f}" if r["fused_dense_us"] is not None else "-"
         print(f"block projections over {r['rows']} rows: cuBLAS {r['cublas_us']:.1f} us, fused dense kernel {fused} us")
-    print(f"recompilations across P, K and verifier changes: {recompiles}")
+    if recompiles is not None:
+        print(f"recompilations across P, K and verifier changes: {recompiles}")
 
 
 def plot_projection(results, plain, path: Path, title: str):
@@ -561,6 +612,8 @@ def main(argv=None):
     parser.add_argument("--check_runs", action=argparse.BooleanOptionalAction, default=True,
                         help="acceptance mode: check the replay with speculative_generate at the best (P, K)")
     parser.add_argument("--acceptance", type=Path, default=None, help=f"GPU mode: default {ACCEPTANCE_JSON}")
+    parser.add_argument("--bound", type=Path, default=None,
+                        help="a bench_sweep.py JSON: the projection's upper bound from its step times (no GPU needed)")
     parser.add_argument("--reproject", type=Path, default=None,
                         help="a GPU mode JSON: redo its projection with --acceptance (no GPU needed)")
     parser.add_argument("--steps", type=int, default=100, help="GPU mode: draft steps (verify passes) per timing")
@@ -572,7 +625,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.new_tokens = args.new_tokens or (120 if args.config else 64)
-    run_cli(reproject if args.reproject else gpu_mode if args.config else acceptance_mode, args)
+    run_cli(reproject if args.reproject else bound_mode if args.bound else gpu_mode if args.config else acceptance_mode,
+            args)
 
 
 if __name__ == "__main__":
