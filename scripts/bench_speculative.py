@@ -381,7 +381,7 @@ def projection_path_ms(model, ks, device) -> list:
             return x @ attn.wqkv_t, y @ attn.wo_t, x @ ffn.w13_t, h @ ffn.w2_t
 
         def fused():
-            return (sparse_linear(x, attn.wqkv_t, None, attn.splits), sparse_linear(y, attn.wo_t, None, [x.shape[1]]),
+            return (sparse_linear(x, attn.wqkv_t, None, attn.splits), sparse_linear(y, attn.wo_t, None, [attn.wo_t.shape[1]]),
                     sparse_linear(x, ffn.w13_t, None, [ffn.hidden, ffn.hidden]), sparse_silu_down(gu, ffn.w2_t, None))
 
         fused()  # workspaces grown outside capture
