@@ -352,11 +352,12 @@ def write_projection(report: dict, out: Path):
     out.write_text(json.dumps(report, indent=1) + "\n")
     meta = report["meta"]
     plain = {float(v): t for v, t in report["plain_tokens_per_s"].items()}
+    label = ("UPPER BOUND of the PROJECTION: step times of a bench_sweep run" if "from_sweep" in meta else
+             "PROJECTION: cycle times") + f" ({meta['model']}, {meta['device']})"
     plot_projection(report["results"], plain, out.with_suffix(".png"),
-                    f"PROJECTION: {meta['model']} costs measured on {meta['device']} x acceptance measured on "
-                    f"{meta['acceptance_model']}")
+                    f"{label} x acceptance measured on {meta['acceptance_model']}")
     print_projection(report["results"], plain, report["best"], report["projection_paths"],
-                     meta["recompiles_across_levels_and_k"])
+                     meta["recompiles_across_levels_and_k"], "UPPER BOUND" if "from_sweep" in meta else "PROJECTION")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
@@ -534,11 +535,11 @@ def acceptance_for(tokens_per_verify: float, k: int) -> float:
     return (lo + hi) / 2
 
 
-def print_projection(results, plain, best, paths, recompiles):
+def print_projection(results, plain, best, paths, recompiles, label="PROJECTION"):
     print("\nplain decoding: " + ", ".join(f"{'dense' if v == 0 else f'{v:.2f}'} {t:.1f} tok/s"
                                          for v, t in plain.items()))
     measured = any("random_model" in r for r in results)
-    print("\n| verifier | P | K | draft ms | verify ms | cycle ms | real tokens/verify | PROJECTED tok/s | vs dense | "
+    print(f"\n| verifier | P | K | draft ms | verify ms | cycle ms | real tokens/verify | {label} tok/s | vs dense | "
           "vs plain at verifier | tokens/verify (acceptance) for 1.5x dense |"
           + (" random model tok/s (its acceptance) |" if measured else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if measured else ""))
@@ -555,7 +556,7 @@ def print_projection(results, plain, best, paths, recompiles):
         print(line)
     for v, r in best.items():
         if r:
-            print(f"best PROJECTION, verifier {v}: P={r['P']:.2f} K={r['K']}: {r['projected_tokens_per_s']:.1f} tok/s "
+            print(f"best {label}, verifier {v}: P={r['P']:.2f} K={r['K']}: {r['projected_tokens_per_s']:.1f} tok/s "
                   f"({r['projected_speedup_vs_dense']:.2f}x dense, {r['projected_speedup_vs_plain_at_verify']:.2f}x "
                   f"plain at the verifier's level)")
     for r in paths:

@@ -295,3 +295,28 @@ def test_bench_speculative_gpu_mode_runs_on_a_cpu(tmp_path):
     assert row["cycle_ms"] > 0 and row["draft_step_ms"] > 0 and row["verify_ms"] > 0
     assert row["projected_tokens_per_s"] == pytest.approx(2.5 / row["cycle_ms"] * 1e3)
     assert report["best"]["0.0"]["K"] == 2 and out.with_suffix(".png").exists()
+
+
+def test_bench_speculative_bound_from_a_sweep(tmp_path):
+    """--bound: a cycle is K draft steps at P and one step at the verifier's level, each step the sweep's
+    generation time less its prompt over the remaining tokens."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_speculative import acceptance_for, main
+
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps(dict(meta=dict(model="m", device="d", new_tokens=11), results=[
+        dict(level=0.0, tokens_per_s=100.0, prefill_ms=10.0), dict(level=0.5, tokens_per_s=200.0, prefill_ms=5.0)])))
+    acceptance = tmp_path / "acceptance.json"
+    acceptance.write_text(json.dumps(dict(meta=dict(model="a", prompts=1, new_tokens=8), acceptance=[
+        dict(verify=0.0, cache="shared", P=0.5, K=2, tokens_per_verify=2.5, acceptance_rate=0.75)])))
+    out = tmp_path / "bound.json"
+    main(["--bound", str(sweep), "--acceptance", str(acceptance), "--levels", "0.5", "--ks", "2,3",
+          "--verify_levels", "0", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    dense_ms, half_ms = (110 - 10) / 10, (55 - 5) / 10  # (11 tokens' time - the prompt) / 10 steps
+    assert [r["cycle_ms"] for r in rows] == pytest.approx([2 * half_ms + dense_ms, 3 * half_ms + dense_ms])
+    assert rows[0]["projected_tokens_per_s"] == pytest.approx(2.5 / (2 * half_ms + dense_ms) * 1e3)
+    assert "projected_tokens_per_s" not in rows[1]  # no acceptance measured for K = 3
+    assert acceptance_for(1 + 0.5 + 0.25, 2) == pytest.approx(0.5) and math.isnan(acceptance_for(3.5, 2))
