@@ -207,7 +207,8 @@ def speculative_generate(model: Transformer, draft_model: Transformer, prompt: T
                          prefill_fn=prefill):
     """prompt (T,) -> ((1, T + n), SpeculativeStats) with n <= max_new_tokens, the tokens the verifier
     (model at verify_thresholds; None: dense) generates, fewer if a stop id came. draft_model proposes
-    speculate_k tokens a cycle at draft_thresholds: `model` itself (self-speculative, one shared KV cache)
+    speculate_k tokens a cycle (fewer where fewer are missing) at draft_thresholds: `model` itself
+    (self-speculative, one shared KV cache)
     or another model (its own cache; the same vocabulary). Greedy drafts are decode_fn steps, sampled
     ones draft_fn steps; the verification is one verify_fn forward. The prompt runs as generate() runs
     it (dense unless sparse_prefill), and the model is left at the verify level, as set_level leaves it.
@@ -238,12 +239,11 @@ def speculative_generate(model: Transformer, draft_model: Transformer, prompt: T
     if draft_model.args.vocab_size != model.args.vocab_size:
         raise ValueError(f"the draft model has {draft_model.args.vocab_size} tokens, the model "
                          f"{model.args.vocab_size}: the draft must share the model's tokenizer")
-    device, k = prompt.device, speculate_k
+    device = prompt.device
     shared = draft_model is model
     T = prompt.numel()
-    total = T + max_new_tokens + k + 1  # a verify pass may write k positions past the last token kept
-    for m in {id(model): model, id(draft_model): draft_model}.values():
-        m.setup_caches(max_batch_size=1, max_seq_length=total)
+    for m in {id(model): model, id(draft_model): draft_model}.values():  # the cache generate() sets up, whatever K
+        m.setup_caches(max_batch_size=1, max_seq_length=T + max_new_tokens)
     loaded = {}  # id(model) -> the thresholds in its buffers
 
     def at_level(m, thresholds, steps: bool):
@@ -269,6 +269,7 @@ def speculative_generate(model: Transformer, draft_model: Transformer, prompt: T
     greedy = temperature <= 0
     pos = T  # cur's position: not yet in any cache
     while len(out) < max_new_tokens and out[-1] not in stops:
+        k = min(speculate_k, max_new_tokens - len(out))  # no drafts past the last token: pos + k < T + max_new_tokens
         at_level(draft_model, draft_thresholds, steps=True)
         base = torch.tensor([pos], device=device)
         tok, drafts, qs = cur, [], []

@@ -18,7 +18,8 @@ last bits, which can move a sparse draft's activation across its threshold and, 
 in fp64 the replay's counts are the run's (tests/test_speculative.py). A run of
 generate.speculative_generate at the best (P, K) checks the replay (its accepted counts) and times
 plain and speculative decoding on this machine (the CPU reference skips no weights: a sparse draft
-step costs a dense one there). JSON: results/speculative_acceptance_smollm2.json; PNG beside it.
+step costs a dense one there). JSON: results/speculative_acceptance_smollm2.json (with every replay's
+L(s), so any K up to the largest can be recounted); PNG beside it.
 
 GPU mode (--config NAME: random weights, bf16, uniform thresholds calibrated on random tokens as in
 bench_sweep.py; decode step compiled with mode="reduce-overhead", the verify pass compiled once with
@@ -105,11 +106,13 @@ def draft_runs(model, seq, prompt_len: int, n_starts: int, max_k: int, snapshot:
 
 def cycles_of(runs: list, k: int, new_tokens: int) -> SpeculativeStats:
     """The cycles speculative_generate runs with K = k over a sequence whose replay gave runs: the prompt's
-    forward yields one token, each cycle from position s keeps min(L(s), k) drafts and one token more."""
+    forward yields one token, each cycle from position s drafts k' = min(k, tokens still missing) and
+    keeps min(L(s), k') drafts and one token more."""
     stats, s, produced = SpeculativeStats(), 0, 1
     while produced < new_tokens:
-        n = min(runs[s], k)
-        stats.cycles, stats.drafted, stats.accepted = stats.cycles + 1, stats.drafted + k, stats.accepted + n
+        k_cycle = min(k, new_tokens - produced)
+        n = min(runs[s], k_cycle)
+        stats.cycles, stats.drafted, stats.accepted = stats.cycles + 1, stats.drafted + k_cycle, stats.accepted + n
         produced += n + 1
         s += n + 1
     return stats
@@ -215,7 +218,10 @@ def acceptance_mode(args):
                 dense_bytes_per_token=dense_bytes, seconds=time.perf_counter() - t_start)
     out = args.out or ACCEPTANCE_JSON
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, acceptance=rows, best=best, check=check), indent=1) + "\n")
+    replays = [dict(verify=v, cache=cache, P=p, runs=per_prompt) for (v, cache, p), per_prompt in runs.items()]
+    out.write_text(json.dumps(dict(meta=meta, acceptance=rows, best=best, check=check), indent=1)[:-2]
+                   + ',\n "replays": ' + json.dumps(replays, separators=(",", ":")).replace("},{", "},\n  {")
+                   + "\n}\n")
     plot_acceptance(rows, out.with_suffix(".png"), f"{checkpoint.name}: greedy self-speculative acceptance, "
                                                     f"{len(prompts)} held-out prompts x {n_new} tokens")
     print_acceptance(rows, best, check)
@@ -606,7 +612,7 @@ def main(argv=None):
     parser.add_argument("--mode", choices=("greedy", "uniform"), default=None,
                         help="acceptance mode's levels (default greedy); GPU mode: uniform")
     parser.add_argument("--levels", default="0.5,0.6,0.7,0.8,0.9", help="draft levels P")
-    parser.add_argument("--ks", default="2,4,6,8", help="draft lengths K")
+    parser.add_argument("--ks", default="1,2,4,6,8", help="draft lengths K")
     parser.add_argument("--verify_levels", default="0,0.4", help="verifier levels (0: dense)")
     parser.add_argument("--sources", default="wiki-eval,botchan", help="acceptance mode: held-out text sources")
     parser.add_argument("--prompts", type=int, default=4, help="acceptance mode: prompts per source")
