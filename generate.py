@@ -3,6 +3,8 @@
     python generate.py --prompt "The capital of France is"
     python generate.py --sparsity 0.4 --compile
     python generate.py --random_weights Llama-3-8B --compile --device cuda
+    python generate.py --speculate_k 2 --draft_sparsity 0.5     # the model drafts at 50%, its dense self verifies
+    python generate.py --speculate_k 4 --draft_checkpoint_path DIR   # a separate draft with the same tokenizer
 """
 import argparse
 import time

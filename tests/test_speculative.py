@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate import (accept_greedy, accept_sampled, check_speculative_args, generate, multinomial_sample_one_no_sync,
-                      set_level, speculative_generate)
+from generate import (accept_greedy, accept_sampled, check_speculative_args, decode_one_token, generate,
+                      multinomial_sample_one_no_sync, set_level, speculative_generate, verify_pass)
 from loader import load_model, share_weights
 from model import ModelArgs, Transformer
 
@@ -320,3 +320,33 @@ def test_bench_speculative_bound_from_a_sweep(tmp_path):
     assert rows[0]["projected_tokens_per_s"] == pytest.approx(2.5 / (2 * half_ms + dense_ms) * 1e3)
     assert "projected_tokens_per_s" not in rows[1]  # no acceptance measured for K = 3
     assert acceptance_for(1 + 0.5 + 0.25, 2) == pytest.approx(0.5) and math.isnan(acceptance_for(3.5, 2))
+
+
+def test_new_draft_levels_and_lengths_trace_no_new_graph():
+    """A new P is a threshold copy and a new K another width of the dynamic-shape verify pass: after the
+    first run at each verifier level, the traced graphs stay as they were (dynamo's eager backend: the
+    guards, without inductor's compile time)."""
+    from torch._dynamo.utils import counters
+
+    from calibrate import calibrate
+    from test_calibrate import random_tokens, small_model
+
+    torch._dynamo.reset()
+    model = small_model()
+    sparsity = calibrate(model, random_tokens(model), greedy_seqs=0, progress=False)
+    decode_fn = torch.compile(decode_one_token, backend="eager")
+    verify_fn = torch.compile(verify_pass, backend="eager", dynamic=True)
+    prompt = torch.tensor([5, 7, 11, 13, 17], dtype=torch.int)
+
+    def run(p, k, verify):
+        verify_t = None if verify is None else sparsity.thresholds(verify, "uniform")
+        seq, _ = speculative_generate(model, model, prompt, 8, speculate_k=k, verify_thresholds=verify_t,
+                                      draft_thresholds=sparsity.thresholds(p, "uniform"), decode_fn=decode_fn,
+                                      verify_fn=verify_fn)
+        return seq
+
+    run(0.5, 2, None), run(0.5, 2, 0.3)  # the dense and the sparse verify pass, the sparse decode step
+    traced = counters["stats"]["unique_graphs"]
+    for p, k, verify in [(0.7, 3, None), (0.6, 4, 0.3), (0.8, 6, None), (0.5, 5, 0.4)]:
+        run(p, k, verify)
+    assert counters["stats"]["unique_graphs"] == traced
