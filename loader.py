@@ -110,6 +110,17 @@ def random_model(config_name: str, device, dtype, seed: int = 0, tp=None) -> Tra
     return finish_model(model, device)
 
 
+def share_weights(model: Transformer) -> Transformer:
+    """A second model over the same weight tensors (no copy) with its own KV cache, thresholds and flags:
+    e.g. a self-speculative draft that keeps a cache of its own. Not under tensor parallelism."""
+    if model.tp[1] > 1:
+        raise ValueError("share_weights: a sharded model's twin would need its process group; run one process")
+    with torch.device("meta"):
+        twin = Transformer(model.args)
+    twin.load_state_dict(model.state_dict(), assign=True, strict=True)
+    return finish_model(twin, model.tok_embeddings.weight.device)
+
+
 def finish_model(model: Transformer, device) -> Transformer:
     # Buffers (thresholds) were created on the meta device; give them real storage.
     for block in model.layers:

@@ -98,7 +98,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="default: torch's (the number of cores)")
     parser.add_argument("--calls", type=int, default=200, help="timed calls per case (the median is reported)")
     parser.add_argument("--out", type=Path, default=ROOT / "results/bench_cpu_kernels.json")
-    run_cli(run, parser.parse_args(argv))
+    run_cli(run, parser.parse_args(argv), "benchmarking the CPU kernels")
 
 
 def run(args):

@@ -8,7 +8,7 @@ Optional fusions of a decoder block: norm_weight -> the input is rms_norm(x, nor
 (sparse_linear); residual -> the output is residual + y (both ops).
 
 Rounding: |x| is compared with the float32 threshold exactly (|x| widened to fp32); products
-are summed in fp32 and the sum is rounded once to x.dtype. silu_mul computes
+are summed in fp32 (fp64 for fp64 inputs) and the sum is rounded once to x.dtype. silu_mul computes
 silu(gate) * up in fp32 and rounds once to the input dtype, as the fused kernel does.
 rms_norm rounds the normalised x to x.dtype, then multiplies by the weight in that dtype (Llama's
 order); the residual add rounds y first, then the sum (as `residual + y` in the model).
@@ -123,9 +123,15 @@ def masked_matmul(xm: Tensor, w_t: Tensor) -> Tensor:
     return fp32_matmul(xm, w_t)
 
 
+def accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are taken in: fp32, or the inputs' own if wider (fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def fp32_matmul(xm: Tensor, w: Tensor) -> Tensor:
-    """xm (B, K) @ w (K, n) in fp32, rounded once to xm.dtype."""
-    return (xm.float() @ w.float()).to(xm.dtype)
+    """xm (B, K) @ w (K, n) in fp32 (fp64 inputs: fp64), rounded once to xm.dtype."""
+    acc = accumulator(xm.dtype)
+    return (xm.to(acc) @ w.to(acc)).to(xm.dtype)
 
 
 def masked_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight=None, eps: float = 0.0,
@@ -185,9 +191,10 @@ def gap_threshold(values, p):
 
 
 def decode_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q (B, KV, G, hd), k/v (B, KV, S, hd), mask (S,) bool -> (B, KV, G, hd). Scores in fp32,
-    softmax over the masked-in positions, probabilities rounded to q.dtype for p @ v."""
-    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, KV, G, S), fp32 as the kernel's
+    """q (B, KV, G, hd), k/v (B, KV, S, hd), mask (S,) bool -> (B, KV, G, hd). Scores in fp32 (fp64
+    for fp64 inputs), softmax over the masked-in positions, probabilities rounded to q.dtype for p @ v."""
+    acc = accumulator(q.dtype)
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, KV, G, S), fp32 as the kernel's
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
     return probs @ v
 
