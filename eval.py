@@ -105,6 +105,21 @@ def main(argv=None):
     run_cli(run, args, "running lm-eval tasks" if args.lm_eval else "evaluating perplexity")
 
 
+def load_for_eval(args, levels: list, modes: list):
+    """(model, tokenizer, sparsity file or None without levels); a bad level or mode is refused now,
+    not after the dense pass."""
+    model = load_model(args.checkpoint_path, args.device, resolve_dtype(args))
+    tokenizer = load_tokenizer(args.checkpoint_path, model.args.vocab_size)
+    sparsity_file = None
+    if levels:
+        path = args.sparsity_file or args.checkpoint_path / "sparsity.json"
+        sparsity_file = SparsityFile.load(path, model, args.checkpoint_path)
+        for mode in modes:
+            for level in levels:
+                sparsity_file.thresholds(level, mode)
+    return model, tokenizer, sparsity_file
+
+
 def run(args):
     if args.lm_eval:
         return run_lm_eval(args)
@@ -119,19 +134,11 @@ def run(args):
     for r in regimes:
         if r not in ("all", "decode"):
             raise ValueError(f"unknown regime {r!r}; use all and/or decode")
-    dtype = resolve_dtype(args)
-    model = load_model(args.checkpoint_path, args.device, dtype)
-    tokenizer = load_tokenizer(args.checkpoint_path, model.args.vocab_size)
+    model, tokenizer, sparsity_file = load_for_eval(args, levels, modes)
+    dtype = model.tok_embeddings.weight.dtype  # the activations'
     ids = tokenizer.encode(load_text(args.data))
     windows = token_windows(ids, args.windows, args.window_len, args.seed)
     print(f"{args.data}: {len(ids)} tokens, {len(windows)} windows x {args.window_len}", flush=True)
-    sparsity_file = None
-    if levels:
-        path = args.sparsity_file or args.checkpoint_path / "sparsity.json"
-        sparsity_file = SparsityFile.load(path, model, args.checkpoint_path)
-        for mode in modes:  # refuse a bad level or mode now, not after the dense pass
-            for level in levels:
-                sparsity_file.thresholds(level, mode)
 
     def scored_for(regime):
         if args.scored is not None:
@@ -196,16 +203,8 @@ def run_lm_eval(args):
     check_tasks(tasks, manager)
     levels = [p for p in parse_levels(args.sparsity) if p > 0]  # level 0 is the dense row
     modes = [m for m in args.modes.split(",") if m] if levels else []
-    dtype = resolve_dtype(args)
-    model = load_model(args.checkpoint_path, args.device, dtype)
-    tokenizer = load_tokenizer(args.checkpoint_path, model.args.vocab_size)
-    sparsity_file = None
-    if levels:
-        path = args.sparsity_file or args.checkpoint_path / "sparsity.json"
-        sparsity_file = SparsityFile.load(path, model, args.checkpoint_path)
-        for mode in modes:  # refuse a bad level or mode now, not after the dense pass
-            for level in levels:
-                sparsity_file.thresholds(level, mode)
+    model, tokenizer, sparsity_file = load_for_eval(args, levels, modes)
+    dtype = model.tok_embeddings.weight.dtype  # the activations'
     lm = TealLM(model, tokenizer, batch_size=args.batch_size)
 
     rows = []

@@ -58,6 +58,15 @@ except ImportError:  # older Triton: pdl_enabled is False, so the kernels never 
 
 
 @triton.jit
+def _program(SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr):
+    """This program's tile: (pid_n, pid_k, first column n0, first row k0 of its K chunk, its index among
+    the grid's programs, the step's row offsets (BLOCK_K,))."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    return pid_n, pid_k, pid_n * BLOCK_N, pid_k * K_CHUNK, pid_n * SPLIT + pid_k, tl.arange(0, BLOCK_K)
+
+
+@triton.jit
 def sparse_matvec_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, thr_ptr, y_ptr, part_ptr, count_ptr, idx_ptr, xs_ptr, nw_ptr, res_ptr,
     B, K, N, stride_x, stride_w, stride_y, stride_r, eps,
@@ -70,12 +79,7 @@ def sparse_matvec_kernel(
     PDL: tl.constexpr, TRIGGER: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """y = [residual +] x_kept @ W^T, keeping x[b, k] iff |x[b, k]| > the threshold of the column's segment."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n0 = pid_n * BLOCK_N
-    offs_j = tl.arange(0, BLOCK_K)
-    k0 = pid_k * K_CHUNK
-    prog = pid_n * SPLIT + pid_k
+    pid_n, pid_k, n0, k0, prog, offs_j = _program(SPLIT, BLOCK_N, BLOCK_K, K_CHUNK)
     idx_base = idx_ptr + prog * K_CHUNK
     xs_base = xs_ptr + prog * (B_X * K_CHUNK)
     if PDL:  # the previous kernel's writes (x, the workspace) are visible from here on
@@ -126,12 +130,8 @@ def dense_matvec_kernel(
     PDL: tl.constexpr, TRIGGER: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """y = [residual +] x @ W^T: every row of the chunk, the first DEPTH steps' rows requested before anything else."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n0 = pid_n * BLOCK_N
-    offs_j = tl.arange(0, BLOCK_K)
-    k0 = pid_k * K_CHUNK
-    xs_base = xs_ptr + (pid_n * SPLIT + pid_k) * (B_X * K_CHUNK)
+    pid_n, pid_k, n0, k0, prog, offs_j = _program(SPLIT, BLOCK_N, BLOCK_K, K_CHUNK)
+    xs_base = xs_ptr + prog * (B_X * K_CHUNK)
     count = tl.minimum(K - k0, K_CHUNK)
     wa, wb, wc, wd = _first_rows(w_ptr, xs_base, count, k0, offs_j, n0, N, stride_w, BLOCK_N, BLOCK_K, DEPTH, EVEN_N,
                                  WEIGHTS, True, False)

@@ -12,23 +12,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loader import finish_model, load_model
-from model import ModelArgs, Transformer, scales_of
+from loader import load_model
+from model import Transformer, scales_of
 from quantize import BLOCK_WEIGHTS, quantize_int4, quantize_int8, quantize_model
 from sparse_kernels import dequantize, pack_int4, unpack_int4
 from teal import SparsityFile, weight_bytes_per_token
+from tests.test_calibrate import small_model
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = dict(block_size=256, vocab_size=128, n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128)
-
-
-def small_model(seed=0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**SMALL, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
-    return finish_model(model, "cpu")
 
 
 def test_pack_unpack_int4_round_trip():
