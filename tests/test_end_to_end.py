@@ -34,7 +34,7 @@ def test_france_and_chat(smollm2):
 
 def test_perplexity_in_expected_range(smollm2):
     """The design page expects about 25 on 64 x 512 held-out Wikipedia tokens; a broken rotary layout gives ~300.
-    Here 8 windows to keep CI fast; the README reports the 64-window figure."""
+    Here 8 windows to keep CI fast; the README reports 16 windows."""
     from data import load_text, token_windows
 
     model, tok = smollm2
