@@ -1,4 +1,4 @@
-"""Writing a file whole or not at all.
+"""Writing a file whole or not at all; reading a JSON object with a one-line error.
 
     with atomic_write("results/eval.json") as tmp:      # tmp: a Path in the same folder
         tmp.write_text(text)                             # or save_file(tensors, str(tmp)), fig.savefig(tmp)
@@ -9,6 +9,7 @@ new one, never half of one. If the body raises (an error, Ctrl-C), the temporary
 and the old target is left as it was. Imports nothing of the project.
 """
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -40,3 +41,15 @@ def file_mode(path: Path) -> int:
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+def read_json_object(path: Path, remedy: str, what: str = "a JSON object") -> dict:
+    """The JSON object in file `path`; text that is not JSON, or JSON that is not an object, is a
+    one-line ValueError naming the file, what it should hold and the remedy (what to do)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e}): {remedy}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not {what}: {remedy}")
+    return data

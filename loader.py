@@ -9,13 +9,13 @@ in scripts/ write both). Loading reads one tensor at a time and,
 under tensor parallelism, keeps only this rank's shard.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from fileio import read_json_object
 from model import QUANTIZATION_MODES, ModelArgs, Transformer, keeps_stored_dtype
 from teal import MAX_LEVEL
 from tp import close_distributed, shard_model, shard_tensor
@@ -72,13 +72,7 @@ def read_checkpoint_config(checkpoint_dir) -> ModelArgs:
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {CONVERT_AGAIN}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not JSON ({e}): {CONVERT_AGAIN}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of model settings: "
-                         f"{CONVERT_AGAIN}") from None
+    config = read_json_object(path, CONVERT_AGAIN, "an object of model settings")
     try:
         return ModelArgs.from_dict(config)
     except ValueError as e:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fileio import atomic_write  # noqa: E402
+from fileio import atomic_write, read_json_object  # noqa: E402
 from loader import run_cli  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
@@ -133,13 +133,7 @@ def convert(src: Path, out: Path, dtype=None):
     config_path = src / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: download the model first (scripts/download.py)")
-    try:
-        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_path} is not JSON ({e}): download the model again") from None
-    if not isinstance(hf_config, dict):
-        raise ValueError(f"{config_path} is not a JSON object: download the model again")
-    args = model_args_from_hf(hf_config)
+    args = model_args_from_hf(read_json_object(config_path, "download the model again"))
     print(f"Converting {src} ({args.n_layer} layers, dim {args.dim}) ...", flush=True)
     state = convert_state(read_hf_weights(src), args)
     if dtype is not None:

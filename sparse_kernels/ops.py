@@ -305,11 +305,11 @@ def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], 
     (or quantized, as sparse_linear); residual (B, N), if given, added to the output."""
     if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
-    check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [out_features(w_t)], residual=residual, scale=scale,
-               zero=zero)
+    N = out_features(w_t)
+    check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [N], residual=residual, scale=scale, zero=zero)
     if cpu.usable(gate_up, w_t):  # cpu_kernels
-        return cpu.sparse_linear(gate_up, w_t, None if threshold is None else threshold[:1], [w_t.shape[1]],
-                                 residual=residual, silu=True)
+        return cpu.sparse_linear(gate_up, w_t, None if threshold is None else threshold[:1], [N], residual=residual,
+                                 silu=True)
     return _sparse_silu_down_op(gate_up, w_t, threshold, residual, scale, zero)
 
 
