@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_kernels import (decode_attention, decode_attention_step, dequantize, out_features, rms_norm, rope,
-                            silu_mul, sparse_linear, sparse_silu_down)
+                            silu_mul, sparse_linear, sparse_silu_down, weight_columns)
 from sparse_kernels.cpu import usable as cpu_kernel_usable
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -211,15 +211,11 @@ def scales_of(module: nn.Module, name: str) -> tuple:
     return getattr(module, f"{name}_scale"), getattr(module, f"{name}_zero")
 
 
-def weight_columns(module: nn.Module, name: str, start: int, end: int) -> tuple:
-    """Columns start..end of W^T `name` as stored, and their (scale, zero): views, no copy. int4 holds
-    two columns a byte, so start and end must be even."""
-    w, (scale, zero) = getattr(module, name), scales_of(module, name)
-    per_byte = 2 if w.dtype == torch.uint8 else 1
-    if start % per_byte or end % per_byte:
-        raise ValueError(f"{name}: int4 columns {start}..{end} split a byte; take an even range")
-    return w[:, start // per_byte:end // per_byte], (None if scale is None else scale[..., start:end],
-                                                      None if zero is None else zero[..., start:end])
+def columns_of(module: nn.Module, name: str, start: int, end: int) -> tuple:
+    """Columns start..end of W^T `name` as stored, and their (scale, zero): views, no copy (int4: an
+    even range, sparse_kernels.weight_columns)."""
+    w, *quant = weight_columns(getattr(module, name), *scales_of(module, name), start, end)
+    return w, tuple(quant)
 
 
 def keeps_stored_dtype(name: str, t: Tensor) -> bool:
@@ -355,7 +351,7 @@ class Attention(nn.Module):
         threshold (1,) its own (calibration's greedy recomputes only the part whose threshold moves)."""
         s = "qkv".index(part)
         start = sum(self.splits[:s])
-        w, quant = weight_columns(self, "wqkv_t", start, start + self.splits[s])
+        w, quant = columns_of(self, "wqkv_t", start, start + self.splits[s])
         return linear_t(x, w, threshold, [self.splits[s]], sparse, norm=norm, quant=quant, fused=self.fused)
 
     def heads(self, qkv: Tensor, freqs_cis: Tensor):
@@ -423,7 +419,7 @@ class FeedForward(nn.Module):
     def project_one(self, part: str, x: Tensor, norm, threshold: Tensor, sparse: bool) -> Tensor:
         """gate or up alone, as project_gate_up computes it: (B, T, D) -> (B, T, I) (see Attention.project_one)."""
         start = ("gate", "up").index(part) * self.hidden
-        w, quant = weight_columns(self, "w13_t", start, start + self.hidden)
+        w, quant = columns_of(self, "w13_t", start, start + self.hidden)
         return linear_t(x, w, threshold, [self.hidden], sparse, norm=norm, quant=quant, fused=self.fused)
 
     def project_down(self, gate_up: Tensor, x: Tensor, threshold: Tensor, sparse: bool) -> Tensor:

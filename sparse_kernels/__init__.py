@@ -15,8 +15,8 @@ All are torch.library custom ops (teal::...), so torch.compile captures them who
 """
 from .ops import decode_attention, decode_attention_step, sparse_linear, sparse_silu_down
 from .reference import (decode_attention_ref, decode_attention_step_ref, dequantize, out_features, pack_int4,
-                        rms_norm, rope, silu_mul, sparse_linear_ref, sparse_silu_down_ref, unpack_int4)
+                        rms_norm, rope, silu_mul, sparse_linear_ref, sparse_silu_down_ref, unpack_int4, weight_columns)
 
 __all__ = ["sparse_linear", "sparse_silu_down", "sparse_linear_ref", "sparse_silu_down_ref", "silu_mul", "rms_norm",
            "rope", "decode_attention", "decode_attention_ref", "decode_attention_step", "decode_attention_step_ref",
-           "dequantize", "out_features", "pack_int4", "unpack_int4"]
+           "dequantize", "out_features", "pack_int4", "unpack_int4", "weight_columns"]

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import cpu
 from .reference import (check_args, decode_attention_ref, decode_attention_step_ref, masked_linear, masked_matmul,
-                        out_features, silu_mul, split_qkv)
+                        out_features, silu_mul, split_qkv, weight_columns)
 
 MAX_B = 8  # larger batches take the reference math
 CONFIG_PATH = Path(__file__).with_name("configs.json")
@@ -207,10 +207,8 @@ def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], sp
     silu = op == "silu_down"
     if len(bounds) <= 3 and not any(b % cfg["BLOCK_N"] for b in bounds):
         pieces = [(w_t, scale, zero, thresholds, bounds, y, residual)]
-    else:  # odd splits: one launch per segment on column views (int4: columns 2m and 2m + 1 share a byte)
-        per_byte = 2 if weights == "int4" else 1
-        pieces = [(w_t[:, a // per_byte:(a + n) // per_byte], None if scale is None else scale[..., a:a + n],
-                   None if zero is None else zero[..., a:a + n], thresholds[s:s + 1], [], y[:, a:a + n],
+    else:  # odd splits: one launch per segment on column views
+        pieces = [(*weight_columns(w_t, scale, zero, a, a + n), thresholds[s:s + 1], [], y[:, a:a + n],
                    None if residual is None else residual[:, a:a + n])
                   for s, (a, n) in enumerate(zip([0] + bounds, splits))]
     for wp, sp, zp, tp, bp, yp, rp in pieces:

@@ -50,6 +50,16 @@ def out_features(w_t: Tensor) -> int:
     return w_t.shape[1] * (2 if w_t.dtype == torch.uint8 else 1)
 
 
+def weight_columns(w_t: Tensor, scale: Optional[Tensor], zero: Optional[Tensor], start: int, end: int) -> tuple:
+    """Columns start..end of a stored W^T and of its scale and zero (None stays None), as views: no
+    copy. int4 holds columns 2m and 2m + 1 in one byte, so there start and end must be even."""
+    per_byte = 2 if w_t.dtype == torch.uint8 else 1
+    if start % per_byte or end % per_byte:
+        raise ValueError(f"int4 columns {start}..{end} split a byte; take an even range")
+    return (w_t[:, start // per_byte:end // per_byte], None if scale is None else scale[..., start:end],
+            None if zero is None else zero[..., start:end])
+
+
 def check_args(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, norm_weight=None, residual=None,
                scale=None, zero=None) -> None:
     if x.dim() != 2 or w_t.dim() != 2:
