@@ -25,6 +25,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from .reference import contiguous_rows
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-pthread", "-shared", "-fPIC"]
 PORTABLE_FLAGS = [f for f in FLAGS if f != "-march=native"]  # for compilers without -march=native
@@ -126,10 +128,6 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _unit_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def matvec(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int], norm_weight: Optional[Tensor] = None,
            eps: float = 0.0, residual: Optional[Tensor] = None, silu: bool = False, out: Optional[Tensor] = None,
            n_threads: Optional[int] = None) -> Tensor:
@@ -137,11 +135,8 @@ def matvec(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[in
     checked arguments (reference.check_args). out: a contiguous (B, N) tensor to write (default: a new
     one); n_threads: default torch.get_num_threads(). Lean: a decode step makes 120 of these calls."""
     B, (K, N) = x.shape[0], w_t.shape
-    x, w_t = _unit_stride(x), _unit_stride(w_t)
-    if norm_weight is not None:
-        norm_weight = _unit_stride(norm_weight)
-    if residual is not None:
-        residual = _unit_stride(residual)
+    x, w_t, norm_weight, residual = (contiguous_rows(x), contiguous_rows(w_t), contiguous_rows(norm_weight),
+                                     contiguous_rows(residual))
     if thresholds is None:  # segments only choose thresholds: a dense product is one segment
         splits = (N,)
     elif thresholds.dtype != torch.float32 or thresholds.stride(-1) != 1:
@@ -170,9 +165,7 @@ def attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, r
     pos = int(input_pos.reshape(()))
     if not 0 <= pos < S:
         raise ValueError(f"decode_attention_step: position {pos} is outside the cache's {S} positions")
-    rows = qkv.reshape(B, -1)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = contiguous_rows(qkv.reshape(B, -1))
     table = rope_table.contiguous()
     out = torch.empty(B, KV, n_head // KV, hd, dtype=qkv.dtype) if out is None else out
     status = library().teal_decode_attention_step(B, KV, n_head // KV, hd, rows.data_ptr(), rows.stride(0),

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from . import cpu
-from .reference import (check_args, decode_attention_ref, decode_attention_step_ref, masked_linear, masked_matmul,
-                        out_features, silu_mul, split_qkv, weight_columns)
+from .reference import (check_args, contiguous_rows, decode_attention_ref, decode_attention_step_ref, masked_linear,
+                        masked_matmul, out_features, silu_mul, split_qkv, weight_columns)
 
 MAX_B = 8  # larger batches take the reference math
 CONFIG_PATH = Path(__file__).with_name("configs.json")
@@ -218,15 +218,10 @@ def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], sp
     return y
 
 
-def _contiguous_rows(t: Optional[Tensor]) -> Optional[Tensor]:
-    """t with unit stride along its last axis, as the kernels read every tensor (None stays None)."""
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
 def _weights(w_t: Tensor):
     """(w_t with unit column stride, whether that took a copy): a dense kernel must not read a
     copy made by the kernel just before it ahead of its wait (triton_kernels.launch)."""
-    rows = _contiguous_rows(w_t)
+    rows = contiguous_rows(w_t)
     return rows, rows is not w_t
 
 
@@ -234,8 +229,8 @@ def _weights(w_t: Tensor):
 def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int],
                       norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
                       scale: Optional[Tensor] = None, zero: Optional[Tensor] = None) -> Tensor:
-    x, (w_t, copied) = _contiguous_rows(x), _weights(w_t)
-    residual, thresholds, norm_weight, scale, zero = (_contiguous_rows(t) for t in (residual, thresholds, norm_weight,
+    x, (w_t, copied) = contiguous_rows(x), _weights(w_t)
+    residual, thresholds, norm_weight, scale, zero = (contiguous_rows(t) for t in (residual, thresholds, norm_weight,
                                                                                     scale, zero))
     if use_triton(x):
         return run_triton("linear", x, w_t, thresholds, splits, norm_weight=norm_weight, eps=eps, residual=residual,
@@ -256,8 +251,8 @@ def _(x, w_t, thresholds, splits, norm_weight=None, eps=0.0, residual=None, scal
 @torch.library.custom_op("teal::sparse_silu_down", mutates_args=())
 def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], residual: Optional[Tensor] = None,
                          scale: Optional[Tensor] = None, zero: Optional[Tensor] = None) -> Tensor:
-    gate_up, (w_t, copied) = _contiguous_rows(gate_up), _weights(w_t)
-    residual, threshold, scale, zero = (_contiguous_rows(t) for t in (residual, threshold, scale, zero))
+    gate_up, (w_t, copied) = contiguous_rows(gate_up), _weights(w_t)
+    residual, threshold, scale, zero = (contiguous_rows(t) for t in (residual, threshold, scale, zero))
     N = out_features(w_t)
     if use_triton(gate_up):
         return run_triton("silu_down", gate_up, w_t, threshold, [N], residual=residual, early_weights=not copied,
@@ -322,7 +317,7 @@ def _attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], r
     part, counts, _, _ = workspace(q.device, *attention.workspace_sizes(B * KV, G, hd, k.shape[2], n_sm=n_sm,
                                                                        step=rope is not None), 0, 0)
     mask = None if mask is None else mask.contiguous()
-    attention.launch(_contiguous_rows(q), k, v, mask, out, part, counts, n_sm=n_sm, rope=rope)
+    attention.launch(contiguous_rows(q), k, v, mask, out, part, counts, n_sm=n_sm, rope=rope)
     return out.view(B, KV, G, hd)
 
 
@@ -370,7 +365,7 @@ def _decode_attention_step_op(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache
             _warn_once("decode_attention_step: the Triton kernel does not take these inputs (head size, cache or "
                        "RoPE table layout); running the slower torch reference")
         return decode_attention_step_ref(qkv, n_head, k_cache, v_cache, rope_table, input_pos)
-    q, k, v = split_qkv(_contiguous_rows(qkv), n_head, KV, hd)
+    q, k, v = split_qkv(contiguous_rows(qkv), n_head, KV, hd)
     return _attention_triton(q, k_cache, v_cache, None, rope=(k, v, rope_table, input_pos.reshape(1)))
 
 

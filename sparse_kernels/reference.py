@@ -45,6 +45,11 @@ def keep_mask(x: Tensor, threshold: Tensor) -> Tensor:
     return x.abs().float() > threshold.float()
 
 
+def contiguous_rows(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t with unit stride along its last axis, as the kernels read every tensor (None stays None)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def out_features(w_t: Tensor) -> int:
     """N of a stored W^T: its columns, twice its bytes a row for int4 (uint8, two values a byte)."""
     return w_t.shape[1] * (2 if w_t.dtype == torch.uint8 else 1)
