@@ -212,12 +212,13 @@ def run(args):
     tp = (rank, world) if world else None
     mode = args.mode or ("greedy" if args.checkpoint_path else "uniform")
     results, compile_s, bytes_fns, meta_runs = [], {}, {}, {}
+    copy_bw = copy_bandwidth(device) if on_cuda else read_bandwidth() if str(device) == "cpu" else float("nan")
+    tp_label = f"TP={world}" if world else "single process"
     for weights in formats:
         t0 = time.perf_counter()
         model, sparsity, name, prompt = build(args, weights, device, dtype if weights not in DTYPES else
                                               DTYPES[weights], tp)
         prompt = prompt.to(device=device, dtype=torch.int)
-        tp_label = f"TP={world}" if world else "single process"
         print(f"{name} {weights}: model ready in {time.perf_counter() - t0:.1f} s ({tp_label}, {device})", flush=True)
         rows, seconds, recompiles, skips = sweep(model, sparsity, mode, levels, prompt, args, device, on_cuda, weights)
         compile_s[weights] = seconds
@@ -230,18 +231,18 @@ def run(args):
         del model
         if on_cuda:
             torch.cuda.empty_cache()
-
-    copy_bw = copy_bandwidth(device) if on_cuda else read_bandwidth() if str(device) == "cpu" else float("nan")
-    meta = dict(model=name, mode=mode, world_size=world, device=torch.cuda.get_device_name(device) if on_cuda
-                else cpu_name(), threads=torch.get_num_threads(), load_average=os.getloadavg(), dtype=str(dtype), torch=torch.__version__, prompt_tokens=prompt.numel(),
-                new_tokens=args.max_new_tokens, runs=args.runs, compile_prefill=args.compile_prefill and
-                not args.no_compile, compile_s=compile_s, groupsize=args.groupsize if "int4" in formats else None,
-                copy_bandwidth=copy_bw, per_format=meta_runs)
-    if rank == 0:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(args.out) as tmp:
-            tmp.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
-        plot(results, copy_bw, bytes_fns, args.out.with_suffix(".png"), f"{name}, {meta['device']}, {tp_label}")
+        meta = dict(model=name, mode=mode, world_size=world,
+                    device=torch.cuda.get_device_name(device) if on_cuda else cpu_name(),
+                    threads=torch.get_num_threads(), load_average=os.getloadavg(), dtype=str(dtype),
+                    torch=torch.__version__, prompt_tokens=prompt.numel(), new_tokens=args.max_new_tokens,
+                    runs=args.runs, compile_prefill=args.compile_prefill and not args.no_compile, compile_s=compile_s,
+                    groupsize=args.groupsize if "int4" in formats else None, copy_bandwidth=copy_bw,
+                    per_format=meta_runs)
+        if rank == 0:  # after each format, so that a run cut short keeps the formats it finished
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(args.out) as tmp:
+                tmp.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
+            plot(results, copy_bw, bytes_fns, args.out.with_suffix(".png"), f"{name}, {meta['device']}, {tp_label}")
     for weights, seconds in compile_s.items():
         runs = meta_runs[weights]
         print(f"{weights}: compile {', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())}; recompilations after "
