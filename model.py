@@ -18,6 +18,7 @@ from torch import Tensor
 
 from sparse_kernels import (decode_attention, decode_attention_step, dequantize, out_features, rms_norm, rope,
                             silu_mul, sparse_linear, sparse_silu_down, weight_columns)
+from sparse_kernels.cpu import linear as cpu_linear
 from sparse_kernels.cpu import usable as cpu_kernel_usable
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -512,11 +513,16 @@ class Transformer(nn.Module):
     def head(self, x: Tensor) -> Tensor:
         """Logits (B, T, V) in float32 of the final normed states x (B, T, D). A quantized head runs
         as a block's dense projection (the fused kernel in a decode step on CUDA); a tied head is the
-        embedding table, in the model's dtype."""
+        embedding table, in the model's dtype (on the CPU up to 8 rows take the kernel's product in
+        this layout: torch's fp32 one read the table at a third of the bandwidth, cpu_kernels.c)."""
+        fused = self.layers[0].attention.fused
         if hasattr(self, "output_t"):
             return linear_t(x, self.output_t, None, [self.args.vocab_size], False, quant=scales_of(self, "output_t"),
-                            fused=self.layers[0].attention.fused).float()
+                            fused=fused).float()
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
+        rows = x.reshape(-1, x.shape[-1])  # (B T, D)
+        if fused and cpu_kernel_usable(rows, head):
+            return cpu_linear(rows, head).view(*x.shape[:-1], -1).float()
         return F.linear(x, head).float()
 
     def set_thresholds(self, thresholds: Tensor):

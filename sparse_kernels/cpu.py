@@ -2,6 +2,7 @@
 
     y = cpu.matvec(x, w_t, thresholds, splits, norm_weight=None, eps=0.0, residual=None, silu=False)
     out = cpu.attention_step(qkv, n_head, k_cache, v_cache, rope_table, input_pos)
+    y = cpu.linear_rows(x, w)        # x @ w.T, w (N, K) in nn.Linear's layout: the tied LM head
 
 The semantics are reference.py's; ops.py calls these where usable() / takes_attention() say so
 (sparse_linear / decode_attention_step below: through their own light ops when compiling). The
@@ -95,7 +96,8 @@ def library():
         P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         lib.teal_sparse_matvec.argtypes = [I, I, I, P, L, P, L, I, P, P, I, I, P, ctypes.c_float, P, L, P, I]
         lib.teal_decode_attention_step.argtypes = [I, I, I, I, P, L, P, P, L, L, L, P, L, P, I, I]
-        lib.teal_sparse_matvec.restype = lib.teal_decode_attention_step.restype = I
+        lib.teal_linear_rows.argtypes = [I, I, I, P, L, P, L, I, P, I]
+        lib.teal_sparse_matvec.restype = lib.teal_decode_attention_step.restype = lib.teal_linear_rows.restype = I
         _lib = lib
     return _lib or None
 
@@ -156,6 +158,19 @@ def matvec(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[in
     return y
 
 
+def linear_rows(x: Tensor, w: Tensor, out: Optional[Tensor] = None, n_threads: Optional[int] = None) -> Tensor:
+    """x (B, K) @ w.T for w (N, K) in nn.Linear's layout (a tied LM head: the embedding table), where
+    usable(x, w): fp32 sums rounded once to x's dtype, as F.linear -> (B, N)."""
+    B, (N, K) = x.shape[0], w.shape
+    x, w = contiguous_rows(x), contiguous_rows(w)
+    y = torch.empty(B, N, dtype=x.dtype) if out is None else out
+    status = library().teal_linear_rows(B, K, N, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
+                                        DTYPE_CODES[x.dtype], y.data_ptr(), n_threads or torch.get_num_threads())
+    if status:
+        raise MemoryError("sparse_kernels: the CPU kernel could not allocate its scratch")
+    return y
+
+
 def attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, rope_table: Tensor,
                    input_pos: Tensor, out: Optional[Tensor] = None, n_threads: Optional[int] = None) -> Tensor:
     """reference.decode_attention_step_ref on checked arguments (ops.decode_attention_step) that
@@ -178,23 +193,30 @@ def attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, r
 
 
 # ---- the kernels as ops of their own, for compiled graphs ----
-# teal::cpu_matvec and teal::cpu_decode_attention_step are registered with torch.library.Library,
-# not torch.library.custom_op: the latter's Python dispatch layers (autograd, redispatch, the
-# dynamo-disabled backend wrapper) cost ~70 us a call, ~10 ms a token over a decode step's 150
-# calls; a Library kernel is reached in ~8 us. Outside torch.compile the functions below call the
-# kernels directly.
+# teal::cpu_matvec, cpu_linear_rows and cpu_decode_attention_step are registered with
+# torch.library.Library, not torch.library.custom_op: the latter's Python dispatch layers (autograd,
+# redispatch, the dynamo-disabled backend wrapper) cost ~70 us a call, ~10 ms a token over a decode
+# step's 150 calls; a Library kernel is reached in ~8 us. Outside torch.compile the functions below
+# call the kernels directly.
 _library = torch.library.Library("teal", "FRAGMENT")
 _library.define("cpu_matvec(Tensor x, Tensor w_t, Tensor? thresholds, int[] splits, Tensor? norm_weight, float eps, "
                 "Tensor? residual, bool silu) -> Tensor")
 _library.define("cpu_decode_attention_step(Tensor qkv, int n_head, Tensor(a!) k_cache, Tensor(b!) v_cache, "
                 "Tensor rope_table, Tensor input_pos) -> Tensor")
+_library.define("cpu_linear_rows(Tensor x, Tensor w) -> Tensor")
 _library.impl("cpu_matvec", matvec, "CPU")
+_library.impl("cpu_linear_rows", linear_rows, "CPU")
 _library.impl("cpu_decode_attention_step", attention_step, "CPU")
 
 
 @torch.library.register_fake("teal::cpu_matvec")
 def _(x, w_t, thresholds, splits, norm_weight, eps, residual, silu):
     return x.new_empty(x.shape[0], w_t.shape[1])
+
+
+@torch.library.register_fake("teal::cpu_linear_rows")
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0])
 
 
 @torch.library.register_fake("teal::cpu_decode_attention_step")
@@ -211,6 +233,13 @@ def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: 
     if torch.compiler.is_compiling():
         return torch.ops.teal.cpu_matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, silu)
     return matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, silu)
+
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    """linear_rows, through its op when compiling."""
+    if torch.compiler.is_compiling():
+        return torch.ops.teal.cpu_linear_rows(x, w)
+    return linear_rows(x, w)
 
 
 def decode_attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, rope_table: Tensor,

@@ -110,6 +110,46 @@ def test_public_ops_run_the_kernel_and_the_switch_turns_it_off(monkeypatch):
     assert len(calls) == 3
 
 
+@needs_kernel
+@pytest.mark.parametrize("B,K,N,dtype,threads", [
+    (1, 576, 4099, F32, 2), (1, 576, 4099, BF16, 2), (3, 100, 1000, F32, 3), (8, 577, 333, BF16, 2),
+    (2, 7, 64, F32, 1),  # K shorter than the 16 partial sums
+])
+def test_linear_rows_matches_f_linear(B, K, N, dtype, threads):
+    """The LM head's product in nn.Linear's layout against F.linear on the same values (fp32 sums
+    rounded once); a row of w changed changes its output alone (every row read, none twice)."""
+    g = torch.Generator().manual_seed(B * K + N)
+    x = torch.randn(B, 2 * K, generator=g).to(dtype)[:, ::2]  # rows 2K apart, last-axis stride 2: made contiguous
+    w = torch.randn(N, K + 3, generator=g).to(dtype)[:, :K]  # rows K + 3 apart
+    out = torch.full((B, N), float("nan"), dtype=dtype)
+    y = cpu.linear_rows(x, w, out=out, n_threads=threads)
+    ref = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+    assert n_bad(y, ref, TOL[dtype]) == 0, f"max error {(y.float() - ref.float()).abs().max():.3g}"
+    w2 = w.clone()
+    w2[N // 2] += 1.0
+    y2 = cpu.linear_rows(x, w2, n_threads=threads)
+    changed = (y2 != y).any(dim=0).nonzero().flatten().tolist()
+    assert changed == [N // 2]
+
+
+@needs_kernel
+def test_model_head_takes_the_kernel_on_the_cpu(monkeypatch):
+    """A tied head of up to 8 rows runs linear_rows; the logits match F.linear's."""
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(n_layer=1, n_head=2, dim=64, intermediate_size=96, vocab_size=300,
+                                  block_size=32, tie_embeddings=True))
+    calls = []
+    real = cpu.linear_rows
+    monkeypatch.setattr(cpu, "linear_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(1, 3, 64)
+    logits = model.head(x)
+    assert calls == [1] and logits.shape == (1, 3, 300)
+    ref = torch.nn.functional.linear(x, model.tok_embeddings.weight)
+    assert n_bad(logits, ref, TOL[F32]) == 0
+
+
 def attention_inputs(B, KV, G, hd, S, dtype, seed, strided=False):
     """qkv, caches full of random values (the kernel must write only position pos), a RoPE table."""
     from model import precompute_freqs_cis
