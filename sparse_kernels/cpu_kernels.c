@@ -4,11 +4,10 @@
    h = x, rms_norm(x) * norm_weight, or silu(gate) * up: the reference's roundings (its docstring).
 
    A decode step's matvec is bound by memory bandwidth, so the work is arranged around the bytes
-   of W^T. The caller forms the inputs and the kept-row lists; then the threads split the output
-   columns (each streams its column slice of every kept row, no reduction between threads, so the
-   sums do not depend on the thread count), weighted by the kept rows of each column's segment so
-   that a segment with a low threshold does not leave the other threads idle. Weights are fp32 or
-   bf16; products are summed in fp32. Also the product in nn.Linear's layout (a tied LM head) and
+   of W^T. The caller forms the inputs and the kept-row lists; then the threads split each
+   segment's kept rows (each streams whole rows, its own partial sums), and the caller adds the
+   parts (teal_sparse_matvec says why rows, not columns). Weights are fp32 or bf16; products are
+   summed in fp32. Also the product in nn.Linear's layout (a tied LM head) and
    the decode attention step (RoPE, cache write, attention). Built by sparse_kernels/cpu.py (cc -O3
    -march=native -pthread).
 */
@@ -23,7 +22,7 @@
 
 enum { F32 = 0, BF16 = 1 };
 
-#define UNIT 16        /* columns are split in units of 16 (64 bytes of fp32: one cache line) */
+#define UNIT 16        /* column tiles are multiples of 16 columns (64 bytes of fp32: one cache line) */
 #define ROWS 4         /* kept rows summed per pass over the accumulators */
 #define AHEAD 16       /* rows ahead whose first cache line(s) are prefetched (see stream_f32) */
 #define TILE_BYTES (16 << 10) /* accumulators of one column tile, all batch rows: stay in L1 */
@@ -50,11 +49,11 @@ static inline float load(const void *p, long i, int dtype) {
 static inline float round_to(float v, int dtype) { return dtype == BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
 /* Per-thread scratch, grown on demand and kept (the threads live as long as the process): slot
-   INPUTS holds a call's inputs and kept-row lists (the caller's, read by every thread of the
-   call), slot WORK a thread's accumulators. */
-enum { INPUTS = 0, WORK = 1 };
-static __thread float *scratch[2];
-static __thread size_t scratch_floats[2];
+   INPUTS holds a call's inputs and kept-row lists and slot SUMS its parts' partial sums (the
+   caller's, read or written by every thread of the call), slot WORK a thread's attention buffers. */
+enum { INPUTS = 0, WORK = 1, SUMS = 2 };
+static __thread float *scratch[3];
+static __thread size_t scratch_floats[3];
 
 static float *thread_scratch(int slot, size_t floats) {
     if (floats > scratch_floats[slot]) {
@@ -358,76 +357,65 @@ static void stream_bf16(float *restrict acc, int B, int width, const int *rows, 
     }
 }
 
-/* The columns [*lo, *hi) of thread t of T: equal shares of the work, a column of segment s costing
-   its segment's kept rows (plus one, for the output), in units of UNIT columns inside a segment. */
-static void thread_columns(int t, int T, int n_seg, const int *splits, const int *n_kept, long *lo, long *hi) {
-    double total = 0.0;
-    for (int s = 0; s < n_seg; s++)
-        total += (double)splits[s] * (n_kept[s] + 1);
-    double from = total * t / T, to = total * (t + 1) / T, done = 0.0;
-    long start = 0;
-    *lo = *hi = -1;
-    for (int s = 0; s < n_seg; s++) {
-        double cost = n_kept[s] + 1;
-        for (long c = 0; c < splits[s]; c += UNIT) { /* a unit belongs to the thread its first column's work falls in */
-            if (*lo < 0 && done >= from)
-                *lo = start + c;
-            if (*hi < 0 && done >= to)
-                *hi = start + c;
-            long width = splits[s] - c < UNIT ? splits[s] - c : UNIT;
-            done += cost * width;
-        }
-        start += splits[s];
-    }
-    if (*lo < 0)
-        *lo = start;
-    if (*hi < 0 || t == T - 1)
-        *hi = start;
+/* One matvec, shared by the threads that run its chunks: chunk c sums part c % parts of the kept
+   rows of segment c / parts over the segment's columns, into its own plane of partial sums. */
+typedef struct {
+    int B, K, N, dtype, parts;
+    const void *w;
+    long ldw;
+    const int *splits, *n_kept;
+    const long *seg_start;  /* the first column of each segment */
+    const float *lists;     /* segment s's kept rows (ints) and their inputs at lists + s * per_seg */
+    size_t per_seg;
+    float *sums;            /* (parts, B, N): see sums_at */
+} matvec_job;
+
+/* Part p's sums of the column tile [c0, c0 + width) of segment s, laid out (B, width) (bf16: each
+   row's columns in slot() order). */
+static inline float *sums_at(const matvec_job *j, int p, int s, long c0) {
+    return j->sums + ((size_t)p * j->N + j->seg_start[s] + c0) * j->B;
 }
 
-/* One matvec, shared by the threads that run its column chunks. */
-typedef struct {
-    int B, K, N, dtype, n_seg, n_chunks;
-    const void *w, *residual;
-    long ldw, ldr;
-    void *y;
-    const int *splits, *n_kept;
-    const float *lists; /* segment s's kept rows (ints) and their inputs at lists + s * per_seg */
-    size_t per_seg;
-    atomic_int failed;
-} matvec_job;
+static inline int tile_columns(int B) { return (TILE_BYTES / 4 / B) / UNIT * UNIT; }
 
 static void matvec_chunk(void *ctx, int chunk) {
     matvec_job *j = ctx;
-    int B = j->B, dtype = j->dtype, tile = (TILE_BYTES / 4 / B) / UNIT * UNIT;
-    float *acc = thread_scratch(WORK, (size_t)B * tile);
-    if (acc == NULL) {
-        atomic_store(&j->failed, 1);
-        return;
+    int s = chunk / j->parts, p = chunk % j->parts, B = j->B, n = j->n_kept[s], tile = tile_columns(B);
+    int r0 = (int)((long)n * p / j->parts), r1 = (int)((long)n * (p + 1) / j->parts);
+    const int *rows = (const int *)(j->lists + s * j->per_seg) + r0;
+    const float *vals = j->lists + s * j->per_seg + j->K + (long)r0 * B;
+    for (long c0 = 0; c0 < j->splits[s]; c0 += tile) {
+        int width = (int)(j->splits[s] - c0 < tile ? j->splits[s] - c0 : tile);
+        float *acc = sums_at(j, p, s, c0);
+        memset(acc, 0, sizeof(float) * B * width);
+        long col = j->seg_start[s] + c0;
+        if (j->dtype == BF16)
+            stream_bf16(acc, B, width, rows, vals, r1 - r0, (const uint16_t *)j->w + col, j->ldw);
+        else
+            stream_f32(acc, B, width, rows, vals, r1 - r0, (const float *)j->w + col, j->ldw);
     }
-    long lo, hi, start = 0;
-    thread_columns(chunk, j->n_chunks, j->n_seg, j->splits, j->n_kept, &lo, &hi);
-    for (int s = 0; s < j->n_seg; start += j->splits[s++]) {
-        long a = lo > start ? lo : start, e = hi < start + j->splits[s] ? hi : start + j->splits[s];
-        const float *seg = j->lists + s * j->per_seg;
-        for (long c0 = a; c0 < e; c0 += tile) {
-            int width = (int)(e - c0 < tile ? e - c0 : tile);
-            memset(acc, 0, sizeof(float) * B * width);
-            if (dtype == BF16)
-                stream_bf16(acc, B, width, (const int *)seg, seg + j->K, j->n_kept[s], (const uint16_t *)j->w + c0,
-                            j->ldw);
-            else
-                stream_f32(acc, B, width, (const int *)seg, seg + j->K, j->n_kept[s], (const float *)j->w + c0,
-                           j->ldw);
-            for (int b = 0; b < B; b++) { /* the sum rounded once; then the residual add, rounded */
+}
+
+/* y from the parts' sums: added in part order, rounded once; then the residual add, rounded. */
+static void reduce_parts(const matvec_job *j, int n_seg, const void *residual, long ldr, void *y) {
+    int B = j->B, dtype = j->dtype, tile = tile_columns(B);
+    for (int s = 0; s < n_seg; s++) {
+        for (long c0 = 0; c0 < j->splits[s]; c0 += tile) {
+            int width = (int)(j->splits[s] - c0 < tile ? j->splits[s] - c0 : tile);
+            long col = j->seg_start[s] + c0;
+            for (int b = 0; b < B; b++) {
                 for (int c = 0; c < width; c++) {
-                    float v = round_to(acc[(long)b * width + slot(c, width, dtype)], dtype);
-                    if (j->residual)
-                        v = round_to(load(j->residual, b * j->ldr + c0 + c, dtype) + v, dtype);
+                    long at = (long)b * width + slot(c, width, dtype);
+                    float v = sums_at(j, 0, s, c0)[at];
+                    for (int p = 1; p < j->parts; p++)
+                        v += sums_at(j, p, s, c0)[at];
+                    v = round_to(v, dtype);
+                    if (residual)
+                        v = round_to(load(residual, b * ldr + col + c, dtype) + v, dtype);
                     if (dtype == BF16)
-                        ((uint16_t *)j->y)[(long)b * j->N + c0 + c] = f32_to_bf16(v);
+                        ((uint16_t *)y)[(long)b * j->N + col + c] = f32_to_bf16(v);
                     else
-                        ((float *)j->y)[(long)b * j->N + c0 + c] = v;
+                        ((float *)y)[(long)b * j->N + col + c] = v;
                 }
             }
         }
@@ -437,24 +425,35 @@ static void matvec_chunk(void *ctx, int chunk) {
 /* x (B, K) rows ldx apart ((B, 2K) [gate | up] when silu), w_t (K, N) rows ldw apart, thresholds
    (n_seg,) fp32 or NULL (dense), splits: the segments' widths (summing to N), norm_weight (K,) or
    NULL, residual (B, N) rows ldr apart or NULL -> y (B, N) contiguous. Returns 0, or -1 if scratch
-   could not be allocated. */
+   could not be allocated.
+   The threads split each segment's kept rows (whole rows of W^T: one long stretch of memory each,
+   the whole matrix in two streams when dense), each summing its rows over all of the segment's
+   columns; the parts' sums are then added in a fixed order. The result depends on the number of
+   threads (the order of the sums), not on which thread ran what. Splitting the columns instead
+   (each thread half of every row, no partial sums) streamed 10-20% slower on SmolLM2's shapes
+   (dense and sparse, 2 threads): its rows are half as long. */
 int teal_sparse_matvec(int B, int K, int N, const void *x, long ldx, const void *w, long ldw, int dtype,
                        const float *thresholds, const int *splits, int n_seg, int silu, const void *norm_weight,
                        float eps, const void *residual, long ldr, void *y, int n_threads) {
     size_t per_seg = (size_t)K * (B + 1); /* rows[] (as ints) and vals[] of one segment */
+    int parts = (long)K * N < (1L << 15) ? 1 : n_threads; /* a tiny product is not worth a second thread */
     float *h = thread_scratch(INPUTS, (size_t)B * K + (size_t)n_seg * per_seg + K);
-    if (h == NULL)
+    float *sums = thread_scratch(SUMS, (size_t)parts * B * N);
+    if (h == NULL || sums == NULL)
         return -1;
     float *lists = h + (size_t)B * K, *tmp = lists + (size_t)n_seg * per_seg;
     int n_kept[n_seg];
+    long seg_start[n_seg];
     form_inputs(h, tmp, B, K, x, ldx, dtype, silu, norm_weight, eps);
-    for (int s = 0; s < n_seg; s++)
+    for (int s = 0; s < n_seg; s++) {
         n_kept[s] = kept_rows((int *)(lists + s * per_seg), lists + s * per_seg + K, h, B, K,
                               thresholds ? thresholds + s : NULL);
-    int n_chunks = (long)K * N < (1L << 15) ? 1 : n_threads; /* a tiny product is not worth a second thread */
-    matvec_job job = {B, K, N, dtype, n_seg, n_chunks, w, residual, ldw, ldr, y, splits, n_kept, lists, per_seg, 0};
-    run_parallel(matvec_chunk, &job, n_chunks, n_threads);
-    return atomic_load(&job.failed) ? -1 : 0;
+        seg_start[s] = s ? seg_start[s - 1] + splits[s - 1] : 0;
+    }
+    matvec_job job = {B, K, N, dtype, parts, w, ldw, splits, n_kept, seg_start, lists, per_seg, sums};
+    run_parallel(matvec_chunk, &job, n_seg * parts, n_threads);
+    reduce_parts(&job, n_seg, residual, ldr, y);
+    return 0;
 }
 
 /* ---- The product in nn.Linear's layout: y = x @ w^T for w (N, K), one row per output ----
