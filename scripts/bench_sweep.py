@@ -41,10 +41,12 @@ from teal import SparsityFile, measure_sparsity, weight_bytes_per_token  # noqa:
 from tp import broadcast_thresholds, init_distributed  # noqa: E402
 
 
-def time_generation(model, prompt, n_new, decode_fn, prefill_fn, runs, device) -> tuple:
-    """Median tokens/s over `runs` generations (after one warm-up) and the last sequence."""
+def time_generation(model, prompt, n_new, decode_fn, prefill_fn, runs, device, warmup=True) -> tuple:
+    """Median tokens/s over `runs` generations (after one warm-up unless warmup is False) and the last sequence."""
     rates = []
     for i in range(runs + 1):
+        if i == 0 and not warmup:
+            continue
         synchronize(device)
         t0 = time.perf_counter()
         seq = generate(model, prompt, n_new, decode_fn=decode_fn, prefill_fn=prefill_fn)
@@ -163,6 +165,9 @@ def main(argv=None):
                              "(int8: F.linear(x, w.to(dtype)) * scales) compiled by inductor, not the fused kernels")
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the levels round-robin, one generation of each per round (--runs rounds), so that a "
+                             "machine whose speed drifts over minutes (a shared host) favours no level")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--no_compile", action="store_true")
@@ -273,6 +278,14 @@ def bytes_per_token_fn(model):
     return lambda p: fixed + (dense_bytes - fixed) * (1 - p)
 
 
+def label_of(level, anchor) -> str:
+    return "gpt-fast way" if anchor else "dense" if level is None else f"{level:.2f}"
+
+
+def report(run, tok_s, weights):
+    print(f"  {weights:>5} {label_of(*run):>12}: {tok_s:8.1f} tok/s", flush=True)
+
+
 def sweep(model, sparsity, mode, levels, prompt, args, device, on_cuda, weights) -> tuple:
     """Dense and every level of one model, in this process: (rows, compile seconds, recompilations, CUDA-graph skips).
     With args.anchor, also the dense decode through torch's products (model.use_fused_kernels(False))."""
@@ -284,18 +297,21 @@ def sweep(model, sparsity, mode, levels, prompt, args, device, on_cuda, weights)
     if compile_prefill:  # compiled on its own, so that the decode step's compile time stays its own figure
         model.setup_caches(max_batch_size=1, max_seq_length=prompt.numel() + args.max_new_tokens)
         compile_s["prefill"] = time_prefill(model, prompt, prefill_fn, device, runs=1)
-    rows = []
     # the anchor right after dense, so that the recompilations counted after the sparse path's warm-up are the
     # level changes'
     runs = [(None, False)] + ([(None, True)] if args.anchor else []) + [(level, False) for level in levels]
-    for level, anchor in runs:
-        sparse = level is not None
-        model.sparse_decode = sparse
+
+    def select(level, anchor):
+        model.sparse_decode = level is not None
         model.use_fused_kernels(not anchor)
-        if sparse:
+        if level is not None:
             model.set_thresholds(sparsity.thresholds(level, mode).to(device))
             broadcast_thresholds(model)
-        first = "anchor" if anchor else "dense" if not sparse else "sparse"
+
+    timed = {}  # run index -> (tokens/s of each timed generation, the last sequence)
+    for i, (level, anchor) in enumerate(runs):
+        select(level, anchor)
+        first = "anchor" if anchor else "dense" if level is None else "sparse"
         if first not in compile_s:  # the first generation of each path compiles it
             synchronize(device)
             t_c = time.perf_counter()
@@ -303,16 +319,30 @@ def sweep(model, sparsity, mode, levels, prompt, args, device, on_cuda, weights)
             synchronize(device)
             compile_s[first] = time.perf_counter() - t_c
             compiles_after_warmup = dynamo_compiles()
-        tok_s, seq = time_generation(model, prompt, args.max_new_tokens, decode_fn, prefill_fn, args.runs, device)
+        if not args.interleave:
+            timed[i] = time_generation(model, prompt, args.max_new_tokens, decode_fn, prefill_fn, args.runs, device)
+            report(runs[i], timed[i][0], weights)
+    for _ in range(args.runs if args.interleave else 0):  # round-robin: one generation of each run per round
+        for i, run in enumerate(runs):
+            select(*run)
+            rate, seq = time_generation(model, prompt, args.max_new_tokens, decode_fn, prefill_fn, 1, device,
+                                        warmup=False)
+            timed[i] = (timed.get(i, ([], None))[0] + [rate], seq)
+    rows = []
+    for i, (level, anchor) in enumerate(runs):
+        select(level, anchor)
+        tok_s, seq = timed[i]
+        tok_s = statistics.median(tok_s) if args.interleave else tok_s
         prefill_ms = time_prefill(model, prompt, prefill_fn, device) * 1e3
+        sparse = level is not None
         realized = measure_sparsity(model, seq, prompt.numel()) if sparse else None
         bytes_per_token = weight_bytes_per_token(model, realized.per_projection if sparse else None)
-        label = "gpt-fast way" if anchor else "dense" if not sparse else f"{level:.2f}"
-        rows.append(dict(weights=weights, level=0.0 if not sparse else level, label=label, anchor=anchor,
-                         tokens_per_s=tok_s, realized=realized.model_wide if sparse else 0.0,
+        rows.append(dict(weights=weights, level=0.0 if not sparse else level, label=label_of(level, anchor),
+                         anchor=anchor, tokens_per_s=tok_s, realized=realized.model_wide if sparse else 0.0,
                          gb_per_s_per_rank=bytes_per_token * tok_s / 1e9, tokens=seq.shape[1] - prompt.numel(),
                          prefill_ms=prefill_ms))
-        print(f"  {weights:>5} {label:>12}: {tok_s:8.1f} tok/s (prefill {prefill_ms:.1f} ms)", flush=True)
+        if args.interleave:
+            report(runs[i], tok_s, weights)
     model.use_fused_kernels(True)
     recompiles = dynamo_compiles() - compiles_after_warmup
     return rows, compile_s, recompiles, cudagraph_skips()
