@@ -237,8 +237,8 @@ class RMSNorm(nn.Module):
 
 def fused_dense(x: Tensor, w_t: Tensor) -> bool:
     """Whether a dense projection of x (B, T, K) takes the fused op: a decode step (T == 1) on CUDA,
-    and on the CPU any B * T <= 8 rows its kernel takes (sparse_kernels.cpu: fp32/bf16). On CUDA
-    the matvec, its norm and its residual add are one launch of the dense kernel (its first weight
+    and on the CPU any B * T <= 8 rows its kernel takes (sparse_kernels.cpu: fp32/bf16, int8 weights).
+    On CUDA the matvec, its norm and its residual add are one launch of the dense kernel (its first weight
     rows requested before the input is ready; more than 8 sequences take the op's torch math). On
     the CPU they are one call that streams W^T about as fast as MKL's fp32 matvec; in bf16 oneDNN
     took 25 ms for a 6-token prompt's 576x3072 product (AVX2, no native bf16), the kernel reads

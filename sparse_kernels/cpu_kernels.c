@@ -6,8 +6,8 @@
    A decode step's matvec is bound by memory bandwidth, so the work is arranged around the bytes
    of W^T. The caller forms the inputs and the kept-row lists; then the threads split each
    segment's kept rows (each streams whole rows, its own partial sums), and the caller adds the
-   parts (teal_sparse_matvec says why rows, not columns). Weights are fp32 or bf16; products are
-   summed in fp32. Also the product in nn.Linear's layout (a tied LM head) and
+   parts (teal_sparse_matvec says why rows, not columns). Weights are fp32 or bf16 (the activations'
+   dtype) or int8 with a scale per column; products are summed in fp32. Also the product in nn.Linear's layout (a tied LM head) and
    the decode attention step (RoPE, cache write, attention). Built by sparse_kernels/cpu.py (cc -O3
    -march=native -pthread).
 */
@@ -20,7 +20,7 @@
 #include <string.h>
 #include <time.h>
 
-enum { F32 = 0, BF16 = 1 };
+enum { F32 = 0, BF16 = 1, I8 = 2 }; /* activations F32 or BF16; weights any of the three (I8: with column scales) */
 
 #define UNIT 16        /* column tiles are multiples of 16 columns (64 bytes of fp32: one cache line) */
 #define ROWS 4         /* kept rows summed per pass over the accumulators */
@@ -357,11 +357,40 @@ static void stream_bf16(float *restrict acc, int B, int width, const int *rows, 
     }
 }
 
+/* int8 weights (weight-only quantization, one scale per output column): the same pass on the
+   integer values, a quarter of fp32's bytes; the caller multiplies each column's sum by its scale. */
+static void stream_i8(float *restrict acc, int B, int width, const int *rows, const float *vals, int n_rows,
+                      const int8_t *w, long ldw) {
+    int j = 0;
+    for (; j + ROWS <= n_rows; j += ROWS) {
+        const int8_t *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw, *w2 = w + rows[j + 2] * ldw,
+                     *w3 = w + rows[j + 3] * ldw;
+        for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++)
+            __builtin_prefetch(w + rows[r] * ldw);
+        for (int b = 0; b < B; b++) {
+            const float *v = vals + (long)j * B + b;
+            float v0 = v[0], v1 = v[B], v2 = v[2 * B], v3 = v[3 * B];
+            float *restrict a = acc + (long)b * width;
+            for (int c = 0; c < width; c++)
+                a[c] += v0 * (float)w0[c] + v1 * (float)w1[c] + v2 * (float)w2[c] + v3 * (float)w3[c];
+        }
+    }
+    for (; j < n_rows; j++) {
+        const int8_t *w0 = w + rows[j] * ldw;
+        for (int b = 0; b < B; b++) {
+            float v0 = vals[(long)j * B + b], *restrict a = acc + (long)b * width;
+            for (int c = 0; c < width; c++)
+                a[c] += v0 * (float)w0[c];
+        }
+    }
+}
+
 /* One matvec, shared by the threads that run its chunks: chunk c sums part c % parts of the kept
    rows of segment c / parts over the segment's columns, into its own plane of partial sums. */
 typedef struct {
-    int B, K, N, dtype, parts;
+    int B, K, N, dtype, wtype, parts; /* dtype: the activations'; wtype: the weights' */
     const void *w;
+    const float *scale;     /* int8: (N,) column scales; else NULL */
     long ldw;
     const int *splits, *n_kept;
     const long *seg_start;  /* the first column of each segment */
@@ -389,14 +418,17 @@ static void matvec_chunk(void *ctx, int chunk) {
         float *acc = sums_at(j, p, s, c0);
         memset(acc, 0, sizeof(float) * B * width);
         long col = j->seg_start[s] + c0;
-        if (j->dtype == BF16)
+        if (j->wtype == BF16)
             stream_bf16(acc, B, width, rows, vals, r1 - r0, (const uint16_t *)j->w + col, j->ldw);
+        else if (j->wtype == I8)
+            stream_i8(acc, B, width, rows, vals, r1 - r0, (const int8_t *)j->w + col, j->ldw);
         else
             stream_f32(acc, B, width, rows, vals, r1 - r0, (const float *)j->w + col, j->ldw);
     }
 }
 
-/* y from the parts' sums: added in part order, rounded once; then the residual add, rounded. */
+/* y from the parts' sums: added in part order (int8: times the column's scale), rounded once; then
+   the residual add, rounded. */
 static void reduce_parts(const matvec_job *j, int n_seg, const void *residual, long ldr, void *y) {
     int B = j->B, dtype = j->dtype, tile = tile_columns(B);
     for (int s = 0; s < n_seg; s++) {
@@ -405,10 +437,12 @@ static void reduce_parts(const matvec_job *j, int n_seg, const void *residual, l
             long col = j->seg_start[s] + c0;
             for (int b = 0; b < B; b++) {
                 for (int c = 0; c < width; c++) {
-                    long at = (long)b * width + slot(c, width, dtype);
+                    long at = (long)b * width + slot(c, width, j->wtype);
                     float v = sums_at(j, 0, s, c0)[at];
                     for (int p = 1; p < j->parts; p++)
                         v += sums_at(j, p, s, c0)[at];
+                    if (j->scale)
+                        v *= j->scale[col + c];
                     v = round_to(v, dtype);
                     if (residual)
                         v = round_to(load(residual, b * ldr + col + c, dtype) + v, dtype);
@@ -424,8 +458,9 @@ static void reduce_parts(const matvec_job *j, int n_seg, const void *residual, l
 
 /* x (B, K) rows ldx apart ((B, 2K) [gate | up] when silu), w_t (K, N) rows ldw apart, thresholds
    (n_seg,) fp32 or NULL (dense), splits: the segments' widths (summing to N), norm_weight (K,) or
-   NULL, residual (B, N) rows ldr apart or NULL -> y (B, N) contiguous. Returns 0, or -1 if scratch
-   could not be allocated.
+   NULL, residual (B, N) rows ldr apart or NULL -> y (B, N) contiguous. Weights in the activations'
+   dtype, or int8 (wtype I8) with fp32 column scales (N,). Returns 0, or -1 if scratch could not be
+   allocated.
    The threads split each segment's kept rows (whole rows of W^T: one long stretch of memory each,
    the whole matrix in two streams when dense), each summing its rows over all of the segment's
    columns; the parts' sums are then added in a fixed order. The result depends on the number of
@@ -433,8 +468,8 @@ static void reduce_parts(const matvec_job *j, int n_seg, const void *residual, l
    (each thread half of every row, no partial sums) streamed 10-20% slower on SmolLM2's shapes
    (dense and sparse, 2 threads): its rows are half as long. */
 int teal_sparse_matvec(int B, int K, int N, const void *x, long ldx, const void *w, long ldw, int dtype,
-                       const float *thresholds, const int *splits, int n_seg, int silu, const void *norm_weight,
-                       float eps, const void *residual, long ldr, void *y, int n_threads) {
+                       int wtype, const float *scale, const float *thresholds, const int *splits, int n_seg, int silu,
+                       const void *norm_weight, float eps, const void *residual, long ldr, void *y, int n_threads) {
     size_t per_seg = (size_t)K * (B + 1); /* rows[] (as ints) and vals[] of one segment */
     int parts = (long)K * N < (1L << 15) ? 1 : n_threads; /* a tiny product is not worth a second thread */
     float *h = thread_scratch(INPUTS, (size_t)B * K + (size_t)n_seg * per_seg + K);
@@ -450,7 +485,8 @@ int teal_sparse_matvec(int B, int K, int N, const void *x, long ldx, const void 
                               thresholds ? thresholds + s : NULL);
         seg_start[s] = s ? seg_start[s - 1] + splits[s - 1] : 0;
     }
-    matvec_job job = {B, K, N, dtype, parts, w, ldw, splits, n_kept, seg_start, lists, per_seg, sums};
+    matvec_job job = {B, K, N, dtype, wtype, parts, w, wtype == I8 ? scale : NULL, ldw, splits, n_kept, seg_start,
+                      lists, per_seg, sums};
     run_parallel(matvec_chunk, &job, n_seg * parts, n_threads);
     reduce_parts(&job, n_seg, residual, ldr, y);
     return 0;

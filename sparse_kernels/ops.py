@@ -236,8 +236,8 @@ def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], spli
         return run_triton("linear", x, w_t, thresholds, splits, norm_weight=norm_weight, eps=eps, residual=residual,
                           early_weights=not copied, scale=scale, zero=zero)
     if cpu.usable(x, w_t):  # the CPU kernel (cpu_kernels.c)
-        return cpu.matvec(x, w_t, thresholds, splits, norm_weight, eps, residual)
-    # the CPU without its kernel (or quantized weights): the reference; CUDA without the kernel (B > 8): the
+        return cpu.matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, scale=scale)
+    # the CPU without its kernel (or int4 weights): the reference; CUDA without the kernel (B > 8): the
     # same math, no fp32 copy of float weights
     return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual, matmul=masked_matmul, scale=scale,
                          zero=zero)
@@ -258,7 +258,8 @@ def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tenso
         return run_triton("silu_down", gate_up, w_t, threshold, [N], residual=residual, early_weights=not copied,
                           scale=scale, zero=zero)
     if cpu.usable(gate_up, w_t):
-        return cpu.matvec(gate_up, w_t, None if threshold is None else threshold[:1], [N], residual=residual, silu=True)
+        return cpu.matvec(gate_up, w_t, None if threshold is None else threshold[:1], [N], residual=residual, silu=True,
+                          scale=scale)
     return masked_linear(silu_mul(gate_up), w_t, None if threshold is None else threshold[:1], [N],
                          residual=residual, matmul=masked_matmul, scale=scale, zero=zero)  # as in _sparse_linear_op
 
@@ -288,7 +289,7 @@ def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, 
     if norm_weight is not None and eps is None:
         raise ValueError("sparse_linear: pass the norm's eps with norm_weight (e.g. the model's norm_eps)")
     if cpu.usable(x, w_t):  # cpu_kernels
-        return cpu.sparse_linear(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual)
+        return cpu.sparse_linear(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual, scale=scale)
     return _sparse_linear_op(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual, scale, zero)
 
 
@@ -302,7 +303,7 @@ def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], 
     check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [N], residual=residual, scale=scale, zero=zero)
     if cpu.usable(gate_up, w_t):  # cpu_kernels
         return cpu.sparse_linear(gate_up, w_t, None if threshold is None else threshold[:1], [N], residual=residual,
-                                 silu=True)
+                                 silu=True, scale=scale)
     return _sparse_silu_down_op(gate_up, w_t, threshold, residual, scale, zero)
 
 

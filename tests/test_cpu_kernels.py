@@ -46,17 +46,28 @@ CASES = [
 ]
 
 
+# int8 weights with their column scales, fp32 and bf16 activations, every fusion and batch sizes
+INT8_CASES = [
+    ("linear+norm", 1, 576, 960, [576, 192, 192], F32, 0.5, 2),
+    ("linear+norm", 3, 576, 1536, [768, 768], BF16, 0.9, 2),
+    ("linear+res", 1, 576, 576, [576], BF16, None, 2),
+    ("linear", 8, 300, 1001, [500, 333, 168], F32, 0.0, 3),
+    ("silu_down+res", 1, 1536, 576, [576], F32, 0.5, 2),
+    ("silu_down", 2, 1000, 1000, [1000], BF16, None, 1),
+]
+
+
 def case_id(c):
     return f"{c[0]}-B{c[1]}-{c[2]}x{c[3]}-S{len(c[4])}-{str(c[5])[6:]}-p{c[6]}-T{c[7]}"
 
 
-def run_kernel(op, x, w, thr, splits, norm_w, residual, n_threads):
+def run_kernel(op, x, w, thr, splits, norm_w, residual, n_threads, scale=None):
     """The kernel writing into a NaN-poisoned output: every entry must be written."""
     out = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype)
     if op.startswith("silu_down"):
         return cpu.matvec(x, w, None if thr is None else thr[:1], [w.shape[1]], residual=residual, silu=True,
-                          out=out, n_threads=n_threads)
-    return cpu.matvec(x, w, thr, splits, norm_w, 1e-5, residual, out=out, n_threads=n_threads)
+                          scale=scale, out=out, n_threads=n_threads)
+    return cpu.matvec(x, w, thr, splits, norm_w, 1e-5, residual, scale=scale, out=out, n_threads=n_threads)
 
 
 def n_bad(y, ref, tol):
@@ -74,6 +85,23 @@ def test_matvec_matches_reference(case):
     assert n_bad(y, ref, TOL[dtype]) == 0, f"max error {(y.float() - ref.float()).abs().max():.3g}"
     if p == 1.0 and "+res" not in op:
         assert not y.any(), "every input dropped: the output must be exactly 0"
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", INT8_CASES, ids=[case_id(c) for c in INT8_CASES])
+def test_int8_matvec_matches_reference(case):
+    """int8 rows read as integers, the column scales applied to the sums: the reference dequantizes
+    first (w = q * scale); one column scale doubled is caught."""
+    op, B, K, N, splits, dtype, p, threads = case
+    x, w, thr, norm_w, residual, scale, _ = make_inputs(op, B, K, N, len(splits), dtype, p,
+                                                        seed=len(case_id(case)), weights="int8")
+    assert cpu.usable(x, w)
+    y = run_kernel(op, x, w, thr, splits, norm_w, residual, threads, scale=scale)
+    ref = reference_op(op, x, w, thr, splits, norm_w, residual, scale=scale)
+    assert n_bad(y, ref, TOL[dtype]) == 0, f"max error {(y.float() - ref.float()).abs().max():.3g}"
+    off = scale.clone()
+    off[N // 3] *= 2.0
+    assert n_bad(y, reference_op(op, x, w, thr, splits, norm_w, residual, scale=off), TOL[dtype]) > 0
 
 
 @needs_kernel
