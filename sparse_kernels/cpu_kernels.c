@@ -24,7 +24,7 @@ enum { F32 = 0, BF16 = 1, I8 = 2 }; /* activations F32 or BF16; weights any of t
 
 #define UNIT 16        /* column tiles are multiples of 16 columns (64 bytes of fp32: one cache line) */
 #define ROWS 4         /* kept rows summed per pass over the accumulators */
-#define AHEAD 16       /* rows ahead whose first cache line(s) are prefetched (see stream_f32) */
+#define AHEAD 16       /* rows ahead whose first cache line(s) are prefetched (see DEFINE_STREAM) */
 #define TILE_BYTES (16 << 10) /* accumulators of one column tile, all batch rows: stay in L1 */
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -267,31 +267,38 @@ static int kept_rows(int *rows, float *vals, const float *h, int B, int K, const
    misses; asking for the first line of the rows AHEAD rows on hides that. Timed on SmolLM2's
    block (one thread, 30 layers, paired runs): dense 10-15% and 50% sparse 2-10% faster in fp32,
    6-10% in bf16 (two lines there); the whole slice, or 4 lines, gained less. */
-static void stream_f32(float *restrict acc, int B, int width, const int *rows, const float *vals, int n_rows,
-                       const float *w, long ldw) {
-    int j = 0;
-    for (; j + ROWS <= n_rows; j += ROWS) {
-        const float *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw, *w2 = w + rows[j + 2] * ldw,
-                    *w3 = w + rows[j + 3] * ldw;
-        for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++)
-            __builtin_prefetch(w + rows[r] * ldw);
-        for (int b = 0; b < B; b++) {
-            const float *v = vals + (long)j * B + b;
-            float v0 = v[0], v1 = v[B], v2 = v[2 * B], v3 = v[3 * B];
-            float *restrict a = acc + (long)b * width;
-            for (int c = 0; c < width; c++)
-                a[c] += v0 * w0[c] + v1 * w1[c] + v2 * w2[c] + v3 * w3[c];
-        }
+#define DEFINE_STREAM(name, T) /* the pass for rows of element type T (each value widened to float) */ \
+    static void name(float *restrict acc, int B, int width, const int *rows, const float *vals, int n_rows,      \
+                     const T *w, long ldw) {                                                                       \
+        int j = 0;                                                                                                 \
+        for (; j + ROWS <= n_rows; j += ROWS) {                                                                    \
+            const T *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw, *w2 = w + rows[j + 2] * ldw,            \
+                    *w3 = w + rows[j + 3] * ldw;                                                                   \
+            for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++)                                       \
+                __builtin_prefetch(w + rows[r] * ldw);                                                             \
+            for (int b = 0; b < B; b++) {                                                                          \
+                const float *v = vals + (long)j * B + b;                                                           \
+                float v0 = v[0], v1 = v[B], v2 = v[2 * B], v3 = v[3 * B];                                          \
+                float *restrict a = acc + (long)b * width;                                                         \
+                for (int c = 0; c < width; c++)                                                                    \
+                    a[c] += v0 * (float)w0[c] + v1 * (float)w1[c] + v2 * (float)w2[c] + v3 * (float)w3[c];         \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (; j < n_rows; j++) {                                                                                  \
+            const T *w0 = w + rows[j] * ldw;                                                                       \
+            for (int b = 0; b < B; b++) {                                                                          \
+                float v0 = vals[(long)j * B + b], *restrict a = acc + (long)b * width;                             \
+                for (int c = 0; c < width; c++)                                                                    \
+                    a[c] += v0 * (float)w0[c];                                                                     \
+            }                                                                                                      \
+        }                                                                                                          \
     }
-    for (; j < n_rows; j++) {
-        const float *w0 = w + rows[j] * ldw;
-        for (int b = 0; b < B; b++) {
-            float v0 = vals[(long)j * B + b], *restrict a = acc + (long)b * width;
-            for (int c = 0; c < width; c++)
-                a[c] += v0 * w0[c];
-        }
-    }
-}
+
+DEFINE_STREAM(stream_f32, float)
+
+/* int8 weights (weight-only quantization, one scale per output column): the same pass on the
+   integer values, a quarter of fp32's bytes; the caller multiplies each column's sum by its scale. */
+DEFINE_STREAM(stream_i8, int8_t)
 
 /* bf16 weights are read two at a time: the 32 bits of a column pair hold the even column's fp32
    value in their shifted low half and the odd one's in their masked high half, so a vector of
@@ -317,7 +324,7 @@ static void stream_bf16(float *restrict acc, int B, int width, const int *rows, 
     for (; j + ROWS <= n_rows; j += ROWS) {
         const uint16_t *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw, *w2 = w + rows[j + 2] * ldw,
                        *w3 = w + rows[j + 3] * ldw;
-        for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++) { /* as in stream_f32 */
+        for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++) { /* as in DEFINE_STREAM */
             __builtin_prefetch(w + rows[r] * ldw);
             if (width > 32)
                 __builtin_prefetch(w + rows[r] * ldw + 32);
@@ -353,34 +360,6 @@ static void stream_bf16(float *restrict acc, int B, int width, const int *rows, 
             }
             if (width & 1)
                 even[2 * pairs] += v0 * bf16_to_f32(w0[width - 1]);
-        }
-    }
-}
-
-/* int8 weights (weight-only quantization, one scale per output column): the same pass on the
-   integer values, a quarter of fp32's bytes; the caller multiplies each column's sum by its scale. */
-static void stream_i8(float *restrict acc, int B, int width, const int *rows, const float *vals, int n_rows,
-                      const int8_t *w, long ldw) {
-    int j = 0;
-    for (; j + ROWS <= n_rows; j += ROWS) {
-        const int8_t *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw, *w2 = w + rows[j + 2] * ldw,
-                     *w3 = w + rows[j + 3] * ldw;
-        for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++)
-            __builtin_prefetch(w + rows[r] * ldw);
-        for (int b = 0; b < B; b++) {
-            const float *v = vals + (long)j * B + b;
-            float v0 = v[0], v1 = v[B], v2 = v[2 * B], v3 = v[3 * B];
-            float *restrict a = acc + (long)b * width;
-            for (int c = 0; c < width; c++)
-                a[c] += v0 * (float)w0[c] + v1 * (float)w1[c] + v2 * (float)w2[c] + v3 * (float)w3[c];
-        }
-    }
-    for (; j < n_rows; j++) {
-        const int8_t *w0 = w + rows[j] * ldw;
-        for (int b = 0; b < B; b++) {
-            float v0 = vals[(long)j * B + b], *restrict a = acc + (long)b * width;
-            for (int c = 0; c < width; c++)
-                a[c] += v0 * (float)w0[c];
         }
     }
 }
