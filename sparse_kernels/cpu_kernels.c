@@ -6,10 +6,10 @@
    A decode step's matvec is bound by memory bandwidth, so the work is arranged around the bytes
    of W^T. The caller forms the inputs and the kept-row lists; then the threads split each
    segment's kept rows (each streams whole rows, its own partial sums), and the caller adds the
-   parts (teal_sparse_matvec says why rows, not columns). Weights are fp32 or bf16 (the activations'
-   dtype) or int8 with a scale per column; products are summed in fp32. Also the product in nn.Linear's layout (a tied LM head) and
-   the decode attention step (RoPE, cache write, attention). Built by sparse_kernels/cpu.py (cc -O3
-   -march=native -pthread).
+   parts (teal_sparse_matvec says why rows, not columns). Weights are fp32 or bf16 (the
+   activations' dtype) or int8 with a scale per column; products are summed in fp32. Also the
+   product in nn.Linear's layout (a tied LM head) and the decode attention step (RoPE, cache
+   write, attention). Built by sparse_kernels/cpu.py (cc -O3 -march=native -pthread).
 */
 #include <math.h>
 #include <pthread.h>
@@ -47,6 +47,13 @@ static inline float load(const void *p, long i, int dtype) {
 }
 
 static inline float round_to(float v, int dtype) { return dtype == BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+static inline void put(void *p, long i, float v, int dtype) { /* p[i] = v in the dtype (bf16: rounded) */
+    if (dtype == BF16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
 
 /* Per-thread scratch, grown on demand and kept (the threads live as long as the process): slot
    INPUTS holds a call's inputs and kept-row lists and slot SUMS its parts' partial sums (the
@@ -175,6 +182,10 @@ static void run_parallel(chunk_fn fn, void *ctx, int n_chunks, int n_threads) {
     pthread_mutex_unlock(&pool.busy);
 }
 
+/* The chunks a product of `work` weights is split into: one for a tiny product (not worth a
+   second thread), else one per thread. */
+static int chunks_for(long work, int n_threads) { return work < (1L << 15) ? 1 : n_threads; }
+
 /* exp(x) to about an ulp in a form the compiler vectorizes (libm's expf is a call per element):
    x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (the next term is below
    6e-9 of the result), times 2^n built in the exponent bits. Clamped where expf over/underflows. */
@@ -212,7 +223,8 @@ static void round_all(float *v, int n, int dtype) {
             v[i] = bf16_to_f32(f32_to_bf16(v[i]));
 }
 
-/* h (B, K): the values the thresholds see, each a value of the dtype (held in fp32); tmp: K floats. */
+/* h (B, K): the values the thresholds see, each a value of the dtype (held in fp32); tmp: K floats
+   (NULL without silu or a norm: h is then x widened). */
 static void form_inputs(float *h, float *tmp, int B, int K, const void *x, long ldx, int dtype, int silu,
                         const void *norm_weight, float eps) {
     int es = dtype == BF16 ? 2 : 4;
@@ -425,10 +437,7 @@ static void reduce_parts(const matvec_job *j, int n_seg, const void *residual, l
                     v = round_to(v, dtype);
                     if (residual)
                         v = round_to(load(residual, b * ldr + col + c, dtype) + v, dtype);
-                    if (dtype == BF16)
-                        ((uint16_t *)y)[(long)b * j->N + col + c] = f32_to_bf16(v);
-                    else
-                        ((float *)y)[(long)b * j->N + col + c] = v;
+                    put(y, (long)b * j->N + col + c, v, dtype);
                 }
             }
         }
@@ -450,7 +459,7 @@ int teal_sparse_matvec(int B, int K, int N, const void *x, long ldx, const void 
                        int wtype, const float *scale, const float *thresholds, const int *splits, int n_seg, int silu,
                        const void *norm_weight, float eps, const void *residual, long ldr, void *y, int n_threads) {
     size_t per_seg = (size_t)K * (B + 1); /* rows[] (as ints) and vals[] of one segment */
-    int parts = (long)K * N < (1L << 15) ? 1 : n_threads; /* a tiny product is not worth a second thread */
+    int parts = chunks_for((long)K * N, n_threads);
     float *h = thread_scratch(INPUTS, (size_t)B * K + (size_t)n_seg * per_seg + K);
     float *sums = thread_scratch(SUMS, (size_t)parts * B * N);
     if (h == NULL || sums == NULL)
@@ -512,13 +521,8 @@ static void rows_chunk(void *ctx, int chunk) {
     int es = j->dtype == BF16 ? 2 : 4;
     for (long n = (long)j->N * chunk / j->n_chunks; n < (long)j->N * (chunk + 1) / j->n_chunks; n++) {
         const char *row = (const char *)j->w + n * j->ldw * es;
-        for (int b = 0; b < j->B; b++) {
-            float v = dot_row(j->x + (long)b * j->K, row, j->K, j->dtype);
-            if (j->dtype == BF16)
-                ((uint16_t *)j->y)[(long)b * j->N + n] = f32_to_bf16(v);
-            else
-                ((float *)j->y)[(long)b * j->N + n] = v;
-        }
+        for (int b = 0; b < j->B; b++)
+            put(j->y, (long)b * j->N + n, dot_row(j->x + (long)b * j->K, row, j->K, j->dtype), j->dtype);
     }
 }
 
@@ -529,9 +533,8 @@ int teal_linear_rows(int B, int K, int N, const void *x, long ldx, const void *w
     float *xf = thread_scratch(INPUTS, (size_t)B * K);
     if (xf == NULL)
         return -1;
-    for (int b = 0; b < B; b++)
-        widen(xf + (long)b * K, (const char *)x + b * ldx * (dtype == BF16 ? 2 : 4), K, dtype);
-    int n_chunks = (long)K * N < (1L << 15) ? 1 : n_threads;
+    form_inputs(xf, NULL, B, K, x, ldx, dtype, 0, NULL, 0.0f); /* the rows widened to fp32 */
+    int n_chunks = chunks_for((long)K * N, n_threads);
     rows_job job = {B, K, N, dtype, n_chunks, xf, w, ldw, y};
     run_parallel(rows_chunk, &job, n_chunks, n_threads);
     return 0;
@@ -550,12 +553,8 @@ static void rope_head(float *out, const void *src, const float *cos_sin, int hd,
 }
 
 static void store(void *dst, const float *src, int n, int dtype) {
-    for (int i = 0; i < n; i++) {
-        if (dtype == BF16)
-            ((uint16_t *)dst)[i] = f32_to_bf16(src[i]);
-        else
-            ((float *)dst)[i] = src[i];
-    }
+    for (int i = 0; i < n; i++)
+        put(dst, i, src[i], dtype);
 }
 
 /* One decode attention step, shared by the threads that run its chunks of (b, kv) heads. */
