@@ -131,6 +131,12 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+def _check(status: int):
+    """A kernel's return value: nonzero when it could not allocate its scratch."""
+    if status:
+        raise MemoryError("sparse_kernels: the CPU kernel could not allocate its scratch")
+
+
 def matvec(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int], norm_weight: Optional[Tensor] = None,
            eps: float = 0.0, residual: Optional[Tensor] = None, silu: bool = False, scale: Optional[Tensor] = None,
            out: Optional[Tensor] = None, n_threads: Optional[int] = None) -> Tensor:
@@ -158,8 +164,7 @@ def matvec(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[in
                                           _ptr(norm_weight), eps, _ptr(residual),
                                           0 if residual is None else residual.stride(0), y.data_ptr(),
                                           n_threads or torch.get_num_threads())
-    if status:
-        raise MemoryError("sparse_kernels: the CPU kernel could not allocate its scratch")
+    _check(status)
     return y
 
 
@@ -171,8 +176,7 @@ def linear_rows(x: Tensor, w: Tensor, out: Optional[Tensor] = None, n_threads: O
     y = torch.empty(B, N, dtype=x.dtype) if out is None else out
     status = library().teal_linear_rows(B, K, N, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
                                         DTYPE_CODES[x.dtype], y.data_ptr(), n_threads or torch.get_num_threads())
-    if status:
-        raise MemoryError("sparse_kernels: the CPU kernel could not allocate its scratch")
+    _check(status)
     return y
 
 
@@ -192,8 +196,7 @@ def attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, r
                                                   k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3],
                                                   table.data_ptr(), pos, out.data_ptr(), DTYPE_CODES[qkv.dtype],
                                                   n_threads or torch.get_num_threads())
-    if status:
-        raise MemoryError("sparse_kernels: the CPU kernel could not allocate its scratch")
+    _check(status)
     return out
 
 
