@@ -308,7 +308,13 @@ def sweep(model, sparsity, mode, levels, prompt, args, device, on_cuda, weights)
             model.set_thresholds(sparsity.thresholds(level, mode).to(device))
             broadcast_thresholds(model)
 
-    timed = {}  # run index -> (tokens/s of each timed generation, the last sequence)
+    rates, last_seq = {}, {}  # run index -> tokens/s of each time_generation call; its last sequence
+
+    def time_run(i, n, warmup=True):
+        rate, last_seq[i] = time_generation(model, prompt, args.max_new_tokens, decode_fn, prefill_fn, n, device,
+                                            warmup=warmup)
+        rates.setdefault(i, []).append(rate)
+
     for i, (level, anchor) in enumerate(runs):
         select(level, anchor)
         first = "anchor" if anchor else "dense" if level is None else "sparse"
@@ -319,20 +325,17 @@ def sweep(model, sparsity, mode, levels, prompt, args, device, on_cuda, weights)
             synchronize(device)
             compile_s[first] = time.perf_counter() - t_c
             compiles_after_warmup = dynamo_compiles()
-        if not args.interleave:
-            timed[i] = time_generation(model, prompt, args.max_new_tokens, decode_fn, prefill_fn, args.runs, device)
-            report(runs[i], timed[i][0], weights)
+        if not args.interleave:  # the median of args.runs generations in a row
+            time_run(i, args.runs)
+            report(runs[i], rates[i][0], weights)
     for _ in range(args.runs if args.interleave else 0):  # round-robin: one generation of each run per round
         for i, run in enumerate(runs):
             select(*run)
-            rate, seq = time_generation(model, prompt, args.max_new_tokens, decode_fn, prefill_fn, 1, device,
-                                        warmup=False)
-            timed[i] = (timed.get(i, ([], None))[0] + [rate], seq)
+            time_run(i, 1, warmup=False)
     rows = []
     for i, (level, anchor) in enumerate(runs):
         select(level, anchor)
-        tok_s, seq = timed[i]
-        tok_s = statistics.median(tok_s) if args.interleave else tok_s
+        tok_s, seq = statistics.median(rates[i]), last_seq[i]
         prefill_ms = time_prefill(model, prompt, prefill_fn, device) * 1e3
         sparse = level is not None
         realized = measure_sparsity(model, seq, prompt.numel()) if sparse else None
