@@ -49,14 +49,18 @@ def cpu_flags() -> str:
     return platform.processor()
 
 
-def library_path(compiler: str) -> Path:
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, platform.machine(), cpu_flags()])
+def library_path(compiler: str, source: Path = SOURCE) -> Path:
+    key = hashlib.sha256("\n".join([source.read_text(), compiler, *FLAGS, platform.machine(), cpu_flags()])
                          .encode()).hexdigest()[:16]
     root = Path(os.environ.get("TEAL_CACHE_DIR") or Path.home() / ".cache" / "teal-fast")
-    return root / f"cpu_kernels-{key}.so"
+    return root / f"{source.stem}-{key}.so"
 
 
-def build(compiler: str, out: Path) -> None:
+def find_compiler() -> Optional[str]:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build(compiler: str, out: Path, source: Path = SOURCE) -> None:
     """Compile into a temporary file, then rename: concurrent first uses never load half a file. Without
     -march=native if the compiler refuses it (Apple's clang on arm64 did)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +68,7 @@ def build(compiler: str, out: Path) -> None:
     os.close(fd)
     try:
         for flags in (FLAGS, PORTABLE_FLAGS):
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            result = subprocess.run([compiler, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True)
             if result.returncode == 0:
                 break
         result.check_returncode()
@@ -78,7 +82,7 @@ def library():
     """The loaded kernel library, building it first if needed; None without a compiler or after a failed build."""
     global _lib
     if _lib is None:
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        compiler = find_compiler()
         _lib = False
         if compiler is None:
             warnings.warn("sparse_kernels: no C compiler (cc/gcc) found, so sparse decoding on the CPU runs the "

@@ -262,3 +262,52 @@ print("ok")
     env = dict(os.environ, CC=str(tmp_path / "no-such-compiler"), TEAL_CACHE_DIR=str(tmp_path / "cache"))
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_read_rows_reads_exactly_the_listed_bytes():
+    """scripts/read_rows.c (the CPU read bound): its checksum is the one computed here from the listed
+    slices (odd widths, a tail of bytes past the last whole word, a segment of no rows, 1 and 2
+    threads); a changed byte inside a listed slice changes it, one outside does not."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_cpu_bound import Step, checksum, reader, run_read
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-2**31, 2**31 - 1, (37, 29), dtype=torch.int32, generator=g).view(torch.float32)  # (K, N)
+    b = torch.randn(11, 5, generator=g).to(torch.bfloat16)
+    step = Step()
+    step.add_call(a, [(0, 17, torch.tensor([0, 3, 4, 36])), (17, 5, torch.tensor([], dtype=torch.long)),
+                      (22, 7, torch.arange(0, 37, 2))])
+    step.add_call(b, [(1, 3, torch.tensor([2, 10]))])  # 6 bytes a row: no whole word
+    read = reader()
+    for threads in (1, 2):
+        assert run_read(read, step, step.arrays(), threads) == checksum(step)
+    before = run_read(read, step, step.arrays(), 2)
+    a.view(torch.int32)[35, 10] ^= 1 << 7  # row 35 is in no list
+    a.view(torch.int32)[3, 20] ^= 1 << 7  # row 3 is listed, but column 20 lies in the segment of no rows
+    assert run_read(read, step, step.arrays(), 2) == before
+    a.view(torch.int32)[4, 16] ^= 1 << 9  # row 4, the first segment's last column
+    assert run_read(read, step, step.arrays(), 2) != before
+    b.view(torch.int16)[10, 3] ^= 1  # the last byte pair of a bf16 slice
+    assert run_read(read, step, step.arrays(), 1) == checksum(step)
+
+
+def test_bench_cpu_bound_on_the_embedded_model(smollm2_checkpoint, tmp_path):
+    """scripts/bench_cpu_bound.py end to end (2 steps, 1 round): dense reads every row of the blocks,
+    the 50% step about half of them; the reported bytes are what the rows add up to."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import json
+
+    from bench_cpu_bound import main
+
+    out = tmp_path / "bound.json"
+    main(["--checkpoint_path", str(smollm2_checkpoint), "--sparsity_file",
+          str(ROOT / "sparsity" / "SmolLM2-135M-Instruct.json"), "--levels", "0.5", "--tokens", "2", "--rounds", "1",
+          "--out", str(out)])
+    dense, half = json.loads(out.read_text())["results"]
+    assert dense["level"] == 0 and dense["kept_fraction_blocks"] == 1.0 and half["level"] == 0.5
+    assert 0.3 < half["kept_fraction_blocks"] < 0.7
+    head_mb = 49152 * 576 * 4 / 1e6
+    blocks_mb = dense["mb_per_step"] - head_mb
+    assert abs(blocks_mb - 30 * 576 * (960 + 576 + 2 * 1536) * 4 / 1e6 - 1536 * 576 * 4 * 30 / 1e6) < 1e-6
+    assert abs(half["mb_per_step"] - head_mb - half["kept_fraction_blocks"] * blocks_mb) < 1e-6
+    assert all(r["read_ms"] > 0 and r["kernel_ms"] > 0 for r in (dense, half))
