@@ -29,6 +29,7 @@ from calibrate import calibrate_random  # noqa: E402
 from fileio import atomic_write  # noqa: E402
 from generate import decode_one_token, generate  # noqa: E402
 from loader import configure_inductor, random_model, run_cli, synchronize  # noqa: E402
+from quantize import quantize_model  # noqa: E402
 from tp import broadcast_thresholds, init_distributed  # noqa: E402
 
 
@@ -70,12 +71,14 @@ def run(args):
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     model = random_model(args.config, device, torch.bfloat16, tp=(rank, world) if world else None)
+    if args.quantize:
+        quantize_model(model, args.quantize, args.groupsize)
     sparsity = calibrate_random(model, greedy_seqs=0)
     prompt = torch.randint(0, model.args.vocab_size, (5,), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device, torch.int)
     configure_inductor()
     decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    out = dict(config=args.config, tokens=args.tokens, device=torch.cuda.get_device_name(device), world_size=world,
+    out = dict(config=args.config, quantize=args.quantize, tokens=args.tokens, device=torch.cuda.get_device_name(device), world_size=world,
                paths={})
     for level in [None] + levels:
         model.sparse_decode = level is not None
@@ -106,6 +109,8 @@ def main(argv=None):
     parser.add_argument("--levels", default="0.5", help="sparsity levels to profile after dense (comma separated)")
     parser.add_argument("--tokens", type=int, default=100, help="tokens per generation")
     parser.add_argument("--rows", type=int, default=28, help="kernels listed per path")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantized weights")
+    parser.add_argument("--groupsize", type=int, default=128, help="int4 rows per scale")
     parser.add_argument("--out", type=Path, default=ROOT / "results/profile_decode.json")
     run_cli(run, parser.parse_args(argv), "profiling the decode step")
 
