@@ -289,6 +289,10 @@ def report(run, tok_s, weights):
 def sweep(model, sparsity, mode, levels, prompt, args, device, on_cuda, weights) -> tuple:
     """Dense and every level of one model, in this process: (rows, compile seconds, recompilations, CUDA-graph skips).
     With args.anchor, also the dense decode through torch's products (model.use_fused_kernels(False))."""
+    # A new model starts from empty compile caches: dynamo's limit of 8 graphs per function then counts one
+    # weight format's paths (dense, anchor, sparse, ...), not every format's of the run (three formats with
+    # anchors made nine and stopped the third); the recompilation and CUDA-graph counts become per format.
+    torch._dynamo.reset()
     decode_fn = decode_one_token if args.no_compile else torch.compile(
         decode_one_token, mode="reduce-overhead" if on_cuda else None, fullgraph=on_cuda or not torch.distributed.is_initialized())
     compile_prefill = args.compile_prefill and not args.no_compile
