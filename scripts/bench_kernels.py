@@ -5,6 +5,8 @@
     python scripts/bench_kernels.py --tune --tune_only --tune_shapes tp --tune_batches 1 --skip_checks
                                                        # only tune tensor parallelism's shard shapes
     python scripts/bench_kernels.py --tune --tune_only --tune_shapes Llama-2-7b@2   # any config, any world size
+    python scripts/bench_kernels.py --tune --tune_only --weights int8,int4 --tune_batches 1 --tune_shapes Llama-3-8B
+                                                       # quantized weights' configs (op/int8, op/int4; the LM head too)
 
 Shapes: Llama-3-8B qkv 4096->6144 (splits 4096/1024/1024), o 4096->4096, gate+up 4096->2x14336,
 down 14336->4096 (sparse_silu_down), Llama-3-70B up 8192->28672 and down 28672->8192, and the
@@ -41,6 +43,7 @@ from sparse_kernels import ops, sparse_linear, sparse_linear_ref, sparse_silu_do
 from sparse_kernels.checks import (EPS, TOL, fused_inputs, kernel_input, random_quantized, reference_op,  # noqa: E402
                                    run_op)
 from sparse_kernels.reference import gap_threshold  # noqa: E402
+from model import ModelArgs  # noqa: E402
 from tp import shard_matvec_shapes  # noqa: E402
 
 SHAPES = [  # name, op, K, N, splits
@@ -66,6 +69,15 @@ def shapes_to_tune(spec: str) -> list:
     if world and not (world.isdigit() and int(world) >= 1):
         raise ValueError(f"{spec!r}: the world size after @ must be a whole number of GPUs")
     return shard_matvec_shapes(config, int(world or 1))
+
+
+def head_shapes(spec: str) -> list:
+    """The LM head of --tune_shapes' model (block: Llama-3-8B's), for quantized weights: a quantized head
+    runs the dense kernel (a float head runs cuBLAS). Tensor-parallel ranks hold the whole head."""
+    config = "Llama-3-8B" if spec in ("block", "tp") else spec.partition("@")[0]
+    args = ModelArgs.from_name(config)
+    tag = config.rsplit("-", 1)[-1]
+    return [(f"{tag} head", "linear", args.dim, args.vocab_size, [args.vocab_size])]
 
 
 # tensor-parallel shards (tuned with --tune_shapes tp): Llama-3-8B over 2, 4, 8 GPUs, 70B over 2, 4, 8;
@@ -369,9 +381,12 @@ def check_dense_chain(device="cuda", steps=3) -> list:
 
 # ---------------------------------------------------------------- tuning
 
-def candidate_configs(op, K, N, B, n_sm, narrow=True):
+def candidate_configs(op, K, N, B, n_sm, narrow=True, weights="float", group=128):
     """Tile shapes x W tiles in flight x K chunks that give between one and ~16 programs per SM.
-    narrow=False: only the wide tiles (BLOCK_N >= 512) besides the config already in the table."""
+    narrow=False: only the wide tiles (BLOCK_N >= 512) besides the config already in the table.
+    Quantized rows are held as one byte an element, so their tiles may hold twice the elements of
+    bf16's for the same registers and take twice the elements for one 16-byte load (int4: its
+    packed bytes). int4 chunks lie inside a group, so its grids are larger."""
     # (BLOCK_N, BLOCK_K, num_warps, num_stages, DOT, DEPTH)
     if B == 1:  # the elementwise path; 2-4 steps of rows in flight (DEPTH)
         variants = []
@@ -380,50 +395,63 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True):
                                                                 (256, 32)) for nw in (4, 8) for d in (2, 3, 4)]
         # wide tiles: 1-4 KB of each gathered row per program (DRAM streams long segments better)
         variants += [(bn, bk, nw, 1, 0, d) for bn, bk in ((512, 8), (512, 16), (1024, 4), (1024, 8), (2048, 4))
+                     + (((512, 32), (1024, 16), (2048, 8)) if weights != "float" else ())
                      for nw in (4, 8) for d in (2, 3, 4)]
         chunks = (64, 128, 256, 512, 1024, 2048, 4096)
     else:  # the elementwise path exists for B == 1 only; batches read nearly every row (union)
         variants = [(256, 32, 4, 4, 1, 2), (256, 32, 8, 3, 1, 2), (128, 64, 4, 3, 1, 2), (128, 32, 4, 3, 1, 2),
                     (256, 64, 8, 3, 1, 2)]
         chunks = (256, 512, 1024)
+    if weights == "int4":
+        chunks = sorted({min(kc, group) for kc in chunks})
+    most, fewest = (4 * 32, 8) if weights == "float" else (8 * 32, 16 if weights == "int8" else 32)
     out = []
     for bn, bk, nw, ns, dot, depth in variants:
-        if depth * bn * bk > 4 * 32 * 32 * nw or bn * bk < 32 * 8 * nw:  # W tiles in registers: 8 to 128
-            continue  # elements a thread (the fewest a step: one 16-byte load)
+        if depth * bn * bk > most * 32 * nw or bn * bk < fewest * 32 * nw:  # W tiles in registers: from one 16-byte
+            continue  # load a thread a step to 256 bytes (bf16: 8 to 128 elements) a thread in flight
         n_tiles = -(-N // bn)
         for kc in chunks:
             n_prog = n_tiles * -(-K // kc)
             max_prog = (4 if bn >= 512 else 6) * n_sm if B == 1 else 16 * n_sm
-            if n_sm <= n_prog <= max_prog and kc * max(1, B) <= 4096 * 2 and kc >= max(bk, 128 if bn < 512 else 64):
+            if weights == "int4":
+                max_prog = 32 * n_sm
+            if n_sm <= n_prog <= max_prog and kc * max(1, B) <= 4096 * 2 and kc >= min(group if weights == "int4"
+                                                                                     else 4096, max(bk, 128 if bn < 512
+                                                                                                    else 64)):
                 out.append(dict(BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=bool(dot), num_warps=nw,
                                 num_stages=ns))
     return out
 
 
 def precompile(jobs):
-    """Compile (by running once) each (op, K, N, splits, B, cfg) job; fills Triton's disk cache."""
+    """Compile (by running once) each (op, K, N, splits, B, cfg, weights, group) job; fills Triton's disk cache."""
     torch.cuda.set_device(0)
     bufs = {}
-    for op, K, N, splits, B, cfg in jobs:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for op, K, N, splits, B, cfg, weights, group in jobs:
         if (op, K, N, B) not in bufs:
-            bufs[(op, K, N, B)] = (torch.randn(B, 2 * K if op == "silu_down" else K, device="cuda").bfloat16(),
-                                   torch.zeros(K, N, device="cuda", dtype=torch.bfloat16))
-        x, w = bufs[(op, K, N, B)]
-        ops.run_triton(op, x, w, torch.zeros(len(splits), device="cuda"), splits, cfg)
+            x = torch.randn(B, 2 * K if op == "silu_down" else K, device="cuda").bfloat16()
+            bufs[(op, K, N, B)] = x, ((torch.zeros(K, N, device="cuda", dtype=torch.bfloat16), None, None)
+                                      if weights == "float" else random_quantized(K, N, weights, group, g))
+        x, (w, scale, zero) = bufs[(op, K, N, B)]
+        ops.run_triton(op, x, w, torch.zeros(len(splits), device="cuda"), splits, cfg, scale=scale, zero=zero)
+        ops.run_triton(op, x, w, None, splits, cfg, scale=scale, zero=zero)  # the dense kernel: level 0
     torch.cuda.synchronize()
     return [None]
 
 
-def tune(shapes, batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=None):
+def tune(shapes, batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=None, weights="float", group=128):
+    """The best config of each shape and batch (weights: the format of W^T), by the geometric mean over
+    levels of time / best time at that level; level None is the dense kernel (dense decode)."""
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    plan = {(name, B): candidate_configs(op, K, N, B, n_sm, narrow) for name, op, K, N, splits in shapes
+    plan = {(name, B): candidate_configs(op, K, N, B, n_sm, narrow, weights, group) for name, op, K, N, splits in shapes
             for B in batches}
     for name, op, K, N, splits in shapes:  # the config in the table competes too
         for B in batches:
-            cfg = (tabled or {}).get(ops.config_key(op, K, N, torch.bfloat16, B))
+            cfg = (tabled or {}).get(ops.config_key(op, K, N, torch.bfloat16, B, weights))
             if cfg is not None and cfg not in plan[(name, B)]:
                 plan[(name, B)].append(cfg)
-    jobs = [(op, K, N, splits, B, cfg) for name, op, K, N, splits in shapes for B in batches
+    jobs = [(op, K, N, splits, B, cfg, weights, group) for name, op, K, N, splits in shapes for B in batches
             for cfg in plan[(name, B)]]
     t0 = time.time()
     by_variant = {}
@@ -432,26 +460,30 @@ def tune(shapes, batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=N
         by_variant.setdefault(key, []).append(j)
     chunks = [sum(list(by_variant.values())[i::workers], []) for i in range(workers)]
     parallel(precompile, [c for c in chunks if c], workers)
-    print(f"tune: compiled {len(by_variant)} variants ({len(jobs)} launches) in {time.time() - t0:.0f} s", flush=True)
+    print(f"tune {weights}: compiled {len(by_variant)} variants ({len(jobs)} launches) in {time.time() - t0:.0f} s",
+          flush=True)
     table, record = {}, {}
     for name, op, K, N, splits in shapes:
+        shape_levels = (None,) if name.endswith(" head") else levels  # an LM head runs dense only
         for B in batches:
-            prob = Problem(op, K, N, splits, B, torch.bfloat16)
+            prob = Problem(op, K, N, splits, B, torch.bfloat16, weights=weights, group=group)
             cands = plan[(name, B)]
             times = {}
-            for p in levels:
+            for p in shape_levels:
                 thr = prob.thresholds(p)
                 times[p] = [graph_time_us(prob.ours(thr, cfg)) for cfg in cands]
             best = {p: min(ts) for p, ts in times.items()}
-            score = [math.exp(statistics.mean(math.log(times[p][i] / best[p]) for p in levels)) for i in range(len(cands))]
+            score = [math.exp(statistics.mean(math.log(times[p][i] / best[p]) for p in shape_levels))
+                     for i in range(len(cands))]
             i_best = min(range(len(cands)), key=score.__getitem__)
-            table[ops.config_key(op, K, N, torch.bfloat16, B)] = cands[i_best]
-            record[f"{name} B{B}"] = dict(
-                chosen=cands[i_best], chosen_us={str(p): times[p][i_best] for p in levels},
-                best_per_level={str(p): dict(us=best[p], config=cands[times[p].index(best[p])]) for p in levels},
+            table[ops.config_key(op, K, N, torch.bfloat16, B, weights)] = cands[i_best]
+            tag = "" if weights == "float" else f" {weights}"
+            record[f"{name}{tag} B{B}"] = dict(
+                chosen=cands[i_best], chosen_us={str(p): times[p][i_best] for p in shape_levels},
+                best_per_level={str(p): dict(us=best[p], config=cands[times[p].index(best[p])]) for p in shape_levels},
                 n_candidates=len(cands))
-            print(f"tune {name:11s} B{B}: {cands[i_best]}  " +
-                  "  ".join(f"p={p}: {times[p][i_best]:.1f} us (best {best[p]:.1f})" for p in levels), flush=True)
+            print(f"tune {name:11s}{tag} B{B}: {cands[i_best]}  " +
+                  "  ".join(f"p={p}: {times[p][i_best]:.1f} us (best {best[p]:.1f})" for p in shape_levels), flush=True)
             del prob
             torch.cuda.empty_cache()
     return table, record
@@ -489,7 +521,7 @@ def main(argv=None):
     ap.add_argument("--skip_checks", action="store_true", help="skip the GPU correctness checks")
     ap.add_argument("--weights", default="float",
                     help="comma-separated: float (the table above), int8, int4 (quantized weights in the same kernels, "
-                         "beside gpt-fast's way of running them)")
+                         "beside gpt-fast's way of running them); with --tune, the formats to tune")
     ap.add_argument("--groupsize", type=int, default=128, help="int4 rows per scale")
     ap.add_argument("--table_shapes", default="all", help="all, or comma-separated shape names (e.g. '8B gate+up')")
     run_cli(run, ap.parse_args(argv), "benchmarking the sparse kernels")
@@ -524,8 +556,16 @@ def run(args):
         result["checks"]["ok"] = not bad and max(errs) <= TOL[torch.bfloat16]
     if args.tune:
         old = json.loads(Path(args.configs).read_text()) if Path(args.configs).exists() else {}
-        table, record = tune(tune_shapes, [int(b) for b in args.tune_batches.split(",")], args.workers,
-                             narrow=not args.tune_wide, tabled=old.get("configs"))
+        table, record = {}, {}
+        for weights in [w for w in args.weights.split(",") if w]:
+            if weights == "float":
+                levels, shapes = (0.0, 0.5, 0.9), tune_shapes
+            else:  # level 0 is the dense kernel here (dense quantized decode); the LM head is quantized too
+                levels, shapes = (None, 0.5, 0.9), tune_shapes + head_shapes(args.tune_shapes)
+            t, r = tune(shapes, [int(b) for b in args.tune_batches.split(",")], args.workers, levels=levels,
+                        narrow=not args.tune_wide, tabled=old.get("configs"), weights=weights, group=args.groupsize)
+            table.update(t)
+            record.update(r)
         table = {**old.get("configs", {}), **table}  # shapes and batches not tuned now keep their configs
         record = {**old.get("tuning", {}), **record}
         Path(args.configs).parent.mkdir(parents=True, exist_ok=True)
