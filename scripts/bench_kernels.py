@@ -479,7 +479,7 @@ def tune(shapes, batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=N
             table[ops.config_key(op, K, N, torch.bfloat16, B, weights)] = cands[i_best]
             tag = "" if weights == "float" else f" {weights}"
             record[f"{name}{tag} B{B}"] = dict(
-                chosen=cands[i_best], chosen_us={str(p): times[p][i_best] for p in shape_levels},
+                device=torch.cuda.get_device_name(0), chosen=cands[i_best], chosen_us={str(p): times[p][i_best] for p in shape_levels},
                 best_per_level={str(p): dict(us=best[p], config=cands[times[p].index(best[p])]) for p in shape_levels},
                 n_candidates=len(cands))
             print(f"tune {name:11s}{tag} B{B}: {cands[i_best]}  " +
@@ -568,12 +568,15 @@ def run(args):
             record.update(r)
         table = {**old.get("configs", {}), **table}  # shapes and batches not tuned now keep their configs
         record = {**old.get("tuning", {}), **record}
+        # records of runs before records named their device were all tuned on the file's device then
+        devices = sorted({r.get("device", old.get("device", "")) for r in record.values()} - {""})
         Path(args.configs).parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(dict(
-            device=result["device"], torch=result["torch"], triton=result["triton"],
+            device="; ".join(devices), torch=result["torch"], triton=result["triton"],
             note="written by scripts/bench_kernels.py --tune; key op:KxN:dtype:B; chosen by the geometric mean "
-                 "over p in {0, 0.5, 0.9} of time / best time at that p (tuning: the chosen and the best per p); "
-                 "entries not tuned in the latest run are kept from earlier runs",
+                 "over the levels (float: p in {0, 0.5, 0.9}; quantized: the dense kernel, 0.5, 0.9) of time / best "
+                 "time at that level (tuning: the chosen and the best per level, and the device); entries not "
+                 "tuned in the latest run are kept from earlier runs",
             configs=table, tuning=record), indent=1) + "\n"
         with atomic_write(args.configs) as tmp:  # ops.py reads it at import: never leave half of one
             tmp.write_text(text)
