@@ -355,9 +355,11 @@ def test_untuned_shapes_take_the_nearest_tuned_tile(monkeypatch):
     def programs(K, N, cfg):
         return -(-K // cfg["K_CHUNK"]) * -(-N // cfg["BLOCK_N"])
 
-    for key, tuned in table.items():  # a tuned shape gets its own config
+    for key, tuned in table.items():  # a tuned shape gets its own config (quantized keys: "op/int8")
         op, K, N, dtype, b = ops.parse_config_key(key)
-        assert ops.pick_config(op, K, N, torch.bfloat16 if dtype == "bf16" else torch.float16, b, 132) == tuned
+        op, _, weights = op.partition("/")
+        assert ops.pick_config(op, K, N, torch.bfloat16 if dtype == "bf16" else torch.float16, b, 132,
+                               weights or "float") == tuned
     shards = [("linear", 4096, 3072, 4096, 4096), ("linear", 2048, 4096, 4096, 4096),
               ("linear", 4096, 14336, 4096, 28672), ("silu_down", 7168, 4096, 14336, 4096)]
     for op, K, N, K_near, N_near in shards:
