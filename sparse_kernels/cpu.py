@@ -26,13 +26,13 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .reference import contiguous_rows
+from .reference import contiguous_rows, out_features
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-pthread", "-shared", "-fPIC"]
 PORTABLE_FLAGS = [f for f in FLAGS if f != "-march=native"]  # for compilers without -march=native
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-INT8 = 2  # the kernel's code for int8 weights (with fp32 column scales)
+WEIGHT_CODES = {torch.int8: 2, torch.uint8: 3}  # the kernel's codes for int8 (column scales) and int4 weights
 MAX_B = 8  # more rows (larger batches, longer prompts) are matmuls: the reference's torch math
 
 _lib = None  # the loaded library, False once a build failed
@@ -99,7 +99,8 @@ def library():
                           f"reference ({detail.strip()[-500:]})", stacklevel=3)
             return None
         P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        lib.teal_sparse_matvec.argtypes = [I, I, I, P, L, P, L, I, I, P, P, P, I, I, P, ctypes.c_float, P, L, P, I]
+        lib.teal_sparse_matvec.argtypes = [I, I, I, P, L, P, L, I, I, P, P, I, I, P, P, I, I, P, ctypes.c_float, P, L,
+                                           P, I]
         lib.teal_decode_attention_step.argtypes = [I, I, I, I, P, L, P, P, L, L, L, P, L, P, I, I]
         lib.teal_linear_rows.argtypes = [I, I, I, P, L, P, L, I, P, I]
         lib.teal_sparse_matvec.restype = lib.teal_decode_attention_step.restype = lib.teal_linear_rows.restype = I
@@ -114,11 +115,13 @@ def available() -> bool:
     return not os.environ.get("TEAL_CPU_REFERENCE") and library() is not None
 
 
-def usable(x: Tensor, w_t: Tensor) -> bool:
-    """Whether the matvec ops run the kernel for input x (B, K) and weights w_t: CPU, fp32 or bf16, 1 to
-    MAX_B rows, weights stored in x's dtype or int8 (with their column scales; int4 takes the reference)."""
-    return (x.device.type == "cpu" and x.dtype in DTYPE_CODES and w_t.dtype in (x.dtype, torch.int8)
-            and 0 < x.shape[0] <= MAX_B and available())
+def usable(x: Tensor, w_t: Tensor, splits: Optional[List[int]] = None) -> bool:
+    """Whether the matvec ops run the kernel for input x (B, K), weights w_t and output segments splits
+    (None: one): CPU, fp32 or bf16, 1 to MAX_B rows, weights stored in x's dtype, int8 (with their column
+    scales) or int4 (uint8, two values a byte, with group scales and offsets; segments of even width)."""
+    return (x.device.type == "cpu" and x.dtype in DTYPE_CODES and 0 < x.shape[0] <= MAX_B and
+            (w_t.dtype in (x.dtype, torch.int8) or
+             (w_t.dtype == torch.uint8 and all(n % 2 == 0 for n in splits or ()))) and available())
 
 
 def takes_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope_table: Tensor) -> bool:
@@ -143,12 +146,13 @@ def _check(status: int):
 
 def matvec(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int], norm_weight: Optional[Tensor] = None,
            eps: float = 0.0, residual: Optional[Tensor] = None, silu: bool = False, scale: Optional[Tensor] = None,
-           out: Optional[Tensor] = None, n_threads: Optional[int] = None) -> Tensor:
+           zero: Optional[Tensor] = None, out: Optional[Tensor] = None, n_threads: Optional[int] = None) -> Tensor:
     """The reference's sparse_linear (silu=False) or sparse_silu_down (x = [gate | up], thresholds[:1]) on
-    checked arguments (reference.check_args); int8 w_t with its column scales (N,). out: a contiguous
+    checked arguments (reference.check_args); int8 w_t with its column scales (N,), int4 w_t (K, N / 2)
+    with its scales and offsets (K / group, N). out: a contiguous
     (B, N) tensor to write (default: a new one); n_threads: default torch.get_num_threads(). Lean: a
     decode step makes 120 of these calls."""
-    B, (K, N) = x.shape[0], w_t.shape
+    B, K, N = x.shape[0], w_t.shape[0], out_features(w_t)
     x, w_t, norm_weight, residual = (contiguous_rows(x), contiguous_rows(w_t), contiguous_rows(norm_weight),
                                      contiguous_rows(residual))
     if thresholds is None:  # segments only choose thresholds: a dense product is one segment
@@ -159,12 +163,19 @@ def matvec(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[in
     seg = _segments.get(key)
     if seg is None:
         seg = _segments[key] = (ctypes.c_int * len(key))(*key)
-    if scale is not None and (scale.dtype != torch.float32 or scale.stride(-1) != 1):
+    group, scale_dtype = 0, 0
+    if w_t.dtype == torch.uint8:  # int4: scales and offsets read as stored (fp32 or bf16)
+        group = K // scale.shape[0]
+        if scale.dtype not in DTYPE_CODES or zero.dtype != scale.dtype:
+            scale, zero = scale.float(), zero.float()
+        scale, zero, scale_dtype = scale.contiguous(), zero.contiguous(), DTYPE_CODES[scale.dtype]
+    elif scale is not None and (scale.dtype != torch.float32 or scale.stride(-1) != 1):
         scale = scale.to(torch.float32).contiguous()
     y = torch.empty(B, N, dtype=x.dtype) if out is None else out
     status = library().teal_sparse_matvec(B, K, N, x.data_ptr(), x.stride(0), w_t.data_ptr(), w_t.stride(0),
-                                          DTYPE_CODES[x.dtype], INT8 if w_t.dtype == torch.int8 else
-                                          DTYPE_CODES[x.dtype], _ptr(scale), _ptr(thresholds), seg, len(key), silu,
+                                          DTYPE_CODES[x.dtype], WEIGHT_CODES.get(w_t.dtype, DTYPE_CODES[x.dtype]),
+                                          _ptr(scale), _ptr(zero), group, scale_dtype, _ptr(thresholds), seg, len(key),
+                                          silu,
                                           _ptr(norm_weight), eps, _ptr(residual),
                                           0 if residual is None else residual.stride(0), y.data_ptr(),
                                           n_threads or torch.get_num_threads())
@@ -212,7 +223,7 @@ def attention_step(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: Tensor, r
 # call the kernels directly.
 _library = torch.library.Library("teal", "FRAGMENT")
 _library.define("cpu_matvec(Tensor x, Tensor w_t, Tensor? thresholds, int[] splits, Tensor? norm_weight, float eps, "
-                "Tensor? residual, bool silu, Tensor? scale) -> Tensor")
+                "Tensor? residual, bool silu, Tensor? scale, Tensor? zero) -> Tensor")
 _library.define("cpu_decode_attention_step(Tensor qkv, int n_head, Tensor(a!) k_cache, Tensor(b!) v_cache, "
                 "Tensor rope_table, Tensor input_pos) -> Tensor")
 _library.define("cpu_linear_rows(Tensor x, Tensor w) -> Tensor")
@@ -222,8 +233,8 @@ _library.impl("cpu_decode_attention_step", attention_step, "CPU")
 
 
 @torch.library.register_fake("teal::cpu_matvec")
-def _(x, w_t, thresholds, splits, norm_weight, eps, residual, silu, scale):
-    return x.new_empty(x.shape[0], w_t.shape[1])
+def _(x, w_t, thresholds, splits, norm_weight, eps, residual, silu, scale, zero):
+    return x.new_empty(x.shape[0], out_features(w_t))
 
 
 @torch.library.register_fake("teal::cpu_linear_rows")
@@ -239,12 +250,12 @@ def _(qkv, n_head, k_cache, v_cache, rope_table, input_pos):
 
 def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[int],
                   norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
-                  silu: bool = False, scale: Optional[Tensor] = None) -> Tensor:
+                  silu: bool = False, scale: Optional[Tensor] = None, zero: Optional[Tensor] = None) -> Tensor:
     """matvec, through its op when compiling (ops.sparse_linear and ops.sparse_silu_down call this where
     usable(x, w_t))."""
     if torch.compiler.is_compiling():
-        return torch.ops.teal.cpu_matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, silu, scale)
-    return matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, silu, scale)
+        return torch.ops.teal.cpu_matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, silu, scale, zero)
+    return matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, silu, scale, zero)
 
 
 def linear(x: Tensor, w: Tensor) -> Tensor:

@@ -20,7 +20,8 @@
 #include <string.h>
 #include <time.h>
 
-enum { F32 = 0, BF16 = 1, I8 = 2 }; /* activations F32 or BF16; weights any of the three (I8: with column scales) */
+enum { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 }; /* activations F32 or BF16; weights any of these (I8: with column
+                                                scales; I4: with group scales and offsets) */
 
 #define UNIT 16        /* column tiles are multiples of 16 columns (64 bytes of fp32: one cache line) */
 #define ROWS 4         /* kept rows summed per pass over the accumulators */
@@ -312,6 +313,51 @@ DEFINE_STREAM(stream_f32, float)
    integer values, a quarter of fp32's bytes; the caller multiplies each column's sum by its scale. */
 DEFINE_STREAM(stream_i8, int8_t)
 
+/* int4 weights: two values a byte along a row (the low nibble the even column), in groups of `group`
+   rows with a scale and an offset per group and column (w = q * scale + zero; sdtype: theirs). The
+   kept rows of one group are summed as integers into `part`, then the group's sum times its scales,
+   plus the sum of its kept inputs times its offsets, is added: one multiply-add per column and group
+   (as the GPU kernel does per chunk). col: the tile's first column (even), N: the row of scales. */
+static void stream_i4(float *restrict acc, int B, int width, const int *rows, const float *vals, int n_rows,
+                      const uint8_t *w, long ldw, int group, const void *scale, const void *zero, int sdtype, long N,
+                      long col) {
+    float part[B * width], xsum[B]; /* width * B * 4 <= TILE_BYTES (tile_columns) */
+    for (int j = 0; j < n_rows;) {
+        int g = rows[j] / group, end = j;
+        while (end < n_rows && rows[end] / group == g)
+            end++;
+        memset(part, 0, sizeof(part));
+        memset(xsum, 0, sizeof(xsum));
+        for (; j + 2 <= end; j += 2) { /* two rows a pass: the sums are read and written half as often */
+            const uint8_t *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw;
+            for (int b = 0; b < B; b++) {
+                float v0 = vals[(long)j * B + b], v1 = vals[(long)(j + 1) * B + b], *restrict a = part + b * width;
+                xsum[b] += v0 + v1;
+                for (int c = 0; c < width / 2; c++) {
+                    a[2 * c] += v0 * (float)(w0[c] & 15) + v1 * (float)(w1[c] & 15);
+                    a[2 * c + 1] += v0 * (float)(w0[c] >> 4) + v1 * (float)(w1[c] >> 4);
+                }
+            }
+        }
+        for (; j < end; j++) {
+            const uint8_t *w0 = w + rows[j] * ldw;
+            for (int b = 0; b < B; b++) {
+                float v0 = vals[(long)j * B + b], *restrict a = part + b * width;
+                xsum[b] += v0;
+                for (int c = 0; c < width / 2; c++) {
+                    a[2 * c] += v0 * (float)(w0[c] & 15);
+                    a[2 * c + 1] += v0 * (float)(w0[c] >> 4);
+                }
+            }
+        }
+        long at = (long)g * N + col;
+        for (int b = 0; b < B; b++)
+            for (int c = 0; c < width; c++)
+                acc[b * width + c] += part[b * width + c] * load(scale, at + c, sdtype) +
+                                      xsum[b] * load(zero, at + c, sdtype);
+    }
+}
+
 /* bf16 weights are read two at a time: the 32 bits of a column pair hold the even column's fp32
    value in their shifted low half and the odd one's in their masked high half, so a vector of
    pairs widens with one shift and one and. The accumulators of even and odd columns are then two
@@ -382,6 +428,8 @@ typedef struct {
     int B, K, N, dtype, wtype, parts; /* dtype: the activations'; wtype: the weights' */
     const void *w;
     const float *scale;     /* int8: (N,) column scales; else NULL */
+    const void *qscale, *qzero; /* int4: (K / group, N) scales and offsets in sdtype; else NULL */
+    int group, sdtype;
     long ldw;
     const int *splits, *n_kept;
     const long *seg_start;  /* the first column of each segment */
@@ -413,6 +461,9 @@ static void matvec_chunk(void *ctx, int chunk) {
             stream_bf16(acc, B, width, rows, vals, r1 - r0, (const uint16_t *)j->w + col, j->ldw);
         else if (j->wtype == I8)
             stream_i8(acc, B, width, rows, vals, r1 - r0, (const int8_t *)j->w + col, j->ldw);
+        else if (j->wtype == I4)
+            stream_i4(acc, B, width, rows, vals, r1 - r0, (const uint8_t *)j->w + col / 2, j->ldw, j->group, j->qscale,
+                      j->qzero, j->sdtype, j->N, col);
         else
             stream_f32(acc, B, width, rows, vals, r1 - r0, (const float *)j->w + col, j->ldw);
     }
@@ -447,8 +498,9 @@ static void reduce_parts(const matvec_job *j, int n_seg, const void *residual, l
 /* x (B, K) rows ldx apart ((B, 2K) [gate | up] when silu), w_t (K, N) rows ldw apart, thresholds
    (n_seg,) fp32 or NULL (dense), splits: the segments' widths (summing to N), norm_weight (K,) or
    NULL, residual (B, N) rows ldr apart or NULL -> y (B, N) contiguous. Weights in the activations'
-   dtype, or int8 (wtype I8) with fp32 column scales (N,). Returns 0, or -1 if scratch could not be
-   allocated.
+   dtype, or int8 (wtype I8) with fp32 column scales (N,), or int4 (wtype I4: w_t (K, N / 2) bytes,
+   every segment's width even) with scales and offsets `scale`, `zero` (K / group, N) in sdtype.
+   Returns 0, or -1 if scratch could not be allocated.
    The threads split each segment's kept rows (whole rows of W^T: one long stretch of memory each,
    the whole matrix in two streams when dense), each summing its rows over all of the segment's
    columns; the parts' sums are then added in a fixed order. The result depends on the number of
@@ -456,8 +508,9 @@ static void reduce_parts(const matvec_job *j, int n_seg, const void *residual, l
    (each thread half of every row, no partial sums) streamed 10-20% slower on SmolLM2's shapes
    (dense and sparse, 2 threads): its rows are half as long. */
 int teal_sparse_matvec(int B, int K, int N, const void *x, long ldx, const void *w, long ldw, int dtype,
-                       int wtype, const float *scale, const float *thresholds, const int *splits, int n_seg, int silu,
-                       const void *norm_weight, float eps, const void *residual, long ldr, void *y, int n_threads) {
+                       int wtype, const void *scale, const void *zero, int group, int sdtype, const float *thresholds,
+                       const int *splits, int n_seg, int silu, const void *norm_weight, float eps, const void *residual,
+                       long ldr, void *y, int n_threads) {
     size_t per_seg = (size_t)K * (B + 1); /* rows[] (as ints) and vals[] of one segment */
     int parts = chunks_for((long)K * N, n_threads);
     float *h = thread_scratch(INPUTS, (size_t)B * K + (size_t)n_seg * per_seg + K);
@@ -473,8 +526,8 @@ int teal_sparse_matvec(int B, int K, int N, const void *x, long ldx, const void 
                               thresholds ? thresholds + s : NULL);
         seg_start[s] = s ? seg_start[s - 1] + splits[s - 1] : 0;
     }
-    matvec_job job = {B, K, N, dtype, wtype, parts, w, wtype == I8 ? scale : NULL, ldw, splits, n_kept, seg_start,
-                      lists, per_seg, sums};
+    matvec_job job = {B, K, N, dtype, wtype, parts, w, wtype == I8 ? scale : NULL, wtype == I4 ? scale : NULL,
+                      wtype == I4 ? zero : NULL, group, sdtype, ldw, splits, n_kept, seg_start, lists, per_seg, sums};
     run_parallel(matvec_chunk, &job, n_seg * parts, n_threads);
     reduce_parts(&job, n_seg, residual, ldr, y);
     return 0;

@@ -235,9 +235,9 @@ def _sparse_linear_op(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], spli
     if use_triton(x):
         return run_triton("linear", x, w_t, thresholds, splits, norm_weight=norm_weight, eps=eps, residual=residual,
                           early_weights=not copied, scale=scale, zero=zero)
-    if cpu.usable(x, w_t):  # the CPU kernel (cpu_kernels.c)
-        return cpu.matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, scale=scale)
-    # the CPU without its kernel (or int4 weights): the reference; CUDA without the kernel (B > 8): the
+    if cpu.usable(x, w_t, splits):  # the CPU kernel (cpu_kernels.c)
+        return cpu.matvec(x, w_t, thresholds, splits, norm_weight, eps, residual, scale=scale, zero=zero)
+    # the CPU without its kernel (or odd int4 segments): the reference; CUDA without the kernel (B > 8): the
     # same math, no fp32 copy of float weights
     return masked_linear(x, w_t, thresholds, splits, norm_weight, eps, residual, matmul=masked_matmul, scale=scale,
                          zero=zero)
@@ -257,9 +257,9 @@ def _sparse_silu_down_op(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tenso
     if use_triton(gate_up):
         return run_triton("silu_down", gate_up, w_t, threshold, [N], residual=residual, early_weights=not copied,
                           scale=scale, zero=zero)
-    if cpu.usable(gate_up, w_t):
+    if cpu.usable(gate_up, w_t, [N]):
         return cpu.matvec(gate_up, w_t, None if threshold is None else threshold[:1], [N], residual=residual, silu=True,
-                          scale=scale)
+                          scale=scale, zero=zero)
     return masked_linear(silu_mul(gate_up), w_t, None if threshold is None else threshold[:1], [N],
                          residual=residual, matmul=masked_matmul, scale=scale, zero=zero)  # as in _sparse_linear_op
 
@@ -288,8 +288,9 @@ def sparse_linear(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits, 
     check_args(x, w_t, thresholds, splits, norm_weight, residual, scale, zero)
     if norm_weight is not None and eps is None:
         raise ValueError("sparse_linear: pass the norm's eps with norm_weight (e.g. the model's norm_eps)")
-    if cpu.usable(x, w_t):  # cpu_kernels
-        return cpu.sparse_linear(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual, scale=scale)
+    if cpu.usable(x, w_t, splits):  # cpu_kernels
+        return cpu.sparse_linear(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual, scale=scale,
+                                 zero=zero)
     return _sparse_linear_op(x, w_t, thresholds, splits, norm_weight, float(eps or 0.0), residual, scale, zero)
 
 
@@ -301,9 +302,9 @@ def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], 
         raise ValueError(f"gate_up must be (B, 2I) with I={w_t.shape[0]} (rows of w_t); got {tuple(gate_up.shape)}")
     N = out_features(w_t)
     check_args(gate_up[:, :w_t.shape[0]], w_t, threshold, [N], residual=residual, scale=scale, zero=zero)
-    if cpu.usable(gate_up, w_t):  # cpu_kernels
+    if cpu.usable(gate_up, w_t, [N]):  # cpu_kernels
         return cpu.sparse_linear(gate_up, w_t, None if threshold is None else threshold[:1], [N], residual=residual,
-                                 silu=True, scale=scale)
+                                 silu=True, scale=scale, zero=zero)
     return _sparse_silu_down_op(gate_up, w_t, threshold, residual, scale, zero)
 
 

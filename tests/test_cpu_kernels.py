@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_kernels import cpu, decode_attention_step, decode_attention_step_ref, sparse_linear, sparse_silu_down
+from sparse_kernels import (cpu, decode_attention_step, decode_attention_step_ref, out_features, sparse_linear,
+                            sparse_silu_down)
 from sparse_kernels.checks import TOL, reference_op
 from tests.test_kernels import make_inputs
 
@@ -57,17 +58,29 @@ INT8_CASES = [
 ]
 
 
+# int4 weights (two values a byte, groups of G rows with scales and offsets): (case..., G)
+INT4_CASES = [
+    ("linear+norm", 1, 576, 960, [576, 192, 192], F32, 0.5, 2, 64),
+    ("linear+norm", 3, 576, 1536, [768, 768], BF16, 0.9, 2, 32),
+    ("linear+res", 1, 576, 576, [576], BF16, None, 2, 64),
+    ("linear", 8, 320, 1002, [500, 334, 168], F32, 0.0, 3, 32),
+    ("silu_down+res", 1, 1536, 576, [576], F32, 0.5, 2, 128),
+    ("silu_down", 2, 1536, 1000, [1000], BF16, None, 1, 64),
+]
+
+
 def case_id(c):
     return f"{c[0]}-B{c[1]}-{c[2]}x{c[3]}-S{len(c[4])}-{str(c[5])[6:]}-p{c[6]}-T{c[7]}"
 
 
-def run_kernel(op, x, w, thr, splits, norm_w, residual, n_threads, scale=None):
+def run_kernel(op, x, w, thr, splits, norm_w, residual, n_threads, scale=None, zero=None):
     """The kernel writing into a NaN-poisoned output: every entry must be written."""
-    out = torch.full((x.shape[0], w.shape[1]), float("nan"), dtype=x.dtype)
+    N = out_features(w)
+    out = torch.full((x.shape[0], N), float("nan"), dtype=x.dtype)
     if op.startswith("silu_down"):
-        return cpu.matvec(x, w, None if thr is None else thr[:1], [w.shape[1]], residual=residual, silu=True,
-                          scale=scale, out=out, n_threads=n_threads)
-    return cpu.matvec(x, w, thr, splits, norm_w, 1e-5, residual, scale=scale, out=out, n_threads=n_threads)
+        return cpu.matvec(x, w, None if thr is None else thr[:1], [N], residual=residual, silu=True,
+                          scale=scale, zero=zero, out=out, n_threads=n_threads)
+    return cpu.matvec(x, w, thr, splits, norm_w, 1e-5, residual, scale=scale, zero=zero, out=out, n_threads=n_threads)
 
 
 def n_bad(y, ref, tol):
@@ -102,6 +115,26 @@ def test_int8_matvec_matches_reference(case):
     off = scale.clone()
     off[N // 3] *= 2.0
     assert n_bad(y, reference_op(op, x, w, thr, splits, norm_w, residual, scale=off), TOL[dtype]) > 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", INT4_CASES, ids=[f"{case_id(c)}-g{c[8]}" for c in INT4_CASES])
+def test_int4_matvec_matches_reference(case):
+    """int4 rows unpacked and summed as integers per group, the group's scales and offsets applied to
+    its sums: the reference dequantizes first (w = q * scale + zero). One group's offsets of one column
+    changed, or the scales of the group before used, is caught."""
+    op, B, K, N, splits, dtype, p, threads, group = case
+    x, w, thr, norm_w, residual, scale, zero = make_inputs(op, B, K, N, len(splits), dtype, p,
+                                                           seed=len(case_id(case)), weights="int4", group=group)
+    assert cpu.usable(x, w, splits) and not cpu.usable(x, w, [N - 1, 1])  # odd segments: the reference
+    y = run_kernel(op, x, w, thr, splits, norm_w, residual, threads, scale=scale, zero=zero)
+    ref = reference_op(op, x, w, thr, splits, norm_w, residual, scale=scale, zero=zero)
+    assert n_bad(y, ref, TOL[dtype]) == 0, f"max error {(y.float() - ref.float()).abs().max():.3g}"
+    off = zero.clone()
+    off[1, N // 3] += 4 * scale[1, N // 3]
+    assert n_bad(y, reference_op(op, x, w, thr, splits, norm_w, residual, scale=scale, zero=off), TOL[dtype]) > 0
+    shifted = torch.cat([scale[:1], scale[:-1]])
+    assert n_bad(y, reference_op(op, x, w, thr, splits, norm_w, residual, scale=shifted, zero=zero), TOL[dtype]) > 0
 
 
 @needs_kernel
