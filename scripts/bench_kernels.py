@@ -410,14 +410,13 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True, weights="float", group=128
         if depth * bn * bk > most * 32 * nw or bn * bk < fewest * 32 * nw:  # W tiles in registers: from one 16-byte
             continue  # load a thread a step to 256 bytes (bf16: 8 to 128 elements) a thread in flight
         n_tiles = -(-N // bn)
+        max_prog = 32 * n_sm if weights == "int4" else (4 if bn >= 512 else 6) * n_sm if B == 1 else 16 * n_sm
+        min_chunk = max(bk, 128 if bn < 512 else 64)
+        if weights == "int4":  # its chunks are capped at the group
+            min_chunk = min(min_chunk, group)
         for kc in chunks:
             n_prog = n_tiles * -(-K // kc)
-            max_prog = (4 if bn >= 512 else 6) * n_sm if B == 1 else 16 * n_sm
-            if weights == "int4":
-                max_prog = 32 * n_sm
-            if n_sm <= n_prog <= max_prog and kc * max(1, B) <= 4096 * 2 and kc >= min(group if weights == "int4"
-                                                                                     else 4096, max(bk, 128 if bn < 512
-                                                                                                    else 64)):
+            if n_sm <= n_prog <= max_prog and kc * max(1, B) <= 4096 * 2 and kc >= min_chunk:
                 out.append(dict(BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=bool(dot), num_warps=nw,
                                 num_stages=ns))
     return out
@@ -479,7 +478,8 @@ def tune(shapes, batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=N
             table[ops.config_key(op, K, N, torch.bfloat16, B, weights)] = cands[i_best]
             tag = "" if weights == "float" else f" {weights}"
             record[f"{name}{tag} B{B}"] = dict(
-                device=torch.cuda.get_device_name(0), chosen=cands[i_best], chosen_us={str(p): times[p][i_best] for p in shape_levels},
+                device=torch.cuda.get_device_name(0), chosen=cands[i_best],
+                chosen_us={str(p): times[p][i_best] for p in shape_levels},
                 best_per_level={str(p): dict(us=best[p], config=cands[times[p].index(best[p])]) for p in shape_levels},
                 n_candidates=len(cands))
             print(f"tune {name:11s}{tag} B{B}: {cands[i_best]}  " +

@@ -163,7 +163,7 @@ def matvec(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: List[in
     seg = _segments.get(key)
     if seg is None:
         seg = _segments[key] = (ctypes.c_int * len(key))(*key)
-    group, scale_dtype = 0, 0
+    group, scale_dtype = 0, DTYPE_CODES[torch.float32]  # int8: fp32 column scales (below)
     if w_t.dtype == torch.uint8:  # int4: scales and offsets read as stored (fp32 or bf16)
         group = K // scale.shape[0]
         if scale.dtype not in DTYPE_CODES or zero.dtype != scale.dtype:

@@ -427,8 +427,7 @@ static void stream_bf16(float *restrict acc, int B, int width, const int *rows, 
 typedef struct {
     int B, K, N, dtype, wtype, parts; /* dtype: the activations'; wtype: the weights' */
     const void *w;
-    const float *scale;     /* int8: (N,) column scales; else NULL */
-    const void *qscale, *qzero; /* int4: (K / group, N) scales and offsets in sdtype; else NULL */
+    const void *scale, *zero; /* in sdtype: int8, (N,) column scales; int4, (K / group, N) scales and offsets */
     int group, sdtype;
     long ldw;
     const int *splits, *n_kept;
@@ -462,8 +461,8 @@ static void matvec_chunk(void *ctx, int chunk) {
         else if (j->wtype == I8)
             stream_i8(acc, B, width, rows, vals, r1 - r0, (const int8_t *)j->w + col, j->ldw);
         else if (j->wtype == I4)
-            stream_i4(acc, B, width, rows, vals, r1 - r0, (const uint8_t *)j->w + col / 2, j->ldw, j->group, j->qscale,
-                      j->qzero, j->sdtype, j->N, col);
+            stream_i4(acc, B, width, rows, vals, r1 - r0, (const uint8_t *)j->w + col / 2, j->ldw, j->group, j->scale,
+                      j->zero, j->sdtype, j->N, col);
         else
             stream_f32(acc, B, width, rows, vals, r1 - r0, (const float *)j->w + col, j->ldw);
     }
@@ -483,8 +482,8 @@ static void reduce_parts(const matvec_job *j, int n_seg, const void *residual, l
                     float v = sums_at(j, 0, s, c0)[at];
                     for (int p = 1; p < j->parts; p++)
                         v += sums_at(j, p, s, c0)[at];
-                    if (j->scale)
-                        v *= j->scale[col + c];
+                    if (j->wtype == I8)
+                        v *= load(j->scale, col + c, j->sdtype);
                     v = round_to(v, dtype);
                     if (residual)
                         v = round_to(load(residual, b * ldr + col + c, dtype) + v, dtype);
@@ -498,7 +497,7 @@ static void reduce_parts(const matvec_job *j, int n_seg, const void *residual, l
 /* x (B, K) rows ldx apart ((B, 2K) [gate | up] when silu), w_t (K, N) rows ldw apart, thresholds
    (n_seg,) fp32 or NULL (dense), splits: the segments' widths (summing to N), norm_weight (K,) or
    NULL, residual (B, N) rows ldr apart or NULL -> y (B, N) contiguous. Weights in the activations'
-   dtype, or int8 (wtype I8) with fp32 column scales (N,), or int4 (wtype I4: w_t (K, N / 2) bytes,
+   dtype, or int8 (wtype I8) with column scales `scale` (N,) in sdtype, or int4 (wtype I4: w_t (K, N / 2) bytes,
    every segment's width even) with scales and offsets `scale`, `zero` (K / group, N) in sdtype.
    Returns 0, or -1 if scratch could not be allocated.
    The threads split each segment's kept rows (whole rows of W^T: one long stretch of memory each,
@@ -526,8 +525,8 @@ int teal_sparse_matvec(int B, int K, int N, const void *x, long ldx, const void 
                               thresholds ? thresholds + s : NULL);
         seg_start[s] = s ? seg_start[s - 1] + splits[s - 1] : 0;
     }
-    matvec_job job = {B, K, N, dtype, wtype, parts, w, wtype == I8 ? scale : NULL, wtype == I4 ? scale : NULL,
-                      wtype == I4 ? zero : NULL, group, sdtype, ldw, splits, n_kept, seg_start, lists, per_seg, sums};
+    matvec_job job = {B, K, N, dtype, wtype, parts, w, scale, zero, group, sdtype, ldw, splits, n_kept, seg_start,
+                      lists, per_seg, sums};
     run_parallel(matvec_chunk, &job, n_seg * parts, n_threads);
     reduce_parts(&job, n_seg, residual, ldr, y);
     return 0;
