@@ -75,7 +75,7 @@ def sparse_matvec_kernel(
     B_X: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
     DEPTH: tl.constexpr, DOT: tl.constexpr, RED_R: tl.constexpr, EVEN_N: tl.constexpr,
     SILU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr,
-    RESIDUAL: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr, RANKED: tl.constexpr,
+    RESIDUAL: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr, RANKED: tl.constexpr,
     PDL: tl.constexpr, TRIGGER: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """y = [residual +] x_kept @ W^T, keeping x[b, k] iff |x[b, k]| > the threshold of the column's segment."""
@@ -115,7 +115,7 @@ def sparse_matvec_kernel(
 
     # 3. Scales, then the split-K reduction.
     _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base, B, N,
-            stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP)
+            stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP, WORDS)
 
 
 @triton.jit
@@ -126,7 +126,7 @@ def dense_matvec_kernel(
     B_X: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
     DEPTH: tl.constexpr, DOT: tl.constexpr, RED_R: tl.constexpr, EVEN_N: tl.constexpr,
     SILU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr,
-    RESIDUAL: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr,
+    RESIDUAL: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr,
     PDL: tl.constexpr, TRIGGER: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """y = [residual +] x @ W^T: every row of the chunk, the first DEPTH steps' rows requested before anything else."""
@@ -157,7 +157,7 @@ def dense_matvec_kernel(
 
     # 3. Scales, then the split-K reduction.
     _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base, B, N,
-            stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP)
+            stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP, WORDS)
 
 
 # ---------------------------------------------------------------------------- phase 1: the input
@@ -331,7 +331,7 @@ def _turn(acc, w, xm, kk, j, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, 
           INTERPRET: tl.constexpr):
     """A buffer's turn: sum its step into acc, then refill it with the rows of positions j (their
     indices kk were loaded a round earlier) and load the indices of the positions DEPTH steps on."""
-    acc = _accumulate(acc, xm, w, DOT, INTERPRET)
+    acc = _accumulate(acc, xm, w, DOT, WEIGHTS, INTERPRET)
     w = _rows(w_ptr, kk, j, count, n0, N, stride_w, BLOCK_N, EVEN_N, WEIGHTS)
     xm = _inputs(xs_base, j, count, offs_b, b_ok, K_CHUNK, DOT)
     return acc, w, xm, _indices(idx_base, j + DEPTH * BLOCK_K, count, k0, DENSE)
@@ -351,9 +351,17 @@ def _indices(idx_base, j, count, k0, DENSE: tl.constexpr):
 def _rows(w_ptr, kk, j, count, n0, N, stride_w, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
           WEIGHTS: tl.constexpr):
     """Rows kk of W^T over the tile's BLOCK_N columns, as stored (BLOCK_K, BLOCK_N); positions j past
-    count read nothing. int4: BLOCK_N / 2 bytes a row, unpacked in registers (low nibble first)."""
+    count read nothing. int4: BLOCK_N / 2 bytes a row, unpacked in registers (low nibble first).
+    Words (w_ptr int32: int8 or int4 rows whose bytes the launcher viewed four to an int32): the
+    (BLOCK_K, BLOCK_N / 4 or / 8) words as loaded; _accumulate unpacks them."""
     ok = j < count
-    if WEIGHTS == "int4":
+    if w_ptr.dtype.element_ty == tl.int32:  # int8 or int4 rows read as 32-bit words, unpacked by _accumulate
+        per_word: tl.constexpr = 8 if WEIGHTS == "int4" else 4  # columns a word holds
+        offs = n0 // per_word + tl.arange(0, BLOCK_N // per_word)
+        mask = ok[:, None] if EVEN_N else ok[:, None] & (offs * per_word < N)[None, :]
+        rows = tl.load(w_ptr + kk[:, None] * stride_w + offs[None, :], mask=mask, other=0,
+                       eviction_policy="evict_first")
+    elif WEIGHTS == "int4":
         offs = n0 // 2 + tl.arange(0, BLOCK_N // 2)
         mask = ok[:, None] if EVEN_N else ok[:, None] & (offs * 2 < N)[None, :]
         packed = tl.load(w_ptr + kk[:, None] * stride_w + offs[None, :], mask=mask, other=0,
@@ -381,9 +389,12 @@ def _inputs(xs_base, j, count, offs_b, b_ok, K_CHUNK: tl.constexpr, DOT: tl.cons
 
 
 @triton.jit
-def _accumulate(acc, xm, w, DOT: tl.constexpr, INTERPRET: tl.constexpr):
+def _accumulate(acc, xm, w, DOT: tl.constexpr, WEIGHTS: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + this step's products: (B_PAD, BLOCK_N) by tl.dot, or (BLOCK_K, BLOCK_N) elementwise.
-    Integer weights are exact in the activations' dtype (|q| <= 127), so tl.dot takes them in it."""
+    Integer weights are exact in the activations' dtype (|q| <= 127, or 15 * 2^12 from words), so
+    tl.dot takes them in it."""
+    if w.dtype == tl.int32:
+        w = _unpacked(w, WEIGHTS, INTERPRET)
     if DOT and INTERPRET:
         acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
     elif DOT:
@@ -391,6 +402,63 @@ def _accumulate(acc, xm, w, DOT: tl.constexpr, INTERPRET: tl.constexpr):
     else:
         acc += xm.to(tl.float32)[:, None] * _as_float(w)
     return acc
+
+
+@triton.jit
+def _unpacked(words, WEIGHTS: tl.constexpr, INTERPRET: tl.constexpr):
+    """Words of stored rows (R, C) as fp32 values (R, 4 C) for int8, (R, 8 C) for int4, each value
+    times a power of two: 2^(8 (c % 2)) for int8 column c, 2^(4 (c % 4)) for int4 (_word_factors
+    undoes it, exactly, on the program's sum). A value is masked where it lies in its word and ORed
+    under the bits of 2^23 (see _as_float; the XOR also adds 128 to an int8): one integer op, where
+    shifting it down first takes two.
+    Values in the upper half word are taken from the word shifted down 16 bits, once for all four."""
+    hi = words >> 16
+    if WEIGHTS == "int8":  # bytes: q + 128 (XOR 0x80) under 2^23, minus 2^23 + 128 * 2^(8 (c % 2))
+        b0 = _magic(_masked_xor(words, 0xFF, 0x4B000080, INTERPRET)) - 8388736.0
+        b1 = _magic(_masked_xor(words, 0xFF00, 0x4B008000, INTERPRET)) - 8421376.0
+        b2 = _magic(_masked_xor(hi, 0xFF, 0x4B000080, INTERPRET)) - 8388736.0
+        b3 = _magic(_masked_xor(hi, 0xFF00, 0x4B008000, INTERPRET)) - 8421376.0
+        values = tl.interleave(tl.interleave(b0, b2), tl.interleave(b1, b3))
+    else:  # nibbles, low first: 2^23 + q * 2^(4 (c % 4)), minus 2^23
+        n0 = _magic(_masked_xor(words, 0xF, 0x4B000000, INTERPRET)) - 8388608.0
+        n1 = _magic(_masked_xor(words, 0xF0, 0x4B000000, INTERPRET)) - 8388608.0
+        n2 = _magic(_masked_xor(words, 0xF00, 0x4B000000, INTERPRET)) - 8388608.0
+        n3 = _magic(_masked_xor(words, 0xF000, 0x4B000000, INTERPRET)) - 8388608.0
+        n4 = _magic(_masked_xor(hi, 0xF, 0x4B000000, INTERPRET)) - 8388608.0
+        n5 = _magic(_masked_xor(hi, 0xF0, 0x4B000000, INTERPRET)) - 8388608.0
+        n6 = _magic(_masked_xor(hi, 0xF00, 0x4B000000, INTERPRET)) - 8388608.0
+        n7 = _magic(_masked_xor(hi, 0xF000, 0x4B000000, INTERPRET)) - 8388608.0
+        values = tl.interleave(tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6)),
+                               tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7)))
+    return values
+
+
+@triton.jit
+def _masked_xor(v, mask: tl.constexpr, bits: tl.constexpr, INTERPRET: tl.constexpr):
+    """(v & mask) ^ bits as one PTX lop3 (truth table 0x6A), which ptxas would otherwise split in two
+    instructions (an SM instruction holds one immediate); the interpreter runs no PTX."""
+    if INTERPRET:
+        out = (v & mask) ^ bits
+    else:
+        out = tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {mask}, {bits}, 0x6A;", "=r,r", [v], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def _magic(bits):
+    """int32 bits as the fp32 they spell."""
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_factors(offs_n, WEIGHTS: tl.constexpr):
+    """Per column, the power of two that undoes _unpacked's: 2^-(8 (c % 2)) or 2^-(4 (c % 4)), made from its bits."""
+    if WEIGHTS == "int8":
+        exponent = 127 - 8 * (offs_n % 2)
+    else:
+        exponent = 127 - 4 * (offs_n % 4)
+    return _magic(exponent << 23)
 
 
 @triton.jit
@@ -414,7 +482,7 @@ def _as_float(w):
 def _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base, B, N,
             stride_y, stride_r, SPLIT: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
             K_CHUNK: tl.constexpr, DOT: tl.constexpr, RED_R: tl.constexpr, RESIDUAL: tl.constexpr,
-            WEIGHTS: tl.constexpr, GROUP: tl.constexpr):
+            WEIGHTS: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr):
     """Scale the program's sum (integer weights), then store y, or publish the partial and, if last
     to arrive, sum the tile's partials in split order and store y."""
     offs_b = tl.arange(0, B_PAD)
@@ -423,7 +491,7 @@ def _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, s
     n_ok = offs_n < N
     if WEIGHTS != "float":
         acc = _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N, K_CHUNK,
-                           WEIGHTS, GROUP)
+                           WEIGHTS, GROUP, WORDS)
     out_ok = b_ok[:, None] & n_ok[None, :]
     y_ptrs = y_ptr + offs_b[:, None] * stride_y + offs_n[None, :]
     r_ptrs = res_ptr + offs_b[:, None] * stride_r + offs_n[None, :]
@@ -451,16 +519,20 @@ def _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, s
 
 @triton.jit
 def _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N, K_CHUNK: tl.constexpr,
-                 WEIGHTS: tl.constexpr, GROUP: tl.constexpr):
+                 WEIGHTS: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr):
     """The program's sum of x * q (B_PAD, BLOCK_N) turned into the sum of x * w: int8 times the column
     scales; int4 (the chunk lies inside group k0 // GROUP) times the group's scales, plus its offsets
     times the sum of the chunk's kept inputs. A chunk with no kept row reads no scale."""
     ok = n_ok & (count > 0)
     if WEIGHTS == "int8":
         scale = tl.load(scale_ptr + offs_n, mask=ok, other=0.0).to(tl.float32)
+    else:
+        scale = tl.load(scale_ptr + k0 // GROUP * N + offs_n, mask=ok, other=0.0).to(tl.float32)
+    if WORDS:  # the sum of values scaled by powers of two (_unpacked): the scales undo them, exactly
+        scale *= _word_factors(offs_n, WEIGHTS)
+    if WEIGHTS == "int8":
         return acc * scale[None, :]
     g = k0 // GROUP
-    scale = tl.load(scale_ptr + g * N + offs_n, mask=ok, other=0.0).to(tl.float32)
     zero = tl.load(zero_ptr + g * N + offs_n, mask=ok, other=0.0).to(tl.float32)
     offs = tl.arange(0, K_CHUNK)
     kept = tl.load(xs_base + offs_b[:, None] * K_CHUNK + offs[None, :], mask=b_ok[:, None] & (offs < count)[None, :],
@@ -584,13 +656,17 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
     # launched with PDL: placed early, waits before its loads (dense: after its first rows); not a dense launch
     # right after this op's own copy of w_t
     pdl = trigger and (early_weights or not dense)
+    words = weights != "float" and readable_as_words(w_t, bn, weights)
+    if words:  # int8 or int4 rows read four bytes to a load element (_rows, _unpacked)
+        w_t = w_t.view(torch.int32)
+    meta = dict(SPLIT=split, B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=dot,
+                RED_R=red_r, EVEN_N=(N % bn == 0), SILU=silu, NORM=norm_weight is not None, NORM_BLOCK=norm_block,
+                NORM_STEPS=triton.cdiv(K, norm_block), RESIDUAL=residual is not None, WEIGHTS=weights, GROUP=group,
+                WORDS=words)
     pointers = (x, w_t, x if scale is None else scale, x if zero is None else zero)
     tail = (x if norm_weight is None else norm_weight, y if residual is None else residual,
             B, K, N, x.stride(0), w_t.stride(0), y.stride(0), y.stride(0) if residual is None else residual.stride(0),
             float(eps))
-    meta = dict(SPLIT=split, B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=dot,
-                RED_R=red_r, EVEN_N=(N % bn == 0), SILU=silu, NORM=norm_weight is not None, NORM_BLOCK=norm_block,
-                NORM_STEPS=triton.cdiv(K, norm_block), RESIDUAL=residual is not None, WEIGHTS=weights, GROUP=group)
     xs = xs.view(x.dtype)
     if dense:
         kernel, args = dense_matvec_kernel, (*pointers, y, part, counts, xs, *tail)
@@ -605,6 +681,14 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
     if pdl:
         meta["launch_pdl"] = True
     return kernel, (n_tiles, split), args, meta
+
+
+def readable_as_words(w_t: torch.Tensor, block_n: int, weights: str) -> bool:
+    """Whether int8 or int4 W^T (bytes) can be read as int32 words: every row starts on 4 bytes and
+    holds whole words, and a tile of block_n columns is whole words. Else the kernels read bytes."""
+    per_word = 8 if weights == "int4" else 4
+    return (w_t.stride(1) == 1 and w_t.shape[1] % 4 == 0 and w_t.stride(0) % 4 == 0 and block_n % per_word == 0
+            and w_t.storage_offset() % 4 == 0)
 
 
 def workspace_sizes(B: int, K: int, N: int, cfg: dict, group: int = 0):

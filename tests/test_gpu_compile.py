@@ -266,18 +266,12 @@ def test_streaming_loop_keeps_its_loads_in_flight(case, dense):
     assert stalls["barriers"] == 0 and stalls["copies_of_loads"] == [], stalls
 
 
-INT4_COPIES = pytest.mark.xfail(strict=True, reason="known: the int4 loop copies one or two buffers' loaded "
-                                "registers at its end, so they wait for their loads (docs/kernels.md)")
-
-
 @pytest.mark.parametrize("case,dense,weights", [
-    pytest.param(c, d, w, marks=INT4_COPIES if w == "int4" and not (d and c[0] == "linear") else (),
-                 id=f"{c[0]}-{c[1]}x{c[2]}-{d and 'dense' or 'sparse'}-{w}")
+    pytest.param(c, d, w, id=f"{c[0]}-{c[1]}x{c[2]}-{d and 'dense' or 'sparse'}-{w}")
     for c in LLAMA3_8B[2:] for d in (False, True) for w in ("int8", "int4")])
 def test_quantized_streaming_loop_keeps_its_loads_in_flight(case, dense, weights):
-    """The MLP's wide tiles with int8 and int4 rows (int4: groups of 128 rows): the same loop, its
-    loads of stored rows as wide and as many steps ahead as with bf16 rows. int4 does not yet: an
-    expected failure, strict, so the day it passes the mark must go."""
+    """The MLP's wide tiles with int8 and int4 rows (int4: groups of 128 rows), read as int32 words:
+    the same loop, its loads of stored rows as wide and as many steps ahead as with bf16 rows."""
     op, K, N, splits, fused = case
     stalls = loop_stalls(tk, op, K, N, splits, dict(fused, dense=dense, weights=weights))
     assert stalls["weight_loads"] == stalls["expected_loads"] > 0, stalls

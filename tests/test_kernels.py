@@ -101,6 +101,14 @@ def stored_values_as_float() -> dict:
         out = torch.full((len(values),), float("nan"))
         _convert_kernel[(1,)](values, out, N=len(values))
         mismatches[name] = int((out != values.float()).sum())
+    # rows read as int32 words: every value at every place in a word, times _word_factors' powers of two
+    for name, values, per_word in (("int8 words", torch.arange(-128, 128), 4), ("int4 words", torch.arange(16), 8)):
+        columns = torch.cat([values.roll(c) for c in range(per_word)])  # (per_word * len(values),)
+        stored = columns.to(torch.int8) if name == "int8 words" else (columns[0::2] | columns[1::2] << 4).to(torch.uint8)
+        out = torch.full((len(columns),), float("nan"))
+        _unpack_kernel[(1,)](stored.view(torch.int32), out, WORDS=len(columns) // per_word, PER_WORD=per_word,
+                             WEIGHTS=name.split()[0])
+        mismatches[name] = int((out != columns.float()).sum())
     return mismatches
 
 
@@ -108,14 +116,20 @@ try:  # a kernel of one helper; Triton present (the child runs it under the inte
     import triton
     import triton.language as tl
 
-    from sparse_kernels.triton_kernels import _as_float
+    from sparse_kernels.triton_kernels import _as_float, _unpacked, _word_factors
 
     @triton.jit
     def _convert_kernel(w_ptr, out_ptr, N: tl.constexpr):
         offs = tl.arange(0, N)
         tl.store(out_ptr + offs, _as_float(tl.load(w_ptr + offs)))
+
+    @triton.jit
+    def _unpack_kernel(words_ptr, out_ptr, WORDS: tl.constexpr, PER_WORD: tl.constexpr, WEIGHTS: tl.constexpr):
+        values = _unpacked(tl.load(words_ptr + tl.arange(0, WORDS))[None, :], WEIGHTS, True)  # (1, WORDS * PER_WORD)
+        columns = tl.arange(0, WORDS * PER_WORD)
+        tl.store(out_ptr + columns[None, :], values * _word_factors(columns, WEIGHTS)[None, :])
 except ImportError:
-    _convert_kernel = None
+    _convert_kernel = _unpack_kernel = None
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +185,7 @@ CASES = [
 # Quantized weights (..., weights, group): int8 per column; int4 in groups of `group` rows, a chunk never
 # crossing a group (the launcher caps K_CHUNK at the group), so a group may span several chunks (K_CHUNK 64 in
 # groups of 128 below) and K need not be a multiple of a tuned K_CHUNK (576 in chunks of 256 capped to 64).
+# Rows of whole int32 words are read as words (triton_kernels.readable_as_words), the last two cases by bytes.
 QUANTIZED_CASES = [
     ("linear", 1, 576, 1536, [576, 480, 480], torch.bfloat16, 0.5, dict(BLOCK_N=32, BLOCK_K=32, K_CHUNK=256, **E),
      "int8", 0),
@@ -191,6 +206,10 @@ QUANTIZED_CASES = [
     ("linear", 1, 512, 1000, [1000], torch.float32, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **E), "int4", 32),
     ("silu_down", 3, 640, 1000, [1000], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=128, **D),
      "int4", 128),
+    # rows that are not whole int32 words (N % 4 != 0 bytes): read byte by byte
+    ("linear+res", 1, 320, 998, [998], torch.bfloat16, 0.5, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **E), "int8",
+     0),
+    ("linear", 2, 256, 1004, [1004], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=64, **D), "int4", 64),
 ]
 
 
@@ -224,10 +243,23 @@ def test_cases_cover_both_ways_to_find_the_first_rows():
     assert ranked == {(False, 0), (True, 2), (True, 3), (True, 4)}
 
 
+def test_quantized_cases_read_both_words_and_bytes():
+    """int8 and int4 rows of whole int32 words are read as words, other rows byte by byte: the cases run both."""
+    from tests.test_gpu_compile import matvec_plan
+
+    paths = set()
+    for op, B, K, N, splits, dtype, p, cfg, weights, group in QUANTIZED_CASES:
+        meta = matvec_plan(op.split("+")[0], B, K, N, splits, dtype, cfg, dense=p is None, weights=weights,
+                           group=group or 128)[3]
+        paths.add((weights, meta["WORDS"]))
+    assert paths == {("int8", True), ("int8", False), ("int4", True), ("int4", False)}
+
+
 def test_stored_integers_convert_exactly(interpreted):
     """Every int8 value and every int4 nibble comes out of the kernels' integer-arithmetic conversion
-    as torch's conversion gives it (a wrong magic constant shifts every value)."""
-    assert interpreted["as_float"] == {"int8": 0, "int4": 0}
+    as torch's conversion gives it (a wrong magic constant shifts every value), from bytes and, at
+    every place in a word, from int32 words (their powers of two undone by _word_factors)."""
+    assert interpreted["as_float"] == {"int8": 0, "int4": 0, "int8 words": 0, "int4 words": 0}
 
 
 def test_kernel_comparison_can_fail(interpreted):
