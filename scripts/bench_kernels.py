@@ -298,6 +298,9 @@ def quantized_check_cases():
                           dict(BLOCK_N=1024, BLOCK_K=8, K_CHUNK=128, **E)) + q)
             cases.append(("silu_down", B, 1536, 4096, [4096], dname, 0.5, dict(BLOCK_N=512, BLOCK_K=16, K_CHUNK=256,
                                                                                DEPTH=4, **E)) + q)
+            # dense: int4 chunks over 8 to 32 groups, scaled group by group in the stream
+            cases.append(("linear+norm", B, 4096, 6144, [4096, 1024, 1024], dname, None,
+                          dict(BLOCK_N=512, BLOCK_K=16, K_CHUNK=1024, **E)) + q)
     return cases
 
 
@@ -389,7 +392,8 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True, weights="float", group=128
     narrow=False: only the wide tiles (BLOCK_N >= 512) besides the config already in the table.
     Quantized rows are held as one byte an element, so their tiles may hold twice the elements of
     bf16's for the same registers and take twice the elements for one 16-byte load (int4: its
-    packed bytes). int4 chunks lie inside a group, so its grids are larger."""
+    packed bytes). int4 chunks lie inside a group except in dense B == 1 launches, so its grids
+    are larger."""
     # (BLOCK_N, BLOCK_K, num_warps, num_stages, DOT, DEPTH)
     if B == 1:  # the elementwise path; 2-4 steps of rows in flight (DEPTH)
         variants = []
@@ -405,8 +409,6 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True, weights="float", group=128
         variants = [(256, 32, 4, 4, 1, 2), (256, 32, 8, 3, 1, 2), (128, 64, 4, 3, 1, 2), (128, 32, 4, 3, 1, 2),
                     (256, 64, 8, 3, 1, 2)]
         chunks = (256, 512, 1024)
-    if weights == "int4":
-        chunks = sorted({min(kc, group) for kc in chunks})
     most, fewest = (4 * 32, 8) if weights == "float" else (8 * 32, 16 if weights == "int8" else 32)
     out = []
     for bn, bk, nw, ns, dot, depth in variants:
@@ -415,9 +417,11 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True, weights="float", group=128
         n_tiles = -(-N // bn)
         max_prog = 32 * n_sm if weights == "int4" else (4 if bn >= 512 else 6) * n_sm if B == 1 else 16 * n_sm
         min_chunk = max(bk, 128 if bn < 512 else 64)
-        if weights == "int4":  # its chunks are capped at the group
+        if weights == "int4":  # sparse and batch launches cap chunks at the group (triton_kernels.chunk_plan)
             min_chunk = min(min_chunk, group)
         for kc in chunks:
+            if weights == "int4" and kc > group and (group % (depth * bk) or kc not in (512, 1024, 2048)):
+                continue  # launched as a chunk of one group (chunk_plan): a repeat of the chunk of `group` rows
             n_prog = n_tiles * -(-K // kc)
             if n_sm <= n_prog <= max_prog and kc * max(1, B) <= 4096 * 2 and kc >= min_chunk:
                 out.append(dict(BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=bool(dot), num_warps=nw,
@@ -442,9 +446,14 @@ def precompile(jobs):
     return [None]
 
 
+DENSE_GAIN = 0.95  # a quantized shape's dense kernel takes its own config where that is 5% faster than the chosen one
+
+
 def tune(shapes, batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=None, weights="float", group=128):
     """The best config of each shape and batch (weights: the format of W^T), by the geometric mean over
-    levels of time / best time at that level; level None is the dense kernel (dense decode)."""
+    levels of time / best time at that level; level None is the dense kernel (dense decode), which
+    also gets the config fastest there where that beats the chosen one by 5% (int4: chunks over
+    several groups, which sparse launches cannot take)."""
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     plan = {(name, B): candidate_configs(op, K, N, B, n_sm, narrow, weights, group) for name, op, K, N, splits in shapes
             for B in batches}
@@ -479,6 +488,10 @@ def tune(shapes, batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=N
                      for i in range(len(cands))]
             i_best = min(range(len(cands)), key=score.__getitem__)
             table[ops.config_key(op, K, N, torch.bfloat16, B, weights)] = cands[i_best]
+            i_dense = times[None].index(best[None]) if None in times and len(shape_levels) > 1 else i_best
+            own_dense = i_dense != i_best and times[None][i_dense] < DENSE_GAIN * times[None][i_best]
+            if own_dense:  # the dense kernel gets its own config
+                table[ops.config_key(op, K, N, torch.bfloat16, B, weights, dense=True)] = cands[i_dense]
             tag = "" if weights == "float" else f" {weights}"
             record[f"{name}{tag} B{B}"] = dict(
                 device=torch.cuda.get_device_name(0), chosen=cands[i_best],
@@ -487,6 +500,8 @@ def tune(shapes, batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=N
                 n_candidates=len(cands))
             print(f"tune {name:11s}{tag} B{B}: {cands[i_best]}  " +
                   "  ".join(f"p={p}: {times[p][i_best]:.1f} us (best {best[p]:.1f})" for p in shape_levels), flush=True)
+            if own_dense:
+                print(f"tune {name:11s}{tag} B{B} dense kernel: {cands[i_dense]}  {times[None][i_dense]:.1f} us")
             del prob
             torch.cuda.empty_cache()
     return table, record
@@ -578,7 +593,8 @@ def run(args):
             device="; ".join(devices), torch=result["torch"], triton=result["triton"],
             note="written by scripts/bench_kernels.py --tune; key op:KxN:dtype:B; chosen by the geometric mean "
                  "over the levels (float: p in {0, 0.5, 0.9}; quantized: the dense kernel, 0.5, 0.9) of time / best "
-                 "time at that level (tuning: the chosen and the best per level, and the device); entries not "
+                 "time at that level (tuning: the chosen and the best per level, and the device); op/FORMAT/dense: "
+                 "the dense kernel's own config where its best is 5% faster than the chosen; entries not "
                  "tuned in the latest run are kept from earlier runs",
             configs=table, tuning=record), indent=1) + "\n"
         with atomic_write(args.configs) as tmp:  # ops.py reads it at import: never leave half of one

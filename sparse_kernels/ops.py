@@ -43,9 +43,11 @@ def tuned_configs() -> dict:
     return _configs
 
 
-def config_key(op: str, K: int, N: int, dtype: torch.dtype, B: int, weights: str = "float") -> str:
-    """The configs.json key of an op, shape, activations' dtype, batch and weight format (float: none)."""
-    fmt = "" if weights == "float" else f"/{weights}"
+def config_key(op: str, K: int, N: int, dtype: torch.dtype, B: int, weights: str = "float",
+               dense: bool = False) -> str:
+    """The configs.json key of an op, shape, activations' dtype, batch and weight format (float: none);
+    dense: a quantized format's config for the dense kernel alone, where it differs ("linear/int4/dense")."""
+    fmt = "" if weights == "float" else f"/{weights}" + ("/dense" if dense else "")
     return f"{op}{fmt}:{K}x{N}:{DTYPE_NAMES[dtype]}:B{B}"
 
 
@@ -83,15 +85,18 @@ def heuristic_config(K: int, N: int, dtype: torch.dtype, B: int, n_sm: int) -> d
     return dict(cfg, K_CHUNK=k_chunk)
 
 
-def pick_config(op: str, K: int, N: int, dtype: torch.dtype, B: int, n_sm: int, weights: str = "float") -> dict:
+def pick_config(op: str, K: int, N: int, dtype: torch.dtype, B: int, n_sm: int, weights: str = "float",
+                dense: bool = False) -> dict:
     """The tuned config of this (op, shape, dtype, B); else one derived from the nearest tuned
     shape (derived_config); else the heuristic. A tuned B stands in for another if its config fits
     (a tl.dot config fits any B, an elementwise one only B == 1); fp16 and bf16 share configs.
-    Quantized weights take their own tuned configs where there are some, else the float ones."""
+    Quantized weights take their own tuned configs where there are some, else the float ones; the
+    dense kernel (dense: no thresholds) its own where the tuner found one clearly faster there."""
     if weights != "float":
-        tuned = tuned_configs().get(config_key(op, K, N, dtype, B, weights))
-        if tuned is not None:
-            return tuned
+        for key in ([config_key(op, K, N, dtype, B, weights, dense=True)] if dense else []) + [
+                config_key(op, K, N, dtype, B, weights)]:
+            if key in tuned_configs():
+                return tuned_configs()[key]
     table = {key: cfg for key, cfg in tuned_configs().items() if "/" not in key.split(":")[0]}
     dtypes = [dtype] + {torch.bfloat16: [torch.float16], torch.float16: [torch.bfloat16]}.get(dtype, [])
     batches = sorted((1, 2, 3, 4, 8) + (B,), key=lambda b: (abs(b - B), -b))
@@ -203,7 +208,8 @@ def run_triton(op: str, x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], sp
     weights = tk.weight_format(w_t, x.dtype)
     group = K // scale.shape[0] if weights == "int4" else 0
     bounds = segment_starts(splits, dense=thresholds is None)
-    cfg = fit_to_segments(cfg or pick_config(op, K, N, x.dtype, B, sm_count(x.device), weights), bounds)
+    cfg = fit_to_segments(cfg or pick_config(op, K, N, x.dtype, B, sm_count(x.device), weights, thresholds is None),
+                          bounds)
     silu = op == "silu_down"
     if len(bounds) <= 3 and not any(b % cfg["BLOCK_N"] for b in bounds):
         pieces = [(w_t, scale, zero, thresholds, bounds, y, residual)]

@@ -25,10 +25,11 @@ Shared by both:
 - WEIGHTS: "float" (W^T in the activations' dtype), "int8" (W^T int8, one fp32 scale per output
   column: w = q * scale[n]) or "int4" (two 4-bit values a byte along N, the low nibble the even
   column; per group of GROUP rows and per column a scale and an offset: w = q * scale[g, n] +
-  zero[g, n]). A row is loaded as stored and converted in registers. Scales are per column, so
+  zero[g, n]). A row is loaded as stored, as int32 words where rows are whole words (WORDS), and
+  converted in registers by integer arithmetic (_as_float, _unpacked). Scales are per column, so
   they multiply the program's sum once: int8 acc * scale; int4 (a chunk lies inside one group)
-  acc * scale + zero * (the sum of the chunk's kept inputs). A program with no kept row reads no
-  scale either.
+  acc * scale + zero * (the sum of the chunk's kept inputs); a dense int4 chunk over GROUPS > 1
+  groups scales each group's sum in the stream. A program with no kept row reads no scale either.
 - Split-K reduction without a memset: each program stores its fp32 partial tile to a persistent
   workspace (SPLIT, B, N) and increments the tile's arrival counter; the last to arrive sums the
   partials in split order (deterministic), writes y and resets the counter to 0 for the next call.
@@ -75,7 +76,8 @@ def sparse_matvec_kernel(
     B_X: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
     DEPTH: tl.constexpr, DOT: tl.constexpr, RED_R: tl.constexpr, EVEN_N: tl.constexpr,
     SILU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr,
-    RESIDUAL: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr, RANKED: tl.constexpr,
+    RESIDUAL: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, WORDS: tl.constexpr,
+    RANKED: tl.constexpr,
     PDL: tl.constexpr, TRIGGER: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """y = [residual +] x_kept @ W^T, keeping x[b, k] iff |x[b, k]| > the threshold of the column's segment."""
@@ -108,14 +110,15 @@ def sparse_matvec_kernel(
     if not RANKED:
         wa, wb, wc, wd = _first_rows(w_ptr, idx_base, count, k0, offs_j, n0, N, stride_w, BLOCK_N, BLOCK_K, DEPTH,
                                      EVEN_N, WEIGHTS, False, RANKED)
-    acc = _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, stride_w, B,
-                  B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS, False, INTERPRET)
+    acc = _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, stride_w, B, scale_ptr,
+                  zero_ptr, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS, GROUP, 1, WORDS, False,
+                  INTERPRET)
     if TRIGGER:  # rows streamed: the next kernel, if launched with PDL, may launch during the split-K reduction
         gdc_launch_dependents()
 
     # 3. Scales, then the split-K reduction.
     _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base, B, N,
-            stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP, WORDS)
+            stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP, GROUPS, WORDS)
 
 
 @triton.jit
@@ -126,7 +129,7 @@ def dense_matvec_kernel(
     B_X: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
     DEPTH: tl.constexpr, DOT: tl.constexpr, RED_R: tl.constexpr, EVEN_N: tl.constexpr,
     SILU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_STEPS: tl.constexpr,
-    RESIDUAL: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr,
+    RESIDUAL: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, WORDS: tl.constexpr,
     PDL: tl.constexpr, TRIGGER: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """y = [residual +] x @ W^T: every row of the chunk, the first DEPTH steps' rows requested before anything else."""
@@ -150,14 +153,15 @@ def dense_matvec_kernel(
     tl.debug_barrier()  # the whole CTA's inputs are visible before they are read back
 
     # 2. Stream every row.
-    acc = _stream(wa, wb, wc, wd, w_ptr, xs_base, xs_base, count, k0, offs_j, n0, N, stride_w, B,
-                  B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS, True, INTERPRET)
+    acc = _stream(wa, wb, wc, wd, w_ptr, xs_base, xs_base, count, k0, offs_j, n0, N, stride_w, B, scale_ptr,
+                  zero_ptr, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS, GROUP, GROUPS, WORDS, True,
+                  INTERPRET)
     if TRIGGER:
         gdc_launch_dependents()
 
     # 3. Scales, then the split-K reduction.
     _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base, B, N,
-            stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP, WORDS)
+            stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP, GROUPS, WORDS)
 
 
 # ---------------------------------------------------------------------------- phase 1: the input
@@ -230,10 +234,10 @@ def _compact(idx_base, xs_base, x_chunk, keep, need, pos, offs_c, offs_bx, bc_ok
 # ---------------------------------------------------------------------------- phase 2: the stream
 
 @triton.jit
-def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, stride_w, B,
+def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, stride_w, B, scale_ptr, zero_ptr,
             B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
-            DEPTH: tl.constexpr, DOT: tl.constexpr, EVEN_N: tl.constexpr, WEIGHTS: tl.constexpr, DENSE: tl.constexpr,
-            INTERPRET: tl.constexpr):
+            DEPTH: tl.constexpr, DOT: tl.constexpr, EVEN_N: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr,
+            GROUPS: tl.constexpr, WORDS: tl.constexpr, DENSE: tl.constexpr, INTERPRET: tl.constexpr):
     """The product over the chunk's first `count` scratch positions, whose first DEPTH steps of
     rows wa, wb (, wc, wd) are already requested. (B_PAD, BLOCK_N) fp32.
 
@@ -242,7 +246,12 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, 
     the rows DEPTH steps ahead, whose indices were loaded a round earlier. A buffer is overwritten
     only after its last use, so no register copy at the loop's end waits on a load in flight
     (which the usual "w_cur = w_next" rotation compiles to: one step in flight, the whole latency
-    paid every step)."""
+    paid every step).
+
+    GROUPS > 1 (int4, dense, B == 1: the chunk spans GROUPS groups of GROUP rows): acc holds the
+    current group's products and xsum its inputs; when a round ends a group, its scales and offsets
+    turn them into the group's share of x @ W^T, added to total elementwise (no reduction in the
+    loop), and the next group's scales are requested, used a group later."""
     offs_b = tl.arange(0, B_PAD)
     b_ok = offs_b < B
     if DOT:
@@ -261,8 +270,19 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, 
     if DEPTH == 4:
         xd = _inputs(xs_base, 3 * BLOCK_K + offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
         kd = _indices(idx_base, (DEPTH + 3) * BLOCK_K + offs_j, count, k0, DENSE)
+    if GROUPS > 1:
+        total = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        scale, zero = _group_scales(scale_ptr, zero_ptr, k0 // GROUP, True, n0 + tl.arange(0, BLOCK_N), N, WEIGHTS,
+                                    WORDS)
     for r in range(0, _round_count(count, BLOCK_K, K_CHUNK, DEPTH, INTERPRET)):
         j = (r + 1) * DEPTH * BLOCK_K + offs_j  # the rows buffer a is refilled with
+        if GROUPS > 1:  # the inputs of this round's steps (0 past count)
+            xsum += xa.to(tl.float32) + xb.to(tl.float32)
+            if DEPTH >= 3:
+                xsum += xc.to(tl.float32)
+            if DEPTH == 4:
+                xsum += xd.to(tl.float32)
         acc, wa, xa, ka = _turn(acc, wa, xa, ka, j, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, n0, N,
                                 stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS, DENSE, INTERPRET)
         acc, wb, xb, kb = _turn(acc, wb, xb, kb, j + BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, n0,
@@ -275,6 +295,16 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, 
             acc, wd, xd, kd = _turn(acc, wd, xd, kd, j + 3 * BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b,
                                     b_ok, n0, N, stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS,
                                     DENSE, INTERPRET)
+        if GROUPS > 1:
+            done = (r + 1) * DEPTH * BLOCK_K  # rows of the chunk summed
+            if done % GROUP == 0:  # a group ends: scale it into total, request the next group's scales
+                total += acc * scale[None, :] + xsum[:, None] * zero[None, :]
+                acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+                xsum = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                scale, zero = _group_scales(scale_ptr, zero_ptr, (k0 + done) // GROUP, done < count,
+                                            n0 + tl.arange(0, BLOCK_N), N, WEIGHTS, WORDS)
+    if GROUPS > 1:
+        acc = total
     if not DOT:
         acc = tl.sum(acc, axis=0)[None, :]  # (1, BLOCK_N)
     return acc
@@ -482,14 +512,14 @@ def _as_float(w):
 def _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base, B, N,
             stride_y, stride_r, SPLIT: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
             K_CHUNK: tl.constexpr, DOT: tl.constexpr, RED_R: tl.constexpr, RESIDUAL: tl.constexpr,
-            WEIGHTS: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr):
+            WEIGHTS: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, WORDS: tl.constexpr):
     """Scale the program's sum (integer weights), then store y, or publish the partial and, if last
     to arrive, sum the tile's partials in split order and store y."""
     offs_b = tl.arange(0, B_PAD)
     b_ok = offs_b < B
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    if WEIGHTS != "float":
+    if WEIGHTS != "float" and GROUPS == 1:  # (GROUPS > 1: scaled group by group in the stream)
         acc = _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N, K_CHUNK,
                            WEIGHTS, GROUP, WORDS)
     out_ok = b_ok[:, None] & n_ok[None, :]
@@ -526,18 +556,25 @@ def _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, off
     ok = n_ok & (count > 0)
     if WEIGHTS == "int8":
         scale = tl.load(scale_ptr + offs_n, mask=ok, other=0.0).to(tl.float32)
-    else:
-        scale = tl.load(scale_ptr + k0 // GROUP * N + offs_n, mask=ok, other=0.0).to(tl.float32)
-    if WORDS:  # the sum of values scaled by powers of two (_unpacked): the scales undo them, exactly
-        scale *= _word_factors(offs_n, WEIGHTS)
-    if WEIGHTS == "int8":
+        if WORDS:  # the sum of values scaled by powers of two (_unpacked): the scales undo them, exactly
+            scale *= _word_factors(offs_n, WEIGHTS)
         return acc * scale[None, :]
-    g = k0 // GROUP
-    zero = tl.load(zero_ptr + g * N + offs_n, mask=ok, other=0.0).to(tl.float32)
+    scale, zero = _group_scales(scale_ptr, zero_ptr, k0 // GROUP, count > 0, offs_n, N, WEIGHTS, WORDS)
     offs = tl.arange(0, K_CHUNK)
     kept = tl.load(xs_base + offs_b[:, None] * K_CHUNK + offs[None, :], mask=b_ok[:, None] & (offs < count)[None, :],
                    other=0.0, cache_modifier=".cg").to(tl.float32)  # (B_PAD, K_CHUNK): 0 where a row is dropped
     return acc * scale[None, :] + tl.sum(kept, axis=1)[:, None] * zero[None, :]
+
+
+@triton.jit
+def _group_scales(scale_ptr, zero_ptr, g, ok, offs_n, N, WEIGHTS: tl.constexpr, WORDS: tl.constexpr):
+    """int4 group g's scales (times _word_factors' powers of two where rows are read as words) and
+    offsets over columns offs_n, fp32; 0 where not ok."""
+    mask = (offs_n < N) & ok
+    scale = tl.load(scale_ptr + g * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    if WORDS:
+        scale *= _word_factors(offs_n, WEIGHTS)
+    return scale, tl.load(zero_ptr + g * N + offs_n, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -623,20 +660,17 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
     weights = weight_format(w_t, x.dtype)
     if K * w_t.stride(0) >= 2 ** 31:
         raise ValueError("sparse_kernels: weights of 2^31 elements or more are not supported (int32 offsets)")
-    cfg = dict(cfg)
     group = 0
-    if weights == "int4":  # a program's chunk lies inside one group: its scales are one row
+    if weights == "int4":
         group = K // scale.shape[0]
         if K % scale.shape[0] or group & (group - 1) or group < 16:
             raise ValueError(f"sparse_kernels: int4 groups of {K}/{scale.shape[0]} rows; a power of two >= 16 dividing "
                              f"K is supported")
-        cfg["K_CHUNK"] = min(cfg["K_CHUNK"], group)
-        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], cfg["K_CHUNK"])
-    bn, bk, kc = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["K_CHUNK"]
-    depth = cfg.get("DEPTH", 2)
+    dense = thresholds is None
+    bn, depth = cfg["BLOCK_N"], cfg.get("DEPTH", 2)
+    kc, bk, groups = chunk_plan(cfg, group, dense, B)
     if depth not in (2, 3, 4):
         raise ValueError(f"sparse_kernels: DEPTH={depth} steps in flight is not supported; use 2, 3 or 4")
-    dense = thresholds is None
     if any(t is not None and t.stride(-1) != 1 for t in (thresholds, norm_weight, scale, zero)):
         raise ValueError("sparse_kernels: thresholds, norm_weight and scales must have unit stride (.contiguous())")
     if weights != "float" and (scale is None or (weights == "int4") != (zero is not None)):
@@ -662,7 +696,7 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
     meta = dict(SPLIT=split, B_X=next_pow2(B), B_PAD=b_pad, BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=dot,
                 RED_R=red_r, EVEN_N=(N % bn == 0), SILU=silu, NORM=norm_weight is not None, NORM_BLOCK=norm_block,
                 NORM_STEPS=triton.cdiv(K, norm_block), RESIDUAL=residual is not None, WEIGHTS=weights, GROUP=group,
-                WORDS=words)
+                GROUPS=groups, WORDS=words)
     pointers = (x, w_t, x if scale is None else scale, x if zero is None else zero)
     tail = (x if norm_weight is None else norm_weight, y if residual is None else residual,
             B, K, N, x.stride(0), w_t.stride(0), y.stride(0), y.stride(0) if residual is None else residual.stride(0),
@@ -691,10 +725,24 @@ def readable_as_words(w_t: torch.Tensor, block_n: int, weights: str) -> bool:
             and w_t.storage_offset() % 4 == 0)
 
 
+def chunk_plan(cfg: dict, group: int, dense: bool, B: int):
+    """(K_CHUNK, BLOCK_K, groups a chunk spans) as launched. int4 (group: its rows per group): a chunk
+    lies inside one group, its scales applied once to its sum, except where a dense B == 1 launch's
+    chunk spans whole groups and a round of DEPTH steps divides a group (_stream scales each group's
+    sum as it ends)."""
+    kc, bk = cfg["K_CHUNK"], cfg["BLOCK_K"]
+    if not group:
+        return kc, bk, 1
+    if dense and not cfg["DOT"] and B == 1 and kc > group and group % (cfg.get("DEPTH", 2) * bk) == 0:
+        return kc, bk, kc // group
+    kc = min(kc, group)
+    return kc, min(bk, kc), 1
+
+
 def workspace_sizes(B: int, K: int, N: int, cfg: dict, group: int = 0):
-    """Elements one launch needs: fp32 partials, int32 counters, int32 row indices, fp32 inputs
-    (group: int4's rows per group, which caps the K chunk)."""
-    kc = min(cfg["K_CHUNK"], group) if group else cfg["K_CHUNK"]
-    split, n_tiles = triton.cdiv(K, kc), triton.cdiv(N, cfg["BLOCK_N"])
-    n_idx = n_tiles * split * kc
+    """Elements a launch needs, sparse or dense: fp32 partials, int32 counters, int32 row indices,
+    fp32 inputs (group: int4's rows per group; see chunk_plan)."""
+    chunks = {chunk_plan(cfg, group, dense, B)[0] for dense in (False, True)}
+    split, n_tiles = max(triton.cdiv(K, kc) for kc in chunks), triton.cdiv(N, cfg["BLOCK_N"])
+    n_idx = n_tiles * max(triton.cdiv(K, kc) * kc for kc in chunks)
     return (split * B * N if split > 1 else 0), n_tiles, n_idx, n_idx * next_pow2(B)

@@ -210,6 +210,12 @@ QUANTIZED_CASES = [
     ("linear+res", 1, 320, 998, [998], torch.bfloat16, 0.5, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **E), "int8",
      0),
     ("linear", 2, 256, 1004, [1004], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=64, **D), "int4", 64),
+    # dense B == 1 int4 chunks over several groups, each group scaled as the stream leaves it (chunk_plan):
+    # 8 groups of 32 a chunk, the last chunk shorter; and rows read by bytes, 4 groups of 64
+    ("linear+norm", 1, 640, 1000, [1000], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=8, K_CHUNK=256, DEPTH=4,
+                                                                     **E), "int4", 32),
+    ("silu_down+res", 1, 512, 1004, [1004], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=256, **E),
+     "int4", 64),
 ]
 
 
@@ -244,15 +250,19 @@ def test_cases_cover_both_ways_to_find_the_first_rows():
 
 
 def test_quantized_cases_read_both_words_and_bytes():
-    """int8 and int4 rows of whole int32 words are read as words, other rows byte by byte: the cases run both."""
+    """int8 and int4 rows of whole int32 words are read as words, other rows byte by byte: the cases run
+    both, and int4 chunks over several groups both ways."""
     from tests.test_gpu_compile import matvec_plan
 
-    paths = set()
+    paths, grouped = set(), set()
     for op, B, K, N, splits, dtype, p, cfg, weights, group in QUANTIZED_CASES:
         meta = matvec_plan(op.split("+")[0], B, K, N, splits, dtype, cfg, dense=p is None, weights=weights,
                            group=group or 128)[3]
         paths.add((weights, meta["WORDS"]))
+        if meta["GROUPS"] > 1:
+            grouped.add(meta["WORDS"])
     assert paths == {("int8", True), ("int8", False), ("int4", True), ("int4", False)}
+    assert grouped == {True, False}  # int4 chunks over several groups, read both ways
 
 
 def test_stored_integers_convert_exactly(interpreted):
@@ -387,11 +397,18 @@ def test_untuned_shapes_take_the_nearest_tuned_tile(monkeypatch):
     def programs(K, N, cfg):
         return -(-K // cfg["K_CHUNK"]) * -(-N // cfg["BLOCK_N"])
 
-    for key, tuned in table.items():  # a tuned shape gets its own config (quantized keys: "op/int8")
+    dense_keys = 0
+    for key, tuned in table.items():  # a tuned shape gets its own config (quantized keys: "op/int8", "op/int4/dense")
         op, K, N, dtype, b = ops.parse_config_key(key)
         op, _, weights = op.partition("/")
-        assert ops.pick_config(op, K, N, torch.bfloat16 if dtype == "bf16" else torch.float16, b, 132,
-                               weights or "float") == tuned
+        weights, _, dense = weights.partition("/")
+        dt = torch.bfloat16 if dtype == "bf16" else torch.float16
+        assert ops.pick_config(op, K, N, dt, b, 132, weights or "float", dense=bool(dense)) == tuned
+        if dense:  # the dense kernel's own config, and only the dense kernel's
+            dense_keys += 1
+            assert ops.pick_config(op, K, N, dt, b, 132, weights) == table[ops.config_key(op, K, N, dt, b, weights)]
+            assert tuned != table[ops.config_key(op, K, N, dt, b, weights)]
+    assert dense_keys > 0
     shards = [("linear", 4096, 3072, 4096, 4096), ("linear", 2048, 4096, 4096, 4096),
               ("linear", 4096, 14336, 4096, 28672), ("silu_down", 7168, 4096, 14336, 4096)]
     for op, K, N, K_near, N_near in shards:
