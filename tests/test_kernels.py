@@ -207,14 +207,14 @@ QUANTIZED_CASES = [
     ("silu_down", 3, 640, 1000, [1000], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=32, K_CHUNK=128, **D),
      "int4", 128),
     # rows that are not whole int32 words (N % 4 != 0 bytes): read byte by byte
-    ("linear+res", 1, 320, 998, [998], torch.bfloat16, 0.5, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **E), "int8",
+    ("linear+res", 1, 320, 254, [254], torch.bfloat16, 0.5, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **E), "int8",
      0),
-    ("linear", 2, 256, 1004, [1004], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=64, **D), "int4", 64),
+    ("linear", 2, 256, 268, [268], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=64, **D), "int4", 64),
     # dense B == 1 int4 chunks over several groups, each group scaled as the stream leaves it (chunk_plan):
     # 8 groups of 32 a chunk, the last chunk shorter; and rows read by bytes, 4 groups of 64
-    ("linear+norm", 1, 640, 1000, [1000], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=8, K_CHUNK=256, DEPTH=4,
-                                                                     **E), "int4", 32),
-    ("silu_down+res", 1, 512, 1004, [1004], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=256, **E),
+    ("linear+norm", 1, 384, 504, [504], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=8, K_CHUNK=256, DEPTH=4,
+                                                                   **E), "int4", 32),
+    ("silu_down+res", 1, 512, 268, [268], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=256, **E),
      "int4", 64),
 ]
 
