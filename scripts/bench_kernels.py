@@ -409,6 +409,10 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True, weights="float", group=128
         variants = [(256, 32, 4, 4, 1, 2), (256, 32, 8, 3, 1, 2), (128, 64, 4, 3, 1, 2), (128, 32, 4, 3, 1, 2),
                     (256, 64, 8, 3, 1, 2)]
         chunks = (256, 512, 1024)
+    if weights == "int4":  # other chunks above the group launch as one group's (chunk_plan): it stands for them
+        from sparse_kernels.triton_kernels import chunk_plan
+
+        chunks = sorted(set(chunks) | {group})
     most, fewest = (4 * 32, 8) if weights == "float" else (8 * 32, 16 if weights == "int8" else 32)
     out = []
     for bn, bk, nw, ns, dot, depth in variants:
@@ -420,12 +424,13 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True, weights="float", group=128
         if weights == "int4":  # sparse and batch launches cap chunks at the group (triton_kernels.chunk_plan)
             min_chunk = min(min_chunk, group)
         for kc in chunks:
-            if weights == "int4" and kc > group and (group % (depth * bk) or kc not in (512, 1024, 2048)):
-                continue  # launched as a chunk of one group (chunk_plan): a repeat of the chunk of `group` rows
+            cfg = dict(BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=bool(dot), num_warps=nw, num_stages=ns)
+            if weights == "int4" and kc > group and (kc not in (512, 1024, 2048)
+                                                     or chunk_plan(cfg, group, True, B)[2] == 1):
+                continue  # a repeat of the chunk of `group` rows (or a grouped chunk not searched)
             n_prog = n_tiles * -(-K // kc)
             if n_sm <= n_prog <= max_prog and kc * max(1, B) <= 4096 * 2 and kc >= min_chunk:
-                out.append(dict(BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=bool(dot), num_warps=nw,
-                                num_stages=ns))
+                out.append(cfg)
     return out
 
 

@@ -426,6 +426,22 @@ def test_untuned_shapes_take_the_nearest_tuned_tile(monkeypatch):
             assert kc & (kc - 1) == 0 and kc >= cfg["BLOCK_K"] and cfg["BLOCK_N"] <= max(16, 1 << (N - 1).bit_length())
 
 
+def test_int4_tuning_candidates_launch_differently():
+    """No two int4 candidates of a shape launch alike, sparse and dense (triton_kernels.chunk_plan caps
+    most chunks above the group at the group): the tuner times each launch once, and the chunk of one
+    group is among them."""
+    from scripts.bench_kernels import candidate_configs
+    from sparse_kernels.triton_kernels import chunk_plan
+
+    for group, B in ((32, 1), (128, 1), (128, 8)):  # (a batch's tiles over groups of 32 make too many programs)
+        for op, K, N in (("linear", 4096, 28672), ("silu_down", 14336, 4096)):
+            cands = candidate_configs(op, K, N, B, 132, weights="int4", group=group)
+            launches = {(tuple(sorted((k, v) for k, v in c.items() if k not in ("K_CHUNK", "BLOCK_K"))),
+                         chunk_plan(c, group, False, B), chunk_plan(c, group, True, B)) for c in cands}
+            assert cands and len(launches) == len(cands), (group, B, op)
+            assert any(c["K_CHUNK"] == group for c in cands), (group, B, op)
+
+
 def test_tune_shapes_from_a_config():
     """--tune_shapes CONFIG[@WORLD] builds the block's matvecs from tp.shard_of: at world 1 they are
     the hand-written Llama-3-8B shapes of the benchmark table."""
