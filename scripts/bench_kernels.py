@@ -293,14 +293,15 @@ def quantized_check_cases():
         # rows that are not whole int32 words: the kernels read them byte by byte
         n = 998 if weights == "int8" else 1004
         cases.append(("linear+res", B, 256, n, [n], dname, 0.5, None) + q)
-        if B == 1:  # the 8B MLP's wide tiles, their K chunks capped at int4's group
+        if B == 1:  # the 8B MLP's wide tiles, their int4 K chunks over 2-4 groups or capped at one
             cases.append(("linear", B, 4096, 6144, [4096, 1024, 1024], dname, 0.5,
                           dict(BLOCK_N=1024, BLOCK_K=8, K_CHUNK=128, **E)) + q)
             cases.append(("silu_down", B, 1536, 4096, [4096], dname, 0.5, dict(BLOCK_N=512, BLOCK_K=16, K_CHUNK=256,
                                                                                DEPTH=4, **E)) + q)
-            # dense: int4 chunks over 8 to 32 groups, scaled group by group in the stream
-            cases.append(("linear+norm", B, 4096, 6144, [4096, 1024, 1024], dname, None,
-                          dict(BLOCK_N=512, BLOCK_K=16, K_CHUNK=1024, **E)) + q)
+            # int4 chunks over 8 to 32 groups, scaled group by group in the stream, dense and sparse
+            for p in (None, 0.5, 0.9):
+                cases.append(("linear+norm", B, 4096, 6144, [4096, 1024, 1024], dname, p,
+                              dict(BLOCK_N=512, BLOCK_K=16, K_CHUNK=1024, **E)) + q)
     return cases
 
 
@@ -392,8 +393,8 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True, weights="float", group=128
     narrow=False: only the wide tiles (BLOCK_N >= 512) besides the config already in the table.
     Quantized rows are held as one byte an element, so their tiles may hold twice the elements of
     bf16's for the same registers and take twice the elements for one 16-byte load (int4: its
-    packed bytes). int4 chunks lie inside a group except in dense B == 1 launches, so its grids
-    are larger."""
+    packed bytes). int4 chunks lie inside a group except in B == 1 launches whose rounds divide a
+    group (triton_kernels.chunk_plan), so its grids may be larger."""
     # (BLOCK_N, BLOCK_K, num_warps, num_stages, DOT, DEPTH)
     if B == 1:  # the elementwise path; 2-4 steps of rows in flight (DEPTH)
         variants = []
@@ -421,12 +422,12 @@ def candidate_configs(op, K, N, B, n_sm, narrow=True, weights="float", group=128
         n_tiles = -(-N // bn)
         max_prog = 32 * n_sm if weights == "int4" else (4 if bn >= 512 else 6) * n_sm if B == 1 else 16 * n_sm
         min_chunk = max(bk, 128 if bn < 512 else 64)
-        if weights == "int4":  # sparse and batch launches cap chunks at the group (triton_kernels.chunk_plan)
+        if weights == "int4":  # batch launches cap chunks at the group (triton_kernels.chunk_plan)
             min_chunk = min(min_chunk, group)
         for kc in chunks:
             cfg = dict(BLOCK_N=bn, BLOCK_K=bk, K_CHUNK=kc, DEPTH=depth, DOT=bool(dot), num_warps=nw, num_stages=ns)
-            if weights == "int4" and kc > group and (kc not in (512, 1024, 2048)
-                                                     or chunk_plan(cfg, group, True, B)[2] == 1):
+            if weights == "int4" and kc > group and (kc not in (256, 512, 1024, 2048)
+                                                     or chunk_plan(cfg, group, B)[2] == 1):
                 continue  # a repeat of the chunk of `group` rows (or a grouped chunk not searched)
             n_prog = n_tiles * -(-K // kc)
             if n_sm <= n_prog <= max_prog and kc * max(1, B) <= 4096 * 2 and kc >= min_chunk:
@@ -495,8 +496,9 @@ def tune(shapes, batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=N
             table[ops.config_key(op, K, N, torch.bfloat16, B, weights)] = cands[i_best]
             i_dense = times[None].index(best[None]) if None in times and len(shape_levels) > 1 else i_best
             own_dense = i_dense != i_best and times[None][i_dense] < DENSE_GAIN * times[None][i_best]
-            if own_dense:  # the dense kernel gets its own config
-                table[ops.config_key(op, K, N, torch.bfloat16, B, weights, dense=True)] = cands[i_dense]
+            if weights != "float":  # the dense kernel gets its own config, or none (an earlier run's is dropped)
+                table[ops.config_key(op, K, N, torch.bfloat16, B, weights, dense=True)] = (cands[i_dense] if own_dense
+                                                                                           else None)
             tag = "" if weights == "float" else f" {weights}"
             record[f"{name}{tag} B{B}"] = dict(
                 device=torch.cuda.get_device_name(0), chosen=cands[i_best],
@@ -589,7 +591,8 @@ def run(args):
                         narrow=not args.tune_wide, tabled=old.get("configs"), weights=weights, group=args.groupsize)
             table.update(t)
             record.update(r)
-        table = {**old.get("configs", {}), **table}  # shapes and batches not tuned now keep their configs
+        # shapes and batches not tuned now keep their configs; None: a dense config not found again
+        table = {key: cfg for key, cfg in {**old.get("configs", {}), **table}.items() if cfg is not None}
         record = {**old.get("tuning", {}), **record}
         # records of runs before records named their device were all tuned on the file's device then
         devices = sorted({r.get("device", old.get("device", "")) for r in record.values()} - {""})

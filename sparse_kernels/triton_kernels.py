@@ -100,19 +100,26 @@ def sparse_matvec_kernel(
     need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
     pos = tl.cumsum(need, axis=0) - 1  # (K_CHUNK,) each kept row's place in the compacted order
     count = tl.sum(need, axis=0)
+    # where the kept rows go in the scratch, and the row each place holds (-1: a hole, nothing read)
+    place, placed, row = pos, need > 0, offs_c
+    first_group, first_count = 0, count  # the first group with a kept row; its kept rows
+    if GROUPS > 1:  # int4 over several groups: each group's kept rows start a round of the stream
+        place, placed, count, first, first_count = _group_places(need, K_CHUNK, GROUP, GROUPS, DEPTH * BLOCK_K)
+        row = tl.where(need > 0, offs_c, -1)
+        first_group = k0 // GROUP + first
 
-    # 2. Compact the kept rows, then stream only those.
+    # 2. Compact the kept rows, then stream only those. The first round lies in the first group with rows.
     if RANKED:  # the first rows' indices from pos in registers: requested before the scratch round trip
-        wa, wb, wc, wd = _first_rows(w_ptr, pos, count, k0, offs_j, n0, N, stride_w, BLOCK_N, BLOCK_K, DEPTH, EVEN_N,
-                                     WEIGHTS, False, RANKED)
-        tl.debug_barrier()  # a fence for the compiler, which would otherwise move the loads to their first use
-    _compact(idx_base, xs_base, x_chunk, keep, need, pos, offs_c, offs_bx, bc_ok, K_CHUNK)
-    if not RANKED:
-        wa, wb, wc, wd = _first_rows(w_ptr, idx_base, count, k0, offs_j, n0, N, stride_w, BLOCK_N, BLOCK_K, DEPTH,
+        wa, wb, wc, wd = _first_rows(w_ptr, pos, first_count, k0, offs_j, n0, N, stride_w, BLOCK_N, BLOCK_K, DEPTH,
                                      EVEN_N, WEIGHTS, False, RANKED)
-    acc = _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, stride_w, B, scale_ptr,
-                  zero_ptr, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS, GROUP, 1, WORDS, False,
-                  INTERPRET)
+        tl.debug_barrier()  # a fence for the compiler, which would otherwise move the loads to their first use
+    _compact(idx_base, xs_base, x_chunk, keep, place, placed, row, offs_bx, bc_ok, K_CHUNK)
+    if not RANKED:
+        wa, wb, wc, wd = _first_rows(w_ptr, idx_base, first_count, k0, offs_j, n0, N, stride_w, BLOCK_N, BLOCK_K,
+                                     DEPTH, EVEN_N, WEIGHTS, False, RANKED)
+    acc = _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, offs_j, n0, N, stride_w, B,
+                  scale_ptr, zero_ptr, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS, GROUP, GROUPS,
+                  WORDS, False, INTERPRET)
     if TRIGGER:  # rows streamed: the next kernel, if launched with PDL, may launch during the split-K reduction
         gdc_launch_dependents()
 
@@ -153,9 +160,12 @@ def dense_matvec_kernel(
     tl.debug_barrier()  # the whole CTA's inputs are visible before they are read back
 
     # 2. Stream every row.
-    acc = _stream(wa, wb, wc, wd, w_ptr, xs_base, xs_base, count, k0, offs_j, n0, N, stride_w, B, scale_ptr,
-                  zero_ptr, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS, GROUP, GROUPS, WORDS, True,
-                  INTERPRET)
+    first_group = 0
+    if GROUPS > 1:
+        first_group = k0 // GROUP
+    acc = _stream(wa, wb, wc, wd, w_ptr, xs_base, xs_base, count, k0, first_group, offs_j, n0, N, stride_w, B,
+                  scale_ptr, zero_ptr, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS, GROUP, GROUPS,
+                  WORDS, True, INTERPRET)
     if TRIGGER:
         gdc_launch_dependents()
 
@@ -222,19 +232,44 @@ def _round(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _compact(idx_base, xs_base, x_chunk, keep, need, pos, offs_c, offs_bx, bc_ok, K_CHUNK: tl.constexpr):
-    """Store the kept rows' indices and inputs (zero where a batch row drops the row) in this
-    program's scratch at their places pos."""
-    tl.store(idx_base + pos, offs_c, mask=need > 0)
-    tl.store(xs_base + offs_bx[:, None] * K_CHUNK + pos[None, :],
-             tl.where(keep, x_chunk, 0.0).to(xs_base.dtype.element_ty), mask=(need > 0)[None, :] & bc_ok)
+def _compact(idx_base, xs_base, x_chunk, keep, place, placed, row, offs_bx, bc_ok, K_CHUNK: tl.constexpr):
+    """Store the rows `row` (-1 for a hole) and their inputs (zero where a batch row drops the row, and
+    in holes) in this program's scratch at their places, where `placed`."""
+    tl.store(idx_base + place, row, mask=placed)
+    tl.store(xs_base + offs_bx[:, None] * K_CHUNK + place[None, :],
+             tl.where(keep, x_chunk, 0.0).to(xs_base.dtype.element_ty), mask=placed[None, :] & bc_ok)
     tl.debug_barrier()  # the whole CTA's scratch stores are visible before they are read back
+
+
+@triton.jit
+def _group_places(need, K_CHUNK: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, ROUND: tl.constexpr):
+    """Places in the scratch for a chunk of GROUPS groups of GROUP rows, so that no round of the
+    stream (ROUND places) holds two groups' rows: group g's kept rows, in order, from place
+    start[g], a multiple of ROUND, then holes up to the next multiple. A dropped row writes a hole
+    (the first dropped rows of a group, one hole each: a group has as many dropped rows as
+    GROUP - kept >= its holes, for ROUND divides GROUP).
+    Returns (place (K_CHUNK,), whether the row writes there, the places to stream, the chunk's first
+    group with a kept row (GROUPS if none), its kept rows)."""
+    need = tl.reshape(need, (GROUPS, GROUP))
+    upto = tl.cumsum(need, axis=1)  # (GROUPS, GROUP) kept rows of the group up to and including each
+    kept = tl.sum(need, axis=1)  # (GROUPS,)
+    rounded = (kept + ROUND - 1) // ROUND * ROUND
+    start = tl.cumsum(rounded, axis=0) - rounded
+    i = tl.arange(0, GROUP)[None, :]
+    place = tl.where(need > 0, start[:, None] + upto - 1, start[:, None] + kept[:, None] + i - upto)
+    placed = (need > 0) | (i - upto < (rounded - kept)[:, None])
+    gs = tl.arange(0, GROUPS)
+    first = tl.min(tl.where(kept > 0, gs, GROUPS), axis=0)
+    first_kept = tl.sum(tl.where(gs == first, kept, 0), axis=0)
+    return (tl.reshape(place, (K_CHUNK,)), tl.reshape(placed, (K_CHUNK,)), tl.sum(rounded, axis=0), first,
+            first_kept)
 
 
 # ---------------------------------------------------------------------------- phase 2: the stream
 
 @triton.jit
-def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, stride_w, B, scale_ptr, zero_ptr,
+def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, offs_j, n0, N, stride_w, B, scale_ptr,
+            zero_ptr,
             B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
             DEPTH: tl.constexpr, DOT: tl.constexpr, EVEN_N: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr,
             GROUPS: tl.constexpr, WORDS: tl.constexpr, DENSE: tl.constexpr, INTERPRET: tl.constexpr):
@@ -248,10 +283,11 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, 
     (which the usual "w_cur = w_next" rotation compiles to: one step in flight, the whole latency
     paid every step).
 
-    GROUPS > 1 (int4, dense, B == 1: the chunk spans GROUPS groups of GROUP rows): acc holds the
-    current group's products and xsum its inputs; when a round ends a group, its scales and offsets
-    turn them into the group's share of x @ W^T, added to total elementwise (no reduction in the
-    loop), and the next group's scales are requested, used a group later."""
+    GROUPS > 1 (int4, B == 1: the chunk spans GROUPS groups of GROUP rows; no round holds rows of two
+    groups, see _group_places): acc holds the current group's products and xsum its inputs. When the
+    next round's rows are another group's (its first row's index, loaded a round ahead), the group's
+    scales and offsets turn acc and xsum into its share of x @ W^T, added to total elementwise (no
+    reduction in the loop), and the next group's scales are requested, used a group later."""
     offs_b = tl.arange(0, B_PAD)
     b_ok = offs_b < B
     if DOT:
@@ -273,16 +309,18 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, 
     if GROUPS > 1:
         total = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         xsum = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        scale, zero = _group_scales(scale_ptr, zero_ptr, k0 // GROUP, True, n0 + tl.arange(0, BLOCK_N), N, WEIGHTS,
-                                    WORDS)
+        g = first_group
+        scale, zero = _group_scales(scale_ptr, zero_ptr, g, count > 0, n0 + tl.arange(0, BLOCK_N), N, WEIGHTS, WORDS)
+        g_next = _group_at(idx_base, DEPTH * BLOCK_K, count, k0, GROUP, DENSE)  # the group of round 1's rows
     for r in range(0, _round_count(count, BLOCK_K, K_CHUNK, DEPTH, INTERPRET)):
         j = (r + 1) * DEPTH * BLOCK_K + offs_j  # the rows buffer a is refilled with
-        if GROUPS > 1:  # the inputs of this round's steps (0 past count)
+        if GROUPS > 1:  # the inputs of this round's steps (0 past count and in holes)
             xsum += xa.to(tl.float32) + xb.to(tl.float32)
             if DEPTH >= 3:
                 xsum += xc.to(tl.float32)
             if DEPTH == 4:
                 xsum += xd.to(tl.float32)
+            g_after = _group_at(idx_base, (r + 2) * DEPTH * BLOCK_K, count, k0, GROUP, DENSE)  # used a round on
         acc, wa, xa, ka = _turn(acc, wa, xa, ka, j, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, n0, N,
                                 stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS, DENSE, INTERPRET)
         acc, wb, xb, kb = _turn(acc, wb, xb, kb, j + BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, n0,
@@ -296,15 +334,16 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, offs_j, n0, N, 
                                     b_ok, n0, N, stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS,
                                     DENSE, INTERPRET)
         if GROUPS > 1:
-            done = (r + 1) * DEPTH * BLOCK_K  # rows of the chunk summed
-            if done % GROUP == 0:  # a group ends: scale it into total, request the next group's scales
+            if g_next != g:  # the group ends (-1: the stream does): scale it into total, request the next's scales
                 total += acc * scale[None, :] + xsum[:, None] * zero[None, :]
                 acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
                 xsum = tl.zeros((BLOCK_K,), dtype=tl.float32)
-                scale, zero = _group_scales(scale_ptr, zero_ptr, (k0 + done) // GROUP, done < count,
-                                            n0 + tl.arange(0, BLOCK_N), N, WEIGHTS, WORDS)
-    if GROUPS > 1:
-        acc = total
+                g = g_next
+                scale, zero = _group_scales(scale_ptr, zero_ptr, g, g >= 0, n0 + tl.arange(0, BLOCK_N), N, WEIGHTS,
+                                            WORDS)
+            g_next = g_after
+    if GROUPS > 1:  # (the last group was scaled in the loop where the loop reaches count, else here)
+        acc = total + acc * scale[None, :] + xsum[:, None] * zero[None, :]
     if not DOT:
         acc = tl.sum(acc, axis=0)[None, :]  # (1, BLOCK_N)
     return acc
@@ -317,6 +356,16 @@ def _round_count(count, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr, DEPTH: tl.
     if INTERPRET:
         return (K_CHUNK // BLOCK_K + DEPTH - 1) // DEPTH
     return tl.cdiv(tl.cdiv(count, BLOCK_K), DEPTH)
+
+
+@triton.jit
+def _group_at(idx_base, place, count, k0, GROUP: tl.constexpr, DENSE: tl.constexpr):
+    """The group of the row at a round's first place (always a row, not a hole, below count); -1 past count."""
+    if DENSE:
+        k = k0 + place
+    else:
+        k = tl.load(idx_base + place, mask=place < count, other=0, cache_modifier=".cg")
+    return tl.where(place < count, k // GROUP, -1)
 
 
 @triton.jit
@@ -381,10 +430,10 @@ def _indices(idx_base, j, count, k0, DENSE: tl.constexpr):
 def _rows(w_ptr, kk, j, count, n0, N, stride_w, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
           WEIGHTS: tl.constexpr):
     """Rows kk of W^T over the tile's BLOCK_N columns, as stored (BLOCK_K, BLOCK_N); positions j past
-    count read nothing. int4: BLOCK_N / 2 bytes a row, unpacked in registers (low nibble first).
+    count and holes read nothing. int4: BLOCK_N / 2 bytes a row, unpacked in registers (low nibble first).
     Words (w_ptr int32: int8 or int4 rows whose bytes the launcher viewed four to an int32): the
     (BLOCK_K, BLOCK_N / 4 or / 8) words as loaded; _accumulate unpacks them."""
-    ok = j < count
+    ok = (j < count) & (kk >= 0)  # (kk -1: a hole in a chunk over several groups)
     if w_ptr.dtype.element_ty == tl.int32:  # int8 or int4 rows read as 32-bit words, unpacked by _accumulate
         per_word: tl.constexpr = 8 if WEIGHTS == "int4" else 4  # columns a word holds
         offs = n0 // per_word + tl.arange(0, BLOCK_N // per_word)
@@ -668,7 +717,7 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
                              f"K is supported")
     dense = thresholds is None
     bn, depth = cfg["BLOCK_N"], cfg.get("DEPTH", 2)
-    kc, bk, groups = chunk_plan(cfg, group, dense, B)
+    kc, bk, groups = chunk_plan(cfg, group, B)
     if depth not in (2, 3, 4):
         raise ValueError(f"sparse_kernels: DEPTH={depth} steps in flight is not supported; use 2, 3 or 4")
     if any(t is not None and t.stride(-1) != 1 for t in (thresholds, norm_weight, scale, zero)):
@@ -725,15 +774,15 @@ def readable_as_words(w_t: torch.Tensor, block_n: int, weights: str) -> bool:
             and w_t.storage_offset() % 4 == 0)
 
 
-def chunk_plan(cfg: dict, group: int, dense: bool, B: int):
+def chunk_plan(cfg: dict, group: int, B: int):
     """(K_CHUNK, BLOCK_K, groups a chunk spans) as launched. int4 (group: its rows per group): a chunk
-    lies inside one group, its scales applied once to its sum, except where a dense B == 1 launch's
-    chunk spans whole groups and a round of DEPTH steps divides a group (_stream scales each group's
-    sum as it ends)."""
+    lies inside one group, its scales applied once to its sum, except where a B == 1 launch's chunk
+    spans whole groups and a round of DEPTH steps divides a group (_stream scales each group's sum
+    as it ends; a sparse launch starts each group's kept rows on a round, _group_places)."""
     kc, bk = cfg["K_CHUNK"], cfg["BLOCK_K"]
     if not group:
         return kc, bk, 1
-    if dense and not cfg["DOT"] and B == 1 and kc > group and group % (cfg.get("DEPTH", 2) * bk) == 0:
+    if not cfg["DOT"] and B == 1 and kc > group and group % (cfg.get("DEPTH", 2) * bk) == 0:
         return kc, bk, kc // group
     kc = min(kc, group)
     return kc, min(bk, kc), 1
@@ -742,7 +791,7 @@ def chunk_plan(cfg: dict, group: int, dense: bool, B: int):
 def workspace_sizes(B: int, K: int, N: int, cfg: dict, group: int = 0):
     """Elements a launch needs, sparse or dense: fp32 partials, int32 counters, int32 row indices,
     fp32 inputs (group: int4's rows per group; see chunk_plan)."""
-    chunks = {chunk_plan(cfg, group, dense, B)[0] for dense in (False, True)}
-    split, n_tiles = max(triton.cdiv(K, kc) for kc in chunks), triton.cdiv(N, cfg["BLOCK_N"])
-    n_idx = n_tiles * max(triton.cdiv(K, kc) * kc for kc in chunks)
+    kc = chunk_plan(cfg, group, B)[0]
+    split, n_tiles = triton.cdiv(K, kc), triton.cdiv(N, cfg["BLOCK_N"])
+    n_idx = n_tiles * split * kc
     return (split * B * N if split > 1 else 0), n_tiles, n_idx, n_idx * next_pow2(B)

@@ -182,10 +182,11 @@ CASES = [
 ]
 
 
-# Quantized weights (..., weights, group): int8 per column; int4 in groups of `group` rows, a chunk never
-# crossing a group (the launcher caps K_CHUNK at the group), so a group may span several chunks (K_CHUNK 64 in
-# groups of 128 below) and K need not be a multiple of a tuned K_CHUNK (576 in chunks of 256 capped to 64).
-# Rows of whole int32 words are read as words (triton_kernels.readable_as_words), the last two cases by bytes.
+# Quantized weights (..., weights, group): int8 per column; int4 in groups of `group` rows. A batch's chunk
+# never crosses a group (the launcher caps K_CHUNK at the group), so a group may span several chunks (K_CHUNK 64
+# in groups of 128 below). A B == 1 chunk spans whole groups where a round of DEPTH steps divides a group
+# (triton_kernels.chunk_plan; K need not be a multiple of K_CHUNK: 576 in chunks of 256, 4 groups of 64 each).
+# Rows of whole int32 words are read as words (triton_kernels.readable_as_words), others by bytes.
 QUANTIZED_CASES = [
     ("linear", 1, 576, 1536, [576, 480, 480], torch.bfloat16, 0.5, dict(BLOCK_N=32, BLOCK_K=32, K_CHUNK=256, **E),
      "int8", 0),
@@ -210,12 +211,20 @@ QUANTIZED_CASES = [
     ("linear+res", 1, 320, 254, [254], torch.bfloat16, 0.5, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=128, **E), "int8",
      0),
     ("linear", 2, 256, 268, [268], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=64, **D), "int4", 64),
-    # dense B == 1 int4 chunks over several groups, each group scaled as the stream leaves it (chunk_plan):
-    # 8 groups of 32 a chunk, the last chunk shorter; and rows read by bytes, 4 groups of 64
+    # B == 1 int4 chunks over several groups, each group scaled as the stream leaves it (chunk_plan), dense
+    # and sparse (each group's kept rows start a round, holes after them): 8 groups of 32 a chunk, the last
+    # chunk shorter; rows read by bytes, 4 groups of 64; at p = 0.9 groups with no kept row, at 1.0 chunks
     ("linear+norm", 1, 384, 504, [504], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=8, K_CHUNK=256, DEPTH=4,
                                                                    **E), "int4", 32),
     ("silu_down+res", 1, 512, 268, [268], torch.bfloat16, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=256, **E),
      "int4", 64),
+    ("linear+norm", 1, 384, 504, [504], torch.bfloat16, 0.5, dict(BLOCK_N=128, BLOCK_K=8, K_CHUNK=256, DEPTH=4,
+                                                                  **E), "int4", 32),
+    ("linear", 1, 256, 504, [504], torch.float16, 0.9, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=256, **E), "int4", 32),
+    ("silu_down+res", 1, 512, 268, [268], torch.bfloat16, 0.5, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=256, DEPTH=4,
+                                                                   **E), "int4", 64),
+    ("linear", 1, 256, 504, [504], torch.bfloat16, 1.0, dict(BLOCK_N=128, BLOCK_K=8, K_CHUNK=256, DEPTH=4, **E),
+     "int4", 32),
 ]
 
 
@@ -251,7 +260,7 @@ def test_cases_cover_both_ways_to_find_the_first_rows():
 
 def test_quantized_cases_read_both_words_and_bytes():
     """int8 and int4 rows of whole int32 words are read as words, other rows byte by byte: the cases run
-    both, and int4 chunks over several groups both ways."""
+    both, and int4 chunks over several groups both ways, dense and sparse."""
     from tests.test_gpu_compile import matvec_plan
 
     paths, grouped = set(), set()
@@ -260,9 +269,9 @@ def test_quantized_cases_read_both_words_and_bytes():
                            group=group or 128)[3]
         paths.add((weights, meta["WORDS"]))
         if meta["GROUPS"] > 1:
-            grouped.add(meta["WORDS"])
+            grouped.add((p is None, meta["WORDS"]))
     assert paths == {("int8", True), ("int8", False), ("int4", True), ("int4", False)}
-    assert grouped == {True, False}  # int4 chunks over several groups, read both ways
+    assert grouped == {(True, True), (True, False), (False, True), (False, False)}  # int4 over several groups
 
 
 def test_stored_integers_convert_exactly(interpreted):
@@ -427,9 +436,9 @@ def test_untuned_shapes_take_the_nearest_tuned_tile(monkeypatch):
 
 
 def test_int4_tuning_candidates_launch_differently():
-    """No two int4 candidates of a shape launch alike, sparse and dense (triton_kernels.chunk_plan caps
-    most chunks above the group at the group): the tuner times each launch once, and the chunk of one
-    group is among them."""
+    """No two int4 candidates of a shape launch alike (triton_kernels.chunk_plan caps a chunk above the
+    group at the group, unless a B == 1 launch spans groups): the tuner times each launch once, and the
+    chunk of one group is among them."""
     from scripts.bench_kernels import candidate_configs
     from sparse_kernels.triton_kernels import chunk_plan
 
@@ -437,7 +446,7 @@ def test_int4_tuning_candidates_launch_differently():
         for op, K, N in (("linear", 4096, 28672), ("silu_down", 14336, 4096)):
             cands = candidate_configs(op, K, N, B, 132, weights="int4", group=group)
             launches = {(tuple(sorted((k, v) for k, v in c.items() if k not in ("K_CHUNK", "BLOCK_K"))),
-                         chunk_plan(c, group, False, B), chunk_plan(c, group, True, B)) for c in cands}
+                         chunk_plan(c, group, B)) for c in cands}
             assert cands and len(launches) == len(cands), (group, B, op)
             assert any(c["K_CHUNK"] == group for c in cands), (group, B, op)
 
