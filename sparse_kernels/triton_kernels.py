@@ -28,8 +28,9 @@ Shared by both:
   zero[g, n]). A row is loaded as stored, as int32 words where rows are whole words (WORDS), and
   converted in registers by integer arithmetic (_as_float, _unpacked). Scales are per column, so
   they multiply the program's sum once: int8 acc * scale; int4 (a chunk lies inside one group)
-  acc * scale + zero * (the sum of the chunk's kept inputs); a dense int4 chunk over GROUPS > 1
-  groups scales each group's sum in the stream. A program with no kept row reads no scale either.
+  acc * scale + zero * (the sum of the chunk's kept inputs); a B == 1 int4 chunk over GROUPS > 1
+  groups scales each group's sum in the stream (a sparse one first places each group's kept rows
+  from a round of the stream: _group_places). A program with no kept row reads no scale either.
 - Split-K reduction without a memset: each program stores its fp32 partial tile to a persistent
   workspace (SPLIT, B, N) and increments the tile's arrival counter; the last to arrive sums the
   partials in split order (deterministic), writes y and resets the counter to 0 for the next call.
