@@ -289,6 +289,7 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, of
     next round's rows are another group's (its first row's index, loaded a round ahead), the group's
     scales and offsets turn acc and xsum into its share of x @ W^T, added to total elementwise (no
     reduction in the loop), and the next group's scales are requested, used a group later."""
+    HOLES: tl.constexpr = GROUPS > 1 and not DENSE  # places in the sparse scratch that hold no row
     offs_b = tl.arange(0, B_PAD)
     b_ok = offs_b < B
     if DOT:
@@ -323,17 +324,19 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, of
                 xsum += xd.to(tl.float32)
             g_after = _group_at(idx_base, (r + 2) * DEPTH * BLOCK_K, count, k0, GROUP, DENSE)  # used a round on
         acc, wa, xa, ka = _turn(acc, wa, xa, ka, j, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, n0, N,
-                                stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS, DENSE, INTERPRET)
+                                stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS, DENSE, HOLES,
+                                INTERPRET)
         acc, wb, xb, kb = _turn(acc, wb, xb, kb, j + BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, n0,
-                                N, stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS, DENSE, INTERPRET)
+                                N, stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS, DENSE, HOLES,
+                                INTERPRET)
         if DEPTH >= 3:
             acc, wc, xc, kc = _turn(acc, wc, xc, kc, j + 2 * BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b,
                                     b_ok, n0, N, stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS,
-                                    DENSE, INTERPRET)
+                                    DENSE, HOLES, INTERPRET)
         if DEPTH == 4:
             acc, wd, xd, kd = _turn(acc, wd, xd, kd, j + 3 * BLOCK_K, w_ptr, idx_base, xs_base, count, k0, offs_b,
                                     b_ok, n0, N, stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS,
-                                    DENSE, INTERPRET)
+                                    DENSE, HOLES, INTERPRET)
         if GROUPS > 1:
             if g_next != g:  # the group ends (-1: the stream does): scale it into total, request the next's scales
                 total += acc * scale[None, :] + xsum[:, None] * zero[None, :]
@@ -375,21 +378,22 @@ def _first_rows(w_ptr, where, count, k0, offs_j, n0, N, stride_w, BLOCK_N: tl.co
                 RANKED: tl.constexpr):
     """The rows of the first DEPTH steps, one buffer each (c and d repeat a and b below DEPTH 3, 4).
     Their indices: k0 + j (DENSE), ranked from the places `where` = pos (RANKED), else loaded from
-    the scratch at `where` = idx_base."""
+    the scratch at `where` = idx_base. (A sparse chunk over several groups: count is the first group's
+    kept rows, so no hole of its first round is read.)"""
     wa = _rows(w_ptr, _first_indices(where, offs_j, count, k0, DENSE, RANKED), offs_j, count, n0, N, stride_w, BLOCK_N,
-               EVEN_N, WEIGHTS)
+               EVEN_N, WEIGHTS, False)
     j = BLOCK_K + offs_j
     wb = _rows(w_ptr, _first_indices(where, j, count, k0, DENSE, RANKED), j, count, n0, N, stride_w, BLOCK_N, EVEN_N,
-               WEIGHTS)
+               WEIGHTS, False)
     wc, wd = wa, wb
     if DEPTH >= 3:
         j = 2 * BLOCK_K + offs_j
         wc = _rows(w_ptr, _first_indices(where, j, count, k0, DENSE, RANKED), j, count, n0, N, stride_w, BLOCK_N,
-                   EVEN_N, WEIGHTS)
+                   EVEN_N, WEIGHTS, False)
     if DEPTH == 4:
         j = 3 * BLOCK_K + offs_j
         wd = _rows(w_ptr, _first_indices(where, j, count, k0, DENSE, RANKED), j, count, n0, N, stride_w, BLOCK_N,
-                   EVEN_N, WEIGHTS)
+                   EVEN_N, WEIGHTS, False)
     return wa, wb, wc, wd
 
 
@@ -407,12 +411,12 @@ def _first_indices(where, j, count, k0, DENSE: tl.constexpr, RANKED: tl.constexp
 @triton.jit
 def _turn(acc, w, xm, kk, j, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, n0, N, stride_w,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr, DEPTH: tl.constexpr,
-          EVEN_N: tl.constexpr, DOT: tl.constexpr, WEIGHTS: tl.constexpr, DENSE: tl.constexpr,
+          EVEN_N: tl.constexpr, DOT: tl.constexpr, WEIGHTS: tl.constexpr, DENSE: tl.constexpr, HOLES: tl.constexpr,
           INTERPRET: tl.constexpr):
     """A buffer's turn: sum its step into acc, then refill it with the rows of positions j (their
     indices kk were loaded a round earlier) and load the indices of the positions DEPTH steps on."""
     acc = _accumulate(acc, xm, w, DOT, WEIGHTS, INTERPRET)
-    w = _rows(w_ptr, kk, j, count, n0, N, stride_w, BLOCK_N, EVEN_N, WEIGHTS)
+    w = _rows(w_ptr, kk, j, count, n0, N, stride_w, BLOCK_N, EVEN_N, WEIGHTS, HOLES)
     xm = _inputs(xs_base, j, count, offs_b, b_ok, K_CHUNK, DOT)
     return acc, w, xm, _indices(idx_base, j + DEPTH * BLOCK_K, count, k0, DENSE)
 
@@ -429,12 +433,15 @@ def _indices(idx_base, j, count, k0, DENSE: tl.constexpr):
 
 @triton.jit
 def _rows(w_ptr, kk, j, count, n0, N, stride_w, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-          WEIGHTS: tl.constexpr):
+          WEIGHTS: tl.constexpr, HOLES: tl.constexpr):
     """Rows kk of W^T over the tile's BLOCK_N columns, as stored (BLOCK_K, BLOCK_N); positions j past
-    count and holes read nothing. int4: BLOCK_N / 2 bytes a row, unpacked in registers (low nibble first).
+    count, and holes (kk -1, HOLES: a sparse chunk over several groups), read nothing. int4: BLOCK_N
+    / 2 bytes a row, unpacked in registers (low nibble first).
     Words (w_ptr int32: int8 or int4 rows whose bytes the launcher viewed four to an int32): the
     (BLOCK_K, BLOCK_N / 4 or / 8) words as loaded; _accumulate unpacks them."""
-    ok = (j < count) & (kk >= 0)  # (kk -1: a hole in a chunk over several groups)
+    ok = j < count
+    if HOLES:
+        ok = ok & (kk >= 0)
     if w_ptr.dtype.element_ty == tl.int32:  # int8 or int4 rows read as 32-bit words, unpacked by _accumulate
         per_word: tl.constexpr = 8 if WEIGHTS == "int4" else 4  # columns a word holds
         offs = n0 // per_word + tl.arange(0, BLOCK_N // per_word)
