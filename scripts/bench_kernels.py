@@ -458,8 +458,7 @@ DENSE_GAIN = 0.95  # a quantized shape's dense kernel takes its own config where
 def tune(shapes, batches, workers, levels=(0.0, 0.5, 0.9), narrow=True, tabled=None, weights="float", group=128):
     """The best config of each shape and batch (weights: the format of W^T), by the geometric mean over
     levels of time / best time at that level; level None is the dense kernel (dense decode), which
-    also gets the config fastest there where that beats the chosen one by 5% (int4: chunks over
-    several groups, which sparse launches cannot take)."""
+    also gets the config fastest there where that beats the chosen one by 5%."""
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     plan = {(name, B): candidate_configs(op, K, N, B, n_sm, narrow, weights, group) for name, op, K, N, splits in shapes
             for B in batches}

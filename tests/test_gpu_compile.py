@@ -272,10 +272,10 @@ def test_streaming_loop_keeps_its_loads_in_flight(case, dense):
     for c in LLAMA3_8B[2:] for d in (False, True) for w in ("int8", "int4")])
 def test_quantized_streaming_loop_keeps_its_loads_in_flight(case, dense, weights):
     """The MLP's wide tiles with int8 and int4 rows (int4: groups of 128 rows), read as int32 words:
-    the same loop, its loads of stored rows as wide and as many steps ahead as with bf16 rows. A dense
-    int4 chunk over several groups (down's here) scales each group as it ends, once in GROUP rows:
-    the group's scales reach the tile's layout through shared memory, so that branch of the loop
-    holds CTA barriers (docs/kernels.md); the loads still stay in flight."""
+    the same loop, its loads of stored rows as wide and as many steps ahead as with bf16 rows. An
+    int4 chunk over several groups (chunk_plan; the tuned configs' GROUPS) scales each group as it
+    ends: the group's scales reach the tile's layout through shared memory, so that branch of the
+    loop holds CTA barriers (docs/kernels.md); the loads still stay in flight."""
     op, K, N, splits, fused = case
     stalls = loop_stalls(tk, op, K, N, splits, dict(fused, dense=dense, weights=weights))
     assert stalls["weight_loads"] == stalls["expected_loads"] > 0, stalls
