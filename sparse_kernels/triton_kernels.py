@@ -59,6 +59,11 @@ except ImportError:  # older Triton: pdl_enabled is False, so the kernels never 
     gdc_launch_dependents = gdc_wait = None
 
 
+# Inputs times this (an exact power of two) meet int4 values read as fp32 subnormals (_unpacked): the
+# products x * q * 2^(4 (c % 4) - 85) are normal, so exact, for 2^-41 <= |x| * q * 2^(4 (c % 4)) and |x| < 2^64.
+SUBNORMAL_LIFT = tl.constexpr(2.0 ** 64)
+
+
 @triton.jit
 def _program(SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr):
     """This program's tile: (pid_n, pid_k, first column n0, first row k0 of its K chunk, its index among
@@ -312,7 +317,8 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, of
         total = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         xsum = tl.zeros((BLOCK_K,), dtype=tl.float32)
         g = first_group
-        scale, zero = _group_scales(scale_ptr, zero_ptr, g, count > 0, n0 + tl.arange(0, BLOCK_N), N, WEIGHTS, WORDS)
+        scale, zero = _group_scales(scale_ptr, zero_ptr, g, count > 0, n0 + tl.arange(0, BLOCK_N), N, WEIGHTS, WORDS,
+                                    DOT)
         g_next = _group_at(idx_base, DEPTH * BLOCK_K, count, k0, GROUP, DENSE)  # the group of round 1's rows
     for r in range(0, _round_count(count, BLOCK_K, K_CHUNK, DEPTH, INTERPRET)):
         j = (r + 1) * DEPTH * BLOCK_K + offs_j  # the rows buffer a is refilled with
@@ -344,7 +350,7 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, of
                 xsum = tl.zeros((BLOCK_K,), dtype=tl.float32)
                 g = g_next
                 scale, zero = _group_scales(scale_ptr, zero_ptr, g, g >= 0, n0 + tl.arange(0, BLOCK_N), N, WEIGHTS,
-                                            WORDS)
+                                            WORDS, DOT)
             g_next = g_after
     if GROUPS > 1:  # (the last group was scaled in the loop where the loop reaches count, else here)
         acc = total + acc * scale[None, :] + xsum[:, None] * zero[None, :]
@@ -481,7 +487,9 @@ def _accumulate(acc, xm, w, DOT: tl.constexpr, WEIGHTS: tl.constexpr, INTERPRET:
     Integer weights are exact in the activations' dtype (|q| <= 127, or 15 * 2^12 from words), so
     tl.dot takes them in it."""
     if w.dtype == tl.int32:
-        w = _unpacked(w, WEIGHTS, INTERPRET)
+        w = _unpacked(w, WEIGHTS, DOT, INTERPRET)
+        if WEIGHTS == "int4" and not DOT:  # subnormal nibbles: the inputs raised to keep the products normal
+            xm = xm.to(tl.float32) * SUBNORMAL_LIFT
     if DOT and INTERPRET:
         acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
     elif DOT:
@@ -492,13 +500,18 @@ def _accumulate(acc, xm, w, DOT: tl.constexpr, WEIGHTS: tl.constexpr, INTERPRET:
 
 
 @triton.jit
-def _unpacked(words, WEIGHTS: tl.constexpr, INTERPRET: tl.constexpr):
+def _unpacked(words, WEIGHTS: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.constexpr):
     """Words of stored rows (R, C) as fp32 values (R, 4 C) for int8, (R, 8 C) for int4, each value
-    times a power of two: 2^(8 (c % 2)) for int8 column c, 2^(4 (c % 4)) for int4 (_word_factors
-    undoes it, exactly, on the program's sum). A value is masked where it lies in its word and ORed
-    under the bits of 2^23 (see _as_float; the XOR also adds 128 to an int8): one integer op, where
-    shifting it down first takes two.
-    Values in the upper half word are taken from the word shifted down 16 bits, once for all four."""
+    times a power of two (its place in the word), which _word_factors undoes, exactly, on the
+    program's sum. Values in the upper half word are taken from the word shifted down 16 bits, once
+    for all four.
+    int8, and int4 for tl.dot (whose operands are bf16): a value is masked where it lies and ORed
+    under the bits of 2^23 (see _as_float; the XOR also adds 128 to an int8), one integer op, then
+    one fp32 subtract leaves q * 2^(8 (c % 2)) or q * 2^(4 (c % 4)) for column c.
+    int4 for FMAs: a nibble masked where it lies, one AND and no subtract, is the fp32 q * 2^(p - 149)
+    for a nibble at bit p <= 20 (bits below 2^24 spell b * 2^-149: subnormals and the first binade);
+    the top two are masked from the word shifted down, p = 8, 12. _accumulate multiplies the inputs
+    by SUBNORMAL_LIFT, so that every product is a normal number, as exact as q * x."""
     hi = words >> 16
     if WEIGHTS == "int8":  # bytes: q + 128 (XOR 0x80) under 2^23, minus 2^23 + 128 * 2^(8 (c % 2))
         b0 = _magic(_masked_xor(words, 0xFF, 0x4B000080, INTERPRET)) - 8388736.0
@@ -506,15 +519,19 @@ def _unpacked(words, WEIGHTS: tl.constexpr, INTERPRET: tl.constexpr):
         b2 = _magic(_masked_xor(hi, 0xFF, 0x4B000080, INTERPRET)) - 8388736.0
         b3 = _magic(_masked_xor(hi, 0xFF00, 0x4B008000, INTERPRET)) - 8421376.0
         values = tl.interleave(tl.interleave(b0, b2), tl.interleave(b1, b3))
-    else:  # nibbles, low first: 2^23 + q * 2^(4 (c % 4)), minus 2^23
-        n0 = _magic(_masked_xor(words, 0xF, 0x4B000000, INTERPRET)) - 8388608.0
-        n1 = _magic(_masked_xor(words, 0xF0, 0x4B000000, INTERPRET)) - 8388608.0
-        n2 = _magic(_masked_xor(words, 0xF00, 0x4B000000, INTERPRET)) - 8388608.0
-        n3 = _magic(_masked_xor(words, 0xF000, 0x4B000000, INTERPRET)) - 8388608.0
-        n4 = _magic(_masked_xor(hi, 0xF, 0x4B000000, INTERPRET)) - 8388608.0
-        n5 = _magic(_masked_xor(hi, 0xF0, 0x4B000000, INTERPRET)) - 8388608.0
-        n6 = _magic(_masked_xor(hi, 0xF00, 0x4B000000, INTERPRET)) - 8388608.0
-        n7 = _magic(_masked_xor(hi, 0xF000, 0x4B000000, INTERPRET)) - 8388608.0
+    else:  # nibbles, low first
+        if DOT:  # 2^23 + q * 2^(4 (c % 4)), minus 2^23
+            n0 = _magic(_masked_xor(words, 0xF, 0x4B000000, INTERPRET)) - 8388608.0
+            n1 = _magic(_masked_xor(words, 0xF0, 0x4B000000, INTERPRET)) - 8388608.0
+            n2 = _magic(_masked_xor(words, 0xF00, 0x4B000000, INTERPRET)) - 8388608.0
+            n3 = _magic(_masked_xor(words, 0xF000, 0x4B000000, INTERPRET)) - 8388608.0
+            n4 = _magic(_masked_xor(hi, 0xF, 0x4B000000, INTERPRET)) - 8388608.0
+            n5 = _magic(_masked_xor(hi, 0xF0, 0x4B000000, INTERPRET)) - 8388608.0
+            n6 = _magic(_masked_xor(hi, 0xF00, 0x4B000000, INTERPRET)) - 8388608.0
+            n7 = _magic(_masked_xor(hi, 0xF000, 0x4B000000, INTERPRET)) - 8388608.0
+        else:  # bits below 2^24 spell b * 2^-149 (subnormals and the first binade): nibbles 0-5 in place, 6-7 from hi
+            n0, n1, n2, n3 = _magic(words & 0xF), _magic(words & 0xF0), _magic(words & 0xF00), _magic(words & 0xF000)
+            n4, n5, n6, n7 = _magic(words & 0xF0000), _magic(words & 0xF00000), _magic(hi & 0xF00), _magic(hi & 0xF000)
         values = tl.interleave(tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6)),
                                tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7)))
     return values
@@ -539,12 +556,17 @@ def _magic(bits):
 
 
 @triton.jit
-def _word_factors(offs_n, WEIGHTS: tl.constexpr):
-    """Per column, the power of two that undoes _unpacked's: 2^-(8 (c % 2)) or 2^-(4 (c % 4)), made from its bits."""
+def _word_factors(offs_n, WEIGHTS: tl.constexpr, DOT: tl.constexpr):
+    """Per column, the power of two that undoes _unpacked's, made from its bits: 2^-(8 (c % 2)) for
+    int8, 2^-(4 (c % 4)) for int4 read for tl.dot, and for int4 at bit p of its word times lifted
+    inputs 2^(149 - p) / SUBNORMAL_LIFT = 2^(85 - p), p = 4 (c % 8) below 24, else 4 (c % 8) - 16."""
     if WEIGHTS == "int8":
         exponent = 127 - 8 * (offs_n % 2)
-    else:
+    elif DOT:
         exponent = 127 - 4 * (offs_n % 4)
+    else:
+        place = offs_n % 8
+        exponent = 127 + 85 - 4 * tl.where(place < 6, place, place - 4)
     return _magic(exponent << 23)
 
 
@@ -578,7 +600,7 @@ def _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, s
     n_ok = offs_n < N
     if WEIGHTS != "float" and GROUPS == 1:  # (GROUPS > 1: scaled group by group in the stream)
         acc = _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N, K_CHUNK,
-                           WEIGHTS, GROUP, WORDS)
+                           DOT, WEIGHTS, GROUP, WORDS)
     out_ok = b_ok[:, None] & n_ok[None, :]
     y_ptrs = y_ptr + offs_b[:, None] * stride_y + offs_n[None, :]
     r_ptrs = res_ptr + offs_b[:, None] * stride_r + offs_n[None, :]
@@ -606,7 +628,7 @@ def _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, s
 
 @triton.jit
 def _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N, K_CHUNK: tl.constexpr,
-                 WEIGHTS: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr):
+                 DOT: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr):
     """The program's sum of x * q (B_PAD, BLOCK_N) turned into the sum of x * w: int8 times the column
     scales; int4 (the chunk lies inside group k0 // GROUP) times the group's scales, plus its offsets
     times the sum of the chunk's kept inputs. A chunk with no kept row reads no scale."""
@@ -614,9 +636,9 @@ def _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, off
     if WEIGHTS == "int8":
         scale = tl.load(scale_ptr + offs_n, mask=ok, other=0.0).to(tl.float32)
         if WORDS:  # the sum of values scaled by powers of two (_unpacked): the scales undo them, exactly
-            scale *= _word_factors(offs_n, WEIGHTS)
+            scale *= _word_factors(offs_n, WEIGHTS, DOT)
         return acc * scale[None, :]
-    scale, zero = _group_scales(scale_ptr, zero_ptr, k0 // GROUP, count > 0, offs_n, N, WEIGHTS, WORDS)
+    scale, zero = _group_scales(scale_ptr, zero_ptr, k0 // GROUP, count > 0, offs_n, N, WEIGHTS, WORDS, DOT)
     offs = tl.arange(0, K_CHUNK)
     kept = tl.load(xs_base + offs_b[:, None] * K_CHUNK + offs[None, :], mask=b_ok[:, None] & (offs < count)[None, :],
                    other=0.0, cache_modifier=".cg").to(tl.float32)  # (B_PAD, K_CHUNK): 0 where a row is dropped
@@ -624,13 +646,14 @@ def _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, off
 
 
 @triton.jit
-def _group_scales(scale_ptr, zero_ptr, g, ok, offs_n, N, WEIGHTS: tl.constexpr, WORDS: tl.constexpr):
+def _group_scales(scale_ptr, zero_ptr, g, ok, offs_n, N, WEIGHTS: tl.constexpr, WORDS: tl.constexpr,
+                  DOT: tl.constexpr):
     """int4 group g's scales (times _word_factors' powers of two where rows are read as words) and
     offsets over columns offs_n, fp32; 0 where not ok."""
     mask = (offs_n < N) & ok
     scale = tl.load(scale_ptr + g * N + offs_n, mask=mask, other=0.0).to(tl.float32)
     if WORDS:
-        scale *= _word_factors(offs_n, WEIGHTS)
+        scale *= _word_factors(offs_n, WEIGHTS, DOT)
     return scale, tl.load(zero_ptr + g * N + offs_n, mask=mask, other=0.0).to(tl.float32)
 
 

@@ -101,14 +101,16 @@ def stored_values_as_float() -> dict:
         out = torch.full((len(values),), float("nan"))
         _convert_kernel[(1,)](values, out, N=len(values))
         mismatches[name] = int((out != values.float()).sum())
-    # rows read as int32 words: every value at every place in a word, times _word_factors' powers of two
+    # rows read as int32 words: every value at every place in a word, as tl.dot takes it and as the FMAs do
+    # (int4: subnormals times lifted inputs), times _word_factors' powers of two
     for name, values, per_word in (("int8 words", torch.arange(-128, 128), 4), ("int4 words", torch.arange(16), 8)):
         columns = torch.cat([values.roll(c) for c in range(per_word)])  # (per_word * len(values),)
         stored = columns.to(torch.int8) if name == "int8 words" else (columns[0::2] | columns[1::2] << 4).to(torch.uint8)
-        out = torch.full((len(columns),), float("nan"))
-        _unpack_kernel[(1,)](stored.view(torch.int32), out, WORDS=len(columns) // per_word, PER_WORD=per_word,
-                             WEIGHTS=name.split()[0])
-        mismatches[name] = int((out != columns.float()).sum())
+        for dot in (False, True):
+            out = torch.full((len(columns),), float("nan"))
+            _unpack_kernel[(1,)](stored.view(torch.int32), out, WORDS=len(columns) // per_word, PER_WORD=per_word,
+                                 WEIGHTS=name.split()[0], DOT=dot)
+            mismatches[name + (" dot" if dot else "")] = int((out != columns.float()).sum())
     return mismatches
 
 
@@ -116,7 +118,7 @@ try:  # a kernel of one helper; Triton present (the child runs it under the inte
     import triton
     import triton.language as tl
 
-    from sparse_kernels.triton_kernels import _as_float, _unpacked, _word_factors
+    from sparse_kernels.triton_kernels import _accumulate, _as_float, _unpacked, _word_factors
 
     @triton.jit
     def _convert_kernel(w_ptr, out_ptr, N: tl.constexpr):
@@ -124,10 +126,16 @@ try:  # a kernel of one helper; Triton present (the child runs it under the inte
         tl.store(out_ptr + offs, _as_float(tl.load(w_ptr + offs)))
 
     @triton.jit
-    def _unpack_kernel(words_ptr, out_ptr, WORDS: tl.constexpr, PER_WORD: tl.constexpr, WEIGHTS: tl.constexpr):
-        values = _unpacked(tl.load(words_ptr + tl.arange(0, WORDS))[None, :], WEIGHTS, True)  # (1, WORDS * PER_WORD)
+    def _unpack_kernel(words_ptr, out_ptr, WORDS: tl.constexpr, PER_WORD: tl.constexpr, WEIGHTS: tl.constexpr,
+                       DOT: tl.constexpr):
+        words = tl.load(words_ptr + tl.arange(0, WORDS))[None, :]  # (1, WORDS)
         columns = tl.arange(0, WORDS * PER_WORD)
-        tl.store(out_ptr + columns[None, :], values * _word_factors(columns, WEIGHTS)[None, :])
+        if DOT:
+            values = _unpacked(words, WEIGHTS, True, True)  # (1, WORDS * PER_WORD)
+        else:  # one FMA step with inputs of 1, as the B == 1 stream takes it
+            ones = tl.full((1,), 1.0, tl.float32)
+            values = _accumulate(tl.zeros((1, WORDS * PER_WORD), tl.float32), ones, words, False, WEIGHTS, True)
+        tl.store(out_ptr + columns[None, :], values * _word_factors(columns, WEIGHTS, DOT)[None, :])
 except ImportError:
     _convert_kernel = _unpack_kernel = None
 
@@ -278,7 +286,8 @@ def test_stored_integers_convert_exactly(interpreted):
     """Every int8 value and every int4 nibble comes out of the kernels' integer-arithmetic conversion
     as torch's conversion gives it (a wrong magic constant shifts every value), from bytes and, at
     every place in a word, from int32 words (their powers of two undone by _word_factors)."""
-    assert interpreted["as_float"] == {"int8": 0, "int4": 0, "int8 words": 0, "int4 words": 0}
+    assert interpreted["as_float"] == {"int8": 0, "int4": 0, "int8 words": 0, "int8 words dot": 0, "int4 words": 0,
+                                       "int4 words dot": 0}
 
 
 def test_kernel_comparison_can_fail(interpreted):
