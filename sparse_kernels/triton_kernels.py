@@ -109,10 +109,12 @@ def sparse_matvec_kernel(
     # where the kept rows go in the scratch, and the row each place holds (-1: a hole, nothing read)
     place, placed, row = pos, need > 0, offs_c
     first_group, first_count = 0, count  # the first group with a kept row; its kept rows
+    group_sums = 0.0
     if GROUPS > 1:  # int4 over several groups: each group's kept rows start a round of the stream
         place, placed, count, first, first_count = _group_places(need, K_CHUNK, GROUP, GROUPS, DEPTH * BLOCK_K)
         row = tl.where(need > 0, offs_c, -1)
         first_group = k0 // GROUP + first
+        group_sums = _group_sums(tl.where(keep, x_chunk, 0.0), GROUP, GROUPS)
 
     # 2. Compact the kept rows, then stream only those. The first round lies in the first group with rows.
     if RANKED:  # the first rows' indices from pos in registers: requested before the scratch round trip
@@ -123,9 +125,9 @@ def sparse_matvec_kernel(
     if not RANKED:
         wa, wb, wc, wd = _first_rows(w_ptr, idx_base, first_count, k0, offs_j, n0, N, stride_w, BLOCK_N, BLOCK_K,
                                      DEPTH, EVEN_N, WEIGHTS, False, RANKED)
-    acc = _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, offs_j, n0, N, stride_w, B,
-                  scale_ptr, zero_ptr, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS, GROUP, GROUPS,
-                  WORDS, False, INTERPRET)
+    acc = _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, group_sums, offs_j, n0, N,
+                  stride_w, B, scale_ptr, zero_ptr, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS,
+                  GROUP, GROUPS, WORDS, False, INTERPRET)
     if TRIGGER:  # rows streamed: the next kernel, if launched with PDL, may launch during the split-K reduction
         gdc_launch_dependents()
 
@@ -166,12 +168,13 @@ def dense_matvec_kernel(
     tl.debug_barrier()  # the whole CTA's inputs are visible before they are read back
 
     # 2. Stream every row.
-    first_group = 0
+    first_group, group_sums = 0, 0.0
     if GROUPS > 1:
         first_group = k0 // GROUP
-    acc = _stream(wa, wb, wc, wd, w_ptr, xs_base, xs_base, count, k0, first_group, offs_j, n0, N, stride_w, B,
-                  scale_ptr, zero_ptr, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS, GROUP, GROUPS,
-                  WORDS, True, INTERPRET)
+        group_sums = _group_sums(x_chunk, GROUP, GROUPS)
+    acc = _stream(wa, wb, wc, wd, w_ptr, xs_base, xs_base, count, k0, first_group, group_sums, offs_j, n0, N,
+                  stride_w, B, scale_ptr, zero_ptr, B_PAD, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, DOT, EVEN_N, WEIGHTS,
+                  GROUP, GROUPS, WORDS, True, INTERPRET)
     if TRIGGER:
         gdc_launch_dependents()
 
@@ -274,8 +277,8 @@ def _group_places(need, K_CHUNK: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.c
 # ---------------------------------------------------------------------------- phase 2: the stream
 
 @triton.jit
-def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, offs_j, n0, N, stride_w, B, scale_ptr,
-            zero_ptr,
+def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, group_sums, offs_j, n0, N, stride_w, B,
+            scale_ptr, zero_ptr,
             B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
             DEPTH: tl.constexpr, DOT: tl.constexpr, EVEN_N: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr,
             GROUPS: tl.constexpr, WORDS: tl.constexpr, DENSE: tl.constexpr, INTERPRET: tl.constexpr):
@@ -290,10 +293,11 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, of
     paid every step).
 
     GROUPS > 1 (int4, B == 1: the chunk spans GROUPS groups of GROUP rows; no round holds rows of two
-    groups, see _group_places): acc holds the current group's products and xsum its inputs. When the
-    next round's rows are another group's (its first row's index, loaded a round ahead), the group's
-    scales and offsets turn acc and xsum into its share of x @ W^T, added to total elementwise (no
-    reduction in the loop), and the next group's scales are requested, used a group later."""
+    groups, see _group_places): acc holds the current group's products. When the next round's rows
+    are another group's (its first row's index, loaded a round ahead), acc times the group's scales
+    is added to total elementwise (no reduction in the loop), and the next group's scales are
+    requested, used a group later. The offsets' share, each group's kept inputs (group_sums, from
+    phase 1) times its offsets, is computed before the loop and starts total."""
     HOLES: tl.constexpr = GROUPS > 1 and not DENSE  # places in the sparse scratch that hold no row
     offs_b = tl.arange(0, B_PAD)
     b_ok = offs_b < B
@@ -314,20 +318,14 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, of
         xd = _inputs(xs_base, 3 * BLOCK_K + offs_j, count, offs_b, b_ok, K_CHUNK, DOT)
         kd = _indices(idx_base, (DEPTH + 3) * BLOCK_K + offs_j, count, k0, DENSE)
     if GROUPS > 1:
-        total = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        xsum = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        offsets = _offset_terms(zero_ptr, group_sums, k0 // GROUP, n0 + tl.arange(0, BLOCK_N), N, GROUPS)
+        total = tl.where(offs_j[:, None] == 0, offsets[None, :], 0.0)  # (BLOCK_K, BLOCK_N): in its first row
         g = first_group
-        scale, zero = _group_scales(scale_ptr, zero_ptr, g, count > 0, n0 + tl.arange(0, BLOCK_N), N, WEIGHTS, WORDS,
-                                    DOT)
+        scale = _group_scales(scale_ptr, g, count > 0, n0 + tl.arange(0, BLOCK_N), N, WEIGHTS, WORDS, DOT)
         g_next = _group_at(idx_base, DEPTH * BLOCK_K, count, k0, GROUP, DENSE)  # the group of round 1's rows
     for r in range(0, _round_count(count, BLOCK_K, K_CHUNK, DEPTH, INTERPRET)):
         j = (r + 1) * DEPTH * BLOCK_K + offs_j  # the rows buffer a is refilled with
-        if GROUPS > 1:  # the inputs of this round's steps (0 past count and in holes)
-            xsum += xa.to(tl.float32) + xb.to(tl.float32)
-            if DEPTH >= 3:
-                xsum += xc.to(tl.float32)
-            if DEPTH == 4:
-                xsum += xd.to(tl.float32)
+        if GROUPS > 1:
             g_after = _group_at(idx_base, (r + 2) * DEPTH * BLOCK_K, count, k0, GROUP, DENSE)  # used a round on
         acc, wa, xa, ka = _turn(acc, wa, xa, ka, j, w_ptr, idx_base, xs_base, count, k0, offs_b, b_ok, n0, N,
                                 stride_w, BLOCK_N, BLOCK_K, K_CHUNK, DEPTH, EVEN_N, DOT, WEIGHTS, DENSE, HOLES,
@@ -345,15 +343,13 @@ def _stream(wa, wb, wc, wd, w_ptr, idx_base, xs_base, count, k0, first_group, of
                                     DENSE, HOLES, INTERPRET)
         if GROUPS > 1:
             if g_next != g:  # the group ends (-1: the stream does): scale it into total, request the next's scales
-                total += acc * scale[None, :] + xsum[:, None] * zero[None, :]
+                total += acc * scale[None, :]
                 acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-                xsum = tl.zeros((BLOCK_K,), dtype=tl.float32)
                 g = g_next
-                scale, zero = _group_scales(scale_ptr, zero_ptr, g, g >= 0, n0 + tl.arange(0, BLOCK_N), N, WEIGHTS,
-                                            WORDS, DOT)
+                scale = _group_scales(scale_ptr, g, g >= 0, n0 + tl.arange(0, BLOCK_N), N, WEIGHTS, WORDS, DOT)
             g_next = g_after
     if GROUPS > 1:  # (the last group was scaled in the loop where the loop reaches count, else here)
-        acc = total + acc * scale[None, :] + xsum[:, None] * zero[None, :]
+        acc = total + acc * scale[None, :]
     if not DOT:
         acc = tl.sum(acc, axis=0)[None, :]  # (1, BLOCK_N)
     return acc
@@ -530,11 +526,24 @@ def _unpacked(words, WEIGHTS: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.con
             n6 = _magic(_masked_xor(hi, 0xF00, 0x4B000000, INTERPRET)) - 8388608.0
             n7 = _magic(_masked_xor(hi, 0xF000, 0x4B000000, INTERPRET)) - 8388608.0
         else:  # bits below 2^24 spell b * 2^-149 (subnormals and the first binade): nibbles 0-5 in place, 6-7 from hi
-            n0, n1, n2, n3 = _magic(words & 0xF), _magic(words & 0xF0), _magic(words & 0xF00), _magic(words & 0xF000)
-            n4, n5, n6, n7 = _magic(words & 0xF0000), _magic(words & 0xF00000), _magic(hi & 0xF00), _magic(hi & 0xF000)
+            n0, n1 = _magic(_masked(words, 0xF, INTERPRET)), _magic(_masked(words, 0xF0, INTERPRET))
+            n2, n3 = _magic(_masked(words, 0xF00, INTERPRET)), _magic(_masked(words, 0xF000, INTERPRET))
+            n4, n5 = _magic(_masked(words, 0xF0000, INTERPRET)), _magic(_masked(words, 0xF00000, INTERPRET))
+            n6, n7 = _magic(_masked(hi, 0xF00, INTERPRET)), _magic(_masked(hi, 0xF000, INTERPRET))
         values = tl.interleave(tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6)),
                                tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7)))
     return values
+
+
+@triton.jit
+def _masked(v, mask: tl.constexpr, INTERPRET: tl.constexpr):
+    """v & mask as inline PTX, which the compiler does not move: as plain IR, the ANDs of the sparse int4
+    stream are placed so that ptxas copies rows still in flight at the loop's end."""
+    if INTERPRET:
+        out = v & mask
+    else:
+        out = tl.inline_asm_elementwise(f"and.b32 $0, $1, {mask};", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+    return out
 
 
 @triton.jit
@@ -638,7 +647,8 @@ def _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, off
         if WORDS:  # the sum of values scaled by powers of two (_unpacked): the scales undo them, exactly
             scale *= _word_factors(offs_n, WEIGHTS, DOT)
         return acc * scale[None, :]
-    scale, zero = _group_scales(scale_ptr, zero_ptr, k0 // GROUP, count > 0, offs_n, N, WEIGHTS, WORDS, DOT)
+    scale = _group_scales(scale_ptr, k0 // GROUP, count > 0, offs_n, N, WEIGHTS, WORDS, DOT)
+    zero = tl.load(zero_ptr + (k0 // GROUP) * N + offs_n, mask=ok, other=0.0).to(tl.float32)
     offs = tl.arange(0, K_CHUNK)
     kept = tl.load(xs_base + offs_b[:, None] * K_CHUNK + offs[None, :], mask=b_ok[:, None] & (offs < count)[None, :],
                    other=0.0, cache_modifier=".cg").to(tl.float32)  # (B_PAD, K_CHUNK): 0 where a row is dropped
@@ -646,15 +656,30 @@ def _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, off
 
 
 @triton.jit
-def _group_scales(scale_ptr, zero_ptr, g, ok, offs_n, N, WEIGHTS: tl.constexpr, WORDS: tl.constexpr,
-                  DOT: tl.constexpr):
-    """int4 group g's scales (times _word_factors' powers of two where rows are read as words) and
-    offsets over columns offs_n, fp32; 0 where not ok."""
-    mask = (offs_n < N) & ok
-    scale = tl.load(scale_ptr + g * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+def _group_scales(scale_ptr, g, ok, offs_n, N, WEIGHTS: tl.constexpr, WORDS: tl.constexpr, DOT: tl.constexpr):
+    """int4 group g's scales over columns offs_n (times _word_factors' powers of two where rows are
+    read as words), fp32; 0 where not ok."""
+    scale = tl.load(scale_ptr + g * N + offs_n, mask=(offs_n < N) & ok, other=0.0).to(tl.float32)
     if WORDS:
         scale *= _word_factors(offs_n, WEIGHTS, DOT)
-    return scale, tl.load(zero_ptr + g * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    return scale
+
+
+@triton.jit
+def _group_sums(kept, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    """A B == 1 chunk's kept inputs (1, GROUPS * GROUP), 0 where dropped, summed by group: (GROUPS,) fp32."""
+    return tl.sum(tl.reshape(kept.to(tl.float32), (GROUPS, GROUP)), axis=1)
+
+
+@triton.jit
+def _offset_terms(zero_ptr, group_sums, g0, offs_n, N, GROUPS: tl.constexpr):
+    """The offsets' share of x @ W^T over a chunk of GROUPS groups from group g0: the sum over its
+    groups of their kept inputs times their offsets, (BLOCK_N,) fp32. A group with no kept input
+    reads no offset."""
+    g = g0 + tl.arange(0, GROUPS)
+    ok = (group_sums != 0.0)[:, None] & (offs_n < N)[None, :]
+    zero = tl.load(zero_ptr + g[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+    return tl.sum(group_sums[:, None] * zero, axis=0)
 
 
 @triton.jit
