@@ -60,7 +60,8 @@ except ImportError:  # older Triton: pdl_enabled is False, so the kernels never 
 
 
 # Inputs times this (an exact power of two) meet int4 values read as fp32 subnormals (_unpacked): the
-# products x * q * 2^(4 (c % 4) - 85) are normal, so exact, for 2^-41 <= |x| * q * 2^(4 (c % 4)) and |x| < 2^64.
+# products x * q * 2^(p - 85) (p: the nibble's bit in its word) are normal, so exact, for
+# 2^-41 <= |x| * q * 2^p and |x| < 2^64.
 SUBNORMAL_LIFT = tl.constexpr(2.0 ** 64)
 
 
