@@ -527,24 +527,16 @@ def _unpacked(words, WEIGHTS: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.con
             n6 = _magic(_masked_xor(hi, 0xF00, 0x4B000000, INTERPRET)) - 8388608.0
             n7 = _magic(_masked_xor(hi, 0xF000, 0x4B000000, INTERPRET)) - 8388608.0
         else:  # bits below 2^24 spell b * 2^-149 (subnormals and the first binade): nibbles 0-5 in place, 6-7 from hi
-            n0, n1 = _magic(_masked(words, 0xF, INTERPRET)), _magic(_masked(words, 0xF0, INTERPRET))
-            n2, n3 = _magic(_masked(words, 0xF00, INTERPRET)), _magic(_masked(words, 0xF000, INTERPRET))
-            n4, n5 = _magic(_masked(words, 0xF0000, INTERPRET)), _magic(_masked(words, 0xF00000, INTERPRET))
-            n6, n7 = _magic(_masked(hi, 0xF00, INTERPRET)), _magic(_masked(hi, 0xF000, INTERPRET))
+            # (the AND as lop3 with nothing to XOR: as plain IR the ANDs were placed so that ptxas copied
+            # rows still in flight at the end of the sparse loop over several groups)
+            n0, n1 = _magic(_masked_xor(words, 0xF, 0, INTERPRET)), _magic(_masked_xor(words, 0xF0, 0, INTERPRET))
+            n2, n3 = _magic(_masked_xor(words, 0xF00, 0, INTERPRET)), _magic(_masked_xor(words, 0xF000, 0, INTERPRET))
+            n4 = _magic(_masked_xor(words, 0xF0000, 0, INTERPRET))
+            n5 = _magic(_masked_xor(words, 0xF00000, 0, INTERPRET))
+            n6, n7 = _magic(_masked_xor(hi, 0xF00, 0, INTERPRET)), _magic(_masked_xor(hi, 0xF000, 0, INTERPRET))
         values = tl.interleave(tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6)),
                                tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7)))
     return values
-
-
-@triton.jit
-def _masked(v, mask: tl.constexpr, INTERPRET: tl.constexpr):
-    """v & mask as inline PTX, which the compiler does not move: as plain IR, the ANDs of the sparse int4
-    stream are placed so that ptxas copies rows still in flight at the loop's end."""
-    if INTERPRET:
-        out = v & mask
-    else:
-        out = tl.inline_asm_elementwise(f"and.b32 $0, $1, {mask};", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
-    return out
 
 
 @triton.jit
