@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparse_kernels import (decode_attention, decode_attention_step, dequantize, out_features, rms_norm, rope,
-                            silu_mul, sparse_linear, sparse_silu_down, weight_columns)
+from sparse_kernels import (decode_attention, decode_attention_step, dequantize, dequantize_int4, out_features,
+                            rms_norm, rope, silu_mul, sparse_linear, sparse_silu_down, weight_columns)
 from sparse_kernels.cpu import linear as cpu_linear
 from sparse_kernels.cpu import usable as cpu_kernel_usable
 
@@ -269,13 +269,18 @@ def linear_t(x: Tensor, w_t: Tensor, thresholds: Optional[Tensor], splits: list,
 
 def torch_product(x: Tensor, w_t: Tensor, quant: tuple) -> Tensor:
     """x (..., K) @ w_t in torch: float weights as they are; int8 as gpt-fast computes it, the product
-    with the weights cast to x's dtype, then the column scales; int4 dequantized first."""
+    with the weights cast to x's dtype, then the column scales; int4 dequantized to x's dtype first.
+    Traced by torch.compile, int4 is the reference's unpacking, for inductor to fuse (the compiled
+    anchor stays torch's own code); eager, torch's ops make several fp32 copies of the matrix, so on
+    CUDA one kernel reads the packed bytes and writes it (docs/kernels.md: what that saves)."""
     scale, zero = quant
     if scale is None:
         return x @ w_t
     if zero is None:
         return (x @ w_t.to(x.dtype)) * scale.to(x.dtype)
-    return x @ dequantize(w_t, scale, zero).to(x.dtype)
+    if torch.compiler.is_compiling():
+        return x @ dequantize(w_t, scale, zero).to(x.dtype)
+    return x @ dequantize_int4(w_t, scale, zero, x.dtype)
 
 
 def silu_down_t(gate_up: Tensor, w_t: Tensor, threshold: Tensor, sparse: bool, residual: Optional[Tensor] = None,

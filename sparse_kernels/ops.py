@@ -1,11 +1,12 @@
-"""torch.library ops "teal::sparse_linear", "teal::sparse_silu_down", "teal::decode_attention" and
-"teal::decode_attention_step".
+"""torch.library ops "teal::sparse_linear", "teal::sparse_silu_down", "teal::decode_attention",
+"teal::decode_attention_step" and "teal::dequantize_int4".
 
 Matvecs, CUDA with Triton and B <= 8: the Triton kernel, configured from configs.json (tuned per
 op, shape, dtype and batch by scripts/bench_kernels.py --tune); an untuned shape takes the tile
 of the nearest tuned one (derived_config), and a dtype/batch with nothing tuned a heuristic.
 Attention, CUDA with Triton, B <= 8 and an even head size <= 256: the split-S kernel of
-attention.py (the step op warns once if it has to fall back). Anything else (CPU, no Triton,
+attention.py (the step op warns once if it has to fall back). int4 weights dequantized for a
+prompt's matmul, CUDA with Triton: one kernel, exactly the reference's values. Anything else (CPU, no Triton,
 larger batches): the torch reference math. No host sync, no data-dependent allocation, no
 memset per call: workspaces and arrival counters are persistent per device and the kernels
 leave the counters at zero. On the GPU the results match the reference within rounding: the
@@ -24,8 +25,8 @@ import torch
 from torch import Tensor
 
 from . import cpu
-from .reference import (check_args, contiguous_rows, decode_attention_ref, decode_attention_step_ref, masked_linear,
-                        masked_matmul, out_features, silu_mul, split_qkv, weight_columns)
+from .reference import (check_args, contiguous_rows, decode_attention_ref, decode_attention_step_ref, dequantize,
+                        masked_linear, masked_matmul, out_features, silu_mul, split_qkv, weight_columns)
 
 MAX_B = 8  # larger batches take the reference math
 CONFIG_PATH = Path(__file__).with_name("configs.json")
@@ -172,7 +173,12 @@ def workspace(device: torch.device, n_part: int, n_count: int, n_idx: int, n_xs:
 
 def use_triton(x: Tensor) -> bool:
     """Whether the ops run their Triton kernels for input x: CUDA, bf16/fp16/fp32, at most MAX_B rows."""
-    if not x.is_cuda or x.shape[0] > MAX_B or x.dtype not in DTYPE_NAMES or os.environ.get("TEAL_NO_TRITON"):
+    return x.is_cuda and x.shape[0] <= MAX_B and x.dtype in DTYPE_NAMES and triton_available()
+
+
+def triton_available() -> bool:
+    """Triton is installed and TEAL_NO_TRITON is not set."""
+    if os.environ.get("TEAL_NO_TRITON"):
         return False
     try:
         import triton  # noqa: F401
@@ -312,6 +318,33 @@ def sparse_silu_down(gate_up: Tensor, w_t: Tensor, threshold: Optional[Tensor], 
         return cpu.sparse_linear(gate_up, w_t, None if threshold is None else threshold[:1], [N], residual=residual,
                                  silu=True, scale=scale, zero=zero)
     return _sparse_silu_down_op(gate_up, w_t, threshold, residual, scale, zero)
+
+
+@torch.library.custom_op("teal::dequantize_int4", mutates_args=())
+def _dequantize_int4_op(w_t: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype) -> Tensor:
+    w_t, scale, zero = (contiguous_rows(t) for t in (w_t, scale, zero))
+    if w_t.is_cuda and dtype in DTYPE_NAMES and triton_available():
+        from . import triton_kernels as tk
+
+        out = torch.empty(w_t.shape[0], 2 * w_t.shape[1], dtype=dtype, device=w_t.device)
+        return tk.dequantize_int4(w_t, scale, zero, out)
+    return dequantize(w_t, scale, zero).to(dtype)
+
+
+@_dequantize_int4_op.register_fake
+def _(w_t, scale, zero, dtype):
+    return w_t.new_empty(w_t.shape[0], 2 * w_t.shape[1], dtype=dtype)
+
+
+def dequantize_int4(w_t: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype) -> Tensor:
+    """The (K, N) weights int4 w_t (K, N / 2) uint8 with scale and zero (K / group, N) stand for, in dtype:
+    reference.dequantize rounded once to dtype. On CUDA one Triton kernel reads the packed bytes and writes
+    the result (a prompt's matmul takes it: torch's unpacking made several fp32 copies of the matrix)."""
+    if w_t.dtype != torch.uint8 or w_t.dim() != 2 or scale.shape != zero.shape or scale.dim() != 2 \
+            or scale.shape[1] != 2 * w_t.shape[1] or w_t.shape[0] % scale.shape[0]:
+        raise ValueError(f"dequantize_int4: expected uint8 (K, N / 2) weights with scale and zero (K / group, N); got "
+                         f"{tuple(w_t.shape)} {w_t.dtype}, {tuple(scale.shape)}, {tuple(zero.shape)}")
+    return _dequantize_int4_op(w_t, scale, zero, dtype)
 
 
 def _attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], rope=None) -> Tensor:

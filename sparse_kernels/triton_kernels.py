@@ -844,3 +844,38 @@ def workspace_sizes(B: int, K: int, N: int, cfg: dict, group: int = 0):
     split, n_tiles = triton.cdiv(K, kc), triton.cdiv(N, cfg["BLOCK_N"])
     n_idx = n_tiles * split * kc
     return (split * B * N if split > 1 else 0), n_tiles, n_idx, n_idx * next_pow2(B)
+
+
+@triton.jit
+def dequantize_int4_kernel(w_ptr, scale_ptr, zero_ptr, out_ptr, K, N, stride_w, stride_s, stride_z, stride_o,
+                           GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                           INTERPRET: tl.constexpr):
+    """out (K, N) = q * scale + zero in fp32, rounded once to out's dtype, from int4 W^T (K, N / 2): a
+    program writes a (BLOCK_K, BLOCK_N) tile. Both columns of a byte read it; the second read is a hit."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    ok = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    byte = tl.load(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :] // 2, mask=ok, other=0)
+    q = (byte.to(tl.int32) >> ((offs_n[None, :] % 2) * 4)) & 0xF  # the low nibble is the even column
+    g = offs_k[:, None] // GROUP
+    scale = tl.load(scale_ptr + g * stride_s + offs_n[None, :], mask=ok, other=0).to(tl.float32)
+    zero = tl.load(zero_ptr + g * stride_z + offs_n[None, :], mask=ok, other=0).to(tl.float32)
+    w = q.to(tl.float32) * scale + zero
+    tl.store(out_ptr + offs_k[:, None] * stride_o + offs_n[None, :],
+             _round(w, out_ptr.dtype.element_ty, INTERPRET), mask=ok)
+
+
+def dequantize_int4(w_t: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write the weights int4 w_t (K, N / 2) uint8 with scale and zero (K / group, N) stand for into out
+    (K, N) (bf16, fp16 or fp32; every tensor of unit column stride), exactly as reference.dequantize and a
+    cast round them: the multiply and the add are not fused into one FMA (enable_fp_fusion)."""
+    interp = type(dequantize_int4_kernel).__name__ == "InterpretedFunction"
+    K, N = out.shape
+    if K * max(out.stride(0), w_t.stride(0)) >= 2 ** 31:
+        raise ValueError("sparse_kernels: weights of 2^31 elements or more are not supported (int32 offsets)")
+    block_k, block_n = 16, 256
+    grid = (triton.cdiv(K, block_k), triton.cdiv(N, block_n))
+    dequantize_int4_kernel[grid](w_t, scale, zero, out, K, N, w_t.stride(0), scale.stride(0), zero.stride(0),
+                                 out.stride(0), GROUP=K // scale.shape[0], BLOCK_K=block_k, BLOCK_N=block_n,
+                                 INTERPRET=interp, **({} if interp else dict(enable_fp_fusion=False)))
+    return out

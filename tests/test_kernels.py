@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from sparse_kernels import ops, silu_mul, sparse_linear, sparse_linear_ref, sparse_silu_down, sparse_silu_down_ref
+from sparse_kernels import (dequantize, dequantize_int4, ops, silu_mul, sparse_linear, sparse_linear_ref,
+                            sparse_silu_down, sparse_silu_down_ref, weight_columns)
 from sparse_kernels.checks import EPS, TOL, kernel_input, random_quantized, reference_op  # shared with the GPU checks
 from sparse_kernels.reference import gap_threshold
 from tests.interpreted import compare, run_child
@@ -89,7 +90,29 @@ def _child():
     out["int4_wrong_group"] = compare(y, reference_op("linear", x, w, thr, [512], None, None, scale[:1].expand_as(scale),
                                                       zero[:1].expand_as(zero)), TOL[torch.float32])
     out["as_float"] = stored_values_as_float()
+    out["dequantize_int4"] = dequantized_mismatches(tk)
     print(json.dumps(out))
+
+
+# (K, N, group, dtype, columns): odd K, N not a multiple of the tile, groups of 40 rows, a column view
+DEQUANTIZE_CASES = [(200, 1004, 40, torch.bfloat16, None), (96, 512, 32, torch.float16, None),
+                    (256, 1536, 128, torch.float32, None), (192, 1536, 64, torch.bfloat16, (576, 1056))]
+
+
+def dequantized_mismatches(tk) -> dict:
+    """Entries of the int4 dequantization kernel's output (poisoned first) unequal to the reference's,
+    per case; "wrong group": the kernel against the reference with the first group's scales everywhere."""
+    out = {}
+    for i, (K, N, group, dtype, columns) in enumerate(DEQUANTIZE_CASES + [DEQUANTIZE_CASES[0]]):
+        w, scale, zero = random_quantized(K, N, "int4", group, torch.Generator().manual_seed(i), device="cpu")
+        if columns is not None:
+            w, scale, zero = weight_columns(w, scale, zero, *columns)
+        y = tk.dequantize_int4(w, scale, zero, torch.full((K, scale.shape[1]), float("nan"), dtype=dtype))
+        if i == len(DEQUANTIZE_CASES):
+            scale, zero = scale[:1].expand_as(scale), zero[:1].expand_as(zero)
+        name = "wrong group" if i == len(DEQUANTIZE_CASES) else f"{K}x{N}g{group}-{str(dtype)[6:]}"
+        out[name] = int((y != dequantize(w, scale, zero).to(dtype)).sum())
+    return out
 
 
 def stored_values_as_float() -> dict:
@@ -288,6 +311,23 @@ def test_stored_integers_convert_exactly(interpreted):
     every place in a word, from int32 words (their powers of two undone by _word_factors)."""
     assert interpreted["as_float"] == {"int8": 0, "int4": 0, "int8 words": 0, "int8 words dot": 0, "int4 words": 0,
                                        "int4 words dot": 0}
+
+
+def test_int4_dequantization_kernel_matches_reference(interpreted):
+    """The prompt's int4 weights from the Triton kernel are the reference's, value for value (NaN poison
+    left anywhere counts too); scales read from the wrong group are caught."""
+    found = interpreted["dequantize_int4"]
+    assert found.pop("wrong group") > 0
+    assert found == {f"{K}x{N}g{g}-{str(d)[6:]}": 0 for K, N, g, d, _ in DEQUANTIZE_CASES}
+
+
+def test_dequantize_int4_checks_its_arguments():
+    w, scale, zero = random_quantized(64, 256, "int4", 32, torch.Generator().manual_seed(0), device="cpu")
+    assert torch.equal(dequantize_int4(w, scale, zero, torch.float32), dequantize(w, scale, zero))  # the CPU's way
+    with pytest.raises(ValueError, match="uint8"):
+        dequantize_int4(w.view(torch.int8), scale, zero, torch.bfloat16)
+    with pytest.raises(ValueError, match="K / group"):
+        dequantize_int4(w[:47], scale, zero, torch.bfloat16)  # 47 rows are not whole groups
 
 
 def test_kernel_comparison_can_fail(interpreted):
