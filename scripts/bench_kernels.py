@@ -593,8 +593,9 @@ def run(args):
         # shapes and batches not tuned now keep their configs; None: a dense config not found again
         table = {key: cfg for key, cfg in {**old.get("configs", {}), **table}.items() if cfg is not None}
         record = {**old.get("tuning", {}), **record}
-        # records of runs before records named their device were all tuned on the file's device then
-        devices = sorted({r.get("device", old.get("device", "")) for r in record.values()} - {""})
+        # records of runs before records named their device were all tuned on the file's device(s) then
+        devices = sorted({d for r in record.values() for d in r.get("device", old.get("device", "")).split("; ")}
+                         - {""})
         Path(args.configs).parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(dict(
             device="; ".join(devices), torch=result["torch"], triton=result["triton"],
