@@ -6,10 +6,10 @@ op, shape, dtype and batch by scripts/bench_kernels.py --tune); an untuned shape
 of the nearest tuned one (derived_config), and a dtype/batch with nothing tuned a heuristic.
 Attention, CUDA with Triton, B <= 8 and an even head size <= 256: the split-S kernel of
 attention.py (the step op warns once if it has to fall back). int4 weights dequantized for a
-prompt's matmul, CUDA with Triton: one kernel, exactly the reference's values. Anything else (CPU, no Triton,
-larger batches): the torch reference math. No host sync, no data-dependent allocation, no
-memset per call: workspaces and arrival counters are persistent per device and the kernels
-leave the counters at zero. On the GPU the results match the reference within rounding: the
+prompt's matmul, CUDA with Triton: one kernel, exactly the reference's values. Anything else
+(CPU, no Triton, larger batches): the torch reference math. No host sync, no data-dependent
+allocation, no memset per call: workspaces and arrival counters are persistent per device and the
+kernels leave the counters at zero. On the GPU the results match the reference within rounding: the
 kernels sum in another order and may fuse multiply-adds, so a value formed in a kernel (silu,
 RMSNorm, RoPE) can be an ulp off and, rarely, fall on the other side of a threshold.
 """
