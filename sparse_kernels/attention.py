@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import _round, gdc_launch_dependents, gdc_wait, next_pow2, pdl_enabled
+from .triton_kernels import (_round, check_int32_offsets, gdc_launch_dependents, gdc_wait, is_interpreted, next_pow2,
+                             pdl_enabled)
 
 
 @triton.jit
@@ -268,7 +269,7 @@ def launch(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: int = 
     k_new, v_new written to the caches at pos; positions <= pos attend).
     Workspaces: see workspace_sizes (same block_s and n_sm, step=rope is not None)."""
     grid, args, meta = launch_plan(q, k, v, mask, out, part, counts, block_s, num_warps, n_sm, rope,
-                                   interpreted=type(decode_attention_kernel).__name__ == "InterpretedFunction")
+                                   interpreted=is_interpreted(decode_attention_kernel))
     decode_attention_kernel[grid](*args, **meta)
     return out
 
@@ -289,8 +290,7 @@ def launch_plan(q, k, v, mask, out, part, counts, block_s: int = 0, num_warps: i
     split_pad = next_pow2(n_split)
     g_m = next_pow2(G)
     rs = min(split_pad, max(1, 4096 // (g_m * hd_pad)))  # splits per merge load: 16 KB of fp32
-    if B * KV * head_stride(k) >= 2 ** 31 or q.shape[0] * q.stride(0) >= 2 ** 31:
-        raise ValueError("decode attention: caches of 2^31 elements or more are not supported (int32 offsets)")
+    check_int32_offsets(max(B * KV * head_stride(k), q.shape[0] * q.stride(0)), "decode attention: caches")
     k_new, v_new, freqs, pos = rope if rope is not None else (q, q, q, q)  # unused without rope
     if rope is not None and (k_new.stride() != v_new.stride() or k_new.stride(2) != 1 or freqs.stride(1) != 2
                              or freqs.stride(2) != 1):

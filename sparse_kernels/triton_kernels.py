@@ -704,6 +704,17 @@ def prev_pow2(v: int) -> int:
     return 1 << (max(1, v).bit_length() - 1)
 
 
+def is_interpreted(kernel) -> bool:
+    """Whether a @triton.jit kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def check_int32_offsets(elements: int, what: str):
+    """The kernels address with int32 offsets: refuse a tensor that spans 2^31 elements or more."""
+    if elements >= 2 ** 31:
+        raise ValueError(f"{what} of 2^31 elements or more are not supported (int32 offsets)")
+
+
 _pdl_devices = {}
 RANK_WORK = 128  # compares per thread up to which a sparse launch ranks its first rows' indices in registers
 
@@ -742,9 +753,9 @@ def launch(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=False
     before it drains (PDL) and waits for it before its loads, except that a dense launch reads its
     first rows of w_t before it waits; early_weights=False when that kernel wrote w_t (a copy made
     just before, say): the dense launch then goes without PDL."""
-    interp = type(sparse_matvec_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1
     kernel, grid, args, meta = launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu,
-                                           norm_weight, eps, residual, interp, early_weights, scale, zero)
+                                           norm_weight, eps, residual, is_interpreted(sparse_matvec_kernel),
+                                           early_weights, scale, zero)
     kernel[grid](*args, **meta)
     return y
 
@@ -756,8 +767,7 @@ def launch_plan(x, w_t, thresholds, bounds, y, part, counts, idx, xs, cfg, silu=
     B = x.shape[0]
     K, N = w_t.shape[0], y.shape[1]
     weights = weight_format(w_t, x.dtype)
-    if K * w_t.stride(0) >= 2 ** 31:
-        raise ValueError("sparse_kernels: weights of 2^31 elements or more are not supported (int32 offsets)")
+    check_int32_offsets(K * w_t.stride(0), "sparse_kernels: weights")
     group = 0
     if weights == "int4":
         group = K // scale.shape[0]
@@ -869,10 +879,9 @@ def dequantize_int4(w_t: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     """Write the weights int4 w_t (K, N / 2) uint8 with scale and zero (K / group, N) stand for into out
     (K, N) (bf16, fp16 or fp32; every tensor of unit column stride), exactly as reference.dequantize and a
     cast round them: the multiply and the add are not fused into one FMA (enable_fp_fusion)."""
-    interp = type(dequantize_int4_kernel).__name__ == "InterpretedFunction"
+    interp = is_interpreted(dequantize_int4_kernel)
     K, N = out.shape
-    if K * max(out.stride(0), w_t.stride(0)) >= 2 ** 31:
-        raise ValueError("sparse_kernels: weights of 2^31 elements or more are not supported (int32 offsets)")
+    check_int32_offsets(K * max(out.stride(0), w_t.stride(0)), "sparse_kernels: weights")
     block_k, block_n = 16, 256
     grid = (triton.cdiv(K, block_k), triton.cdiv(N, block_n))
     dequantize_int4_kernel[grid](w_t, scale, zero, out, K, N, w_t.stride(0), scale.stride(0), zero.stride(0),

@@ -416,7 +416,8 @@ def test_bad_arguments():
 
 def test_launcher_takes_unit_stride_thresholds_and_norm_weights_only():
     """The kernel reads thresholds[s] and norm_weight[k] at unit stride, so the launcher refuses any other
-    (the ops make them contiguous first): a strided view would otherwise give wrong results silently."""
+    (the ops make them contiguous first): a strided view would otherwise give wrong results silently. It
+    also refuses weights whose rows span 2^31 elements, past the kernels' int32 offsets."""
     pytest.importorskip("triton")
     from sparse_kernels import triton_kernels as tk
     from tests.test_gpu_compile import matvec_plan, meta_tensor
@@ -432,6 +433,13 @@ def test_launcher_takes_unit_stride_thresholds_and_norm_weights_only():
     with pytest.raises(ValueError, match="unit stride"):
         tk.launch_plan(x, w, meta_tensor(1, dtype=torch.float32), [], meta_tensor(1, 512), *ws, cfg,
                        norm_weight=meta_tensor(512)[::2], eps=1e-5)
+    # rows 2^20 elements apart: 256 of them span 2^28, fine; 4096 span 2^32, past int32 offsets
+    tk.launch_plan(x, torch.empty_strided((256, 512), (2 ** 20, 1), device="meta", dtype=x.dtype), None, [],
+                   meta_tensor(1, 512), *ws, cfg)
+    x_long = meta_tensor(1, 4096)
+    far_rows = torch.empty_strided((4096, 512), (2 ** 20, 1), device="meta", dtype=x.dtype)
+    with pytest.raises(ValueError, match="int32 offsets"):
+        tk.launch_plan(x_long, far_rows, None, [], meta_tensor(1, 512), *ws, cfg)
 
 
 def test_untuned_shapes_take_the_nearest_tuned_tile(monkeypatch):
