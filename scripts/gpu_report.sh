@@ -7,8 +7,8 @@
 # The two-GPU, 2000-token, kernel, attention and profile figures have their own commands (README).
 # With --quantized instead (about 10 minutes): the kernels' GPU checks for every weight format (float,
 # int8, int4 in groups of 32-128), the kernel table's int8/int4 rows beside gpt-fast's way of running
-# the same weights, then the sweep with bf16, int8 and int4 weights in one process, each beside its
-# gpt-fast-way dense anchor.
+# the same weights, then the sweep with bf16, int8 and int4 weights in one process (the prompt compiled,
+# as in the bf16 sweep), each beside its gpt-fast-way dense anchor.
 # Results (JSON, PNG, logs) go to $OUT (default results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ if [ "${1:-}" = "--quantized" ]; then
   python3 scripts/bench_kernels.py --weights float,int8,int4 --rep 10 \
     --table_shapes "8B qkv+norm,8B o+res,8B g+u+norm,8B down+res,8B gate+up,8B down" \
     --out "$OUT/bench_kernels_quant.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_kernels_quant.log"
-  python3 scripts/bench_sweep.py --config Llama-3-8B --weights bf16,int8,int4 --levels 0.25,0.5,0.7 --anchor \
+  python3 scripts/bench_sweep.py --config Llama-3-8B --weights bf16,int8,int4 --levels 0.25,0.5,0.7 --anchor --compile_prefill \
     --out "$OUT/sweep_llama3_8b_quant.json" 2>&1 | grep -v -i warn | tee "$OUT/sweep_llama3_8b_quant.log"
   echo "=== summary"
   grep -h "checks:\|GPU checks" "$OUT/bench_kernels_quant.log"
