@@ -7,7 +7,8 @@
    of W^T. The caller forms the inputs and the kept-row lists; then the threads split each
    segment's kept rows (each streams whole rows, its own partial sums), and the caller adds the
    parts (teal_sparse_matvec says why rows, not columns). Weights are fp32 or bf16 (the
-   activations' dtype) or int8 with a scale per column; products are summed in fp32. Also the
+   activations' dtype), int8 with a scale per column, or int4 in groups of rows with a scale and an
+   offset per group and column; products are summed in fp32. Also the
    product in nn.Linear's layout (a tied LM head) and the decode attention step (RoPE, cache
    write, attention). Built by sparse_kernels/cpu.py (cc -O3 -march=native -pthread).
 */
@@ -317,10 +318,15 @@ DEFINE_STREAM(stream_i8, int8_t)
    rows with a scale and an offset per group and column (w = q * scale + zero; sdtype: theirs). The
    kept rows of one group are summed as integers into `part`, then the group's sum times its scales,
    plus the sum of its kept inputs times its offsets, is added: one multiply-add per column and group
-   (as the GPU kernel does per chunk). col: the tile's first column (even), N: the row of scales. */
+   (as the GPU kernel does per chunk). col: the tile's first column (even), N: the row of scales.
+   `part` holds two planes, the even columns' sums then the odd ones' (as stream_bf16's pairs), so
+   that the loop over a row's bytes reads and writes contiguous floats and vectorizes: a byte's low
+   and high nibbles are one AND and one shift apart. ROWS rows a pass, prefetched AHEAD, as
+   DEFINE_STREAM. */
 static void stream_i4(float *restrict acc, int B, int width, const int *rows, const float *vals, int n_rows,
                       const uint8_t *w, long ldw, int group, const void *scale, const void *zero, int sdtype, long N,
                       long col) {
+    int pairs = width / 2; /* width is even: segments and tiles are */
     float part[B * width], xsum[B]; /* width * B * 4 <= TILE_BYTES (tile_columns) */
     for (int j = 0; j < n_rows;) {
         int g = rows[j] / group, end = j;
@@ -328,33 +334,45 @@ static void stream_i4(float *restrict acc, int B, int width, const int *rows, co
             end++;
         memset(part, 0, sizeof(part));
         memset(xsum, 0, sizeof(xsum));
-        for (; j + 2 <= end; j += 2) { /* two rows a pass: the sums are read and written half as often */
-            const uint8_t *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw;
+        for (; j + ROWS <= end; j += ROWS) {
+            const uint8_t *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw, *w2 = w + rows[j + 2] * ldw,
+                          *w3 = w + rows[j + 3] * ldw;
+            for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++)
+                __builtin_prefetch(w + rows[r] * ldw);
             for (int b = 0; b < B; b++) {
-                float v0 = vals[(long)j * B + b], v1 = vals[(long)(j + 1) * B + b], *restrict a = part + b * width;
-                xsum[b] += v0 + v1;
-                for (int c = 0; c < width / 2; c++) {
-                    a[2 * c] += v0 * (float)(w0[c] & 15) + v1 * (float)(w1[c] & 15);
-                    a[2 * c + 1] += v0 * (float)(w0[c] >> 4) + v1 * (float)(w1[c] >> 4);
+                const float *v = vals + (long)j * B + b;
+                float v0 = v[0], v1 = v[B], v2 = v[2 * B], v3 = v[3 * B];
+                float *restrict even = part + b * width, *restrict odd = even + pairs;
+                xsum[b] += (v0 + v1) + (v2 + v3);
+                for (int i = 0; i < pairs; i++) {
+                    even[i] += v0 * (float)(w0[i] & 15) + v1 * (float)(w1[i] & 15) + v2 * (float)(w2[i] & 15) +
+                               v3 * (float)(w3[i] & 15);
+                    odd[i] += v0 * (float)(w0[i] >> 4) + v1 * (float)(w1[i] >> 4) + v2 * (float)(w2[i] >> 4) +
+                              v3 * (float)(w3[i] >> 4);
                 }
             }
         }
         for (; j < end; j++) {
             const uint8_t *w0 = w + rows[j] * ldw;
             for (int b = 0; b < B; b++) {
-                float v0 = vals[(long)j * B + b], *restrict a = part + b * width;
+                float v0 = vals[(long)j * B + b], *restrict even = part + b * width, *restrict odd = even + pairs;
                 xsum[b] += v0;
-                for (int c = 0; c < width / 2; c++) {
-                    a[2 * c] += v0 * (float)(w0[c] & 15);
-                    a[2 * c + 1] += v0 * (float)(w0[c] >> 4);
+                for (int i = 0; i < pairs; i++) {
+                    even[i] += v0 * (float)(w0[i] & 15);
+                    odd[i] += v0 * (float)(w0[i] >> 4);
                 }
             }
         }
         long at = (long)g * N + col;
-        for (int b = 0; b < B; b++)
-            for (int c = 0; c < width; c++)
-                acc[b * width + c] += part[b * width + c] * load(scale, at + c, sdtype) +
-                                      xsum[b] * load(zero, at + c, sdtype);
+        for (int b = 0; b < B; b++) {
+            const float *even = part + b * width, *odd = even + pairs;
+            float *a = acc + b * width;
+            for (int i = 0; i < pairs; i++) {
+                a[2 * i] += even[i] * load(scale, at + 2 * i, sdtype) + xsum[b] * load(zero, at + 2 * i, sdtype);
+                a[2 * i + 1] += odd[i] * load(scale, at + 2 * i + 1, sdtype) +
+                                xsum[b] * load(zero, at + 2 * i + 1, sdtype);
+            }
+        }
     }
 }
 
