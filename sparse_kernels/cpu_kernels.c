@@ -364,6 +364,30 @@ static inline int lanes_i8(float *restrict a, const int8_t *w0, const int8_t *w1
 
 DEFINE_STREAM(stream_i8, int8_t, lanes_i8)
 
+/* int4's vector step, as lanes_i8's, over a row's bytes (pairs of columns): the low nibbles' products
+   into the even plane, the high ones' into the odd. Returns the pairs it took. */
+static inline int lanes_i4(float *restrict even, float *restrict odd, const uint8_t *w0, const uint8_t *w1,
+                           const uint8_t *w2, const uint8_t *w3, float v0, float v1, float v2, float v3, int pairs) {
+    int i = 0;
+#ifdef HAVE_LANES8
+    f32x8 s0 = splat8(v0), s1 = splat8(v1), s2 = splat8(v2), s3 = splat8(v3);
+    for (; i + 8 <= pairs; i += 8) {
+        i32x8 q0 = bytes8(w0 + i), q1 = bytes8(w1 + i), q2 = bytes8(w2 + i), q3 = bytes8(w3 + i);
+        f32x8 e = load8(even + i) + (s0 * __builtin_convertvector(q0 & 15, f32x8) +
+                                     s1 * __builtin_convertvector(q1 & 15, f32x8) +
+                                     s2 * __builtin_convertvector(q2 & 15, f32x8) +
+                                     s3 * __builtin_convertvector(q3 & 15, f32x8));
+        f32x8 o = load8(odd + i) + (s0 * __builtin_convertvector(q0 >> 4, f32x8) +
+                                    s1 * __builtin_convertvector(q1 >> 4, f32x8) +
+                                    s2 * __builtin_convertvector(q2 >> 4, f32x8) +
+                                    s3 * __builtin_convertvector(q3 >> 4, f32x8));
+        memcpy(even + i, &e, 32);
+        memcpy(odd + i, &o, 32);
+    }
+#endif
+    return i;
+}
+
 /* int4 weights: two values a byte along a row (the low nibble the even column), in groups of `group`
    rows with a scale and an offset per group and column (w = q * scale + zero; sdtype: theirs). The
    kept rows of one group are summed as integers into `part`, then the group's sum times its scales,
@@ -372,7 +396,7 @@ DEFINE_STREAM(stream_i8, int8_t, lanes_i8)
    `part` holds two planes, the even columns' sums then the odd ones' (as stream_bf16's pairs), so
    that the loop over a row's bytes reads and writes contiguous floats and vectorizes: a byte's low
    and high nibbles are one AND and one shift apart (with AVX2, eight bytes a step, each widened
-   once: bytes8). ROWS rows a pass, prefetched AHEAD, as DEFINE_STREAM. */
+   once: lanes_i4). ROWS rows a pass, prefetched AHEAD, as DEFINE_STREAM. */
 static void stream_i4(float *restrict acc, int B, int width, const int *rows, const float *vals, int n_rows,
                       const uint8_t *w, long ldw, int group, const void *scale, const void *zero, int sdtype, long N,
                       long col) {
@@ -394,24 +418,7 @@ static void stream_i4(float *restrict acc, int B, int width, const int *rows, co
                 float v0 = v[0], v1 = v[B], v2 = v[2 * B], v3 = v[3 * B];
                 float *restrict even = part + b * width, *restrict odd = even + pairs;
                 xsum[b] += (v0 + v1) + (v2 + v3);
-                int i = 0;
-#ifdef HAVE_LANES8
-                f32x8 s0 = splat8(v0), s1 = splat8(v1), s2 = splat8(v2), s3 = splat8(v3);
-                for (; i + 8 <= pairs; i += 8) {
-                    i32x8 q0 = bytes8(w0 + i), q1 = bytes8(w1 + i), q2 = bytes8(w2 + i), q3 = bytes8(w3 + i);
-                    f32x8 e = load8(even + i) + (s0 * __builtin_convertvector(q0 & 15, f32x8) +
-                                                 s1 * __builtin_convertvector(q1 & 15, f32x8) +
-                                                 s2 * __builtin_convertvector(q2 & 15, f32x8) +
-                                                 s3 * __builtin_convertvector(q3 & 15, f32x8));
-                    f32x8 o = load8(odd + i) + (s0 * __builtin_convertvector(q0 >> 4, f32x8) +
-                                                s1 * __builtin_convertvector(q1 >> 4, f32x8) +
-                                                s2 * __builtin_convertvector(q2 >> 4, f32x8) +
-                                                s3 * __builtin_convertvector(q3 >> 4, f32x8));
-                    memcpy(even + i, &e, 32);
-                    memcpy(odd + i, &o, 32);
-                }
-#endif
-                for (; i < pairs; i++) {
+                for (int i = lanes_i4(even, odd, w0, w1, w2, w3, v0, v1, v2, v3, pairs); i < pairs; i++) {
                     even[i] += v0 * (float)(w0[i] & 15) + v1 * (float)(w1[i] & 15) + v2 * (float)(w2[i] & 15) +
                                v3 * (float)(w3[i] & 15);
                     odd[i] += v0 * (float)(w0[i] >> 4) + v1 * (float)(w1[i] >> 4) + v2 * (float)(w2[i] >> 4) +
