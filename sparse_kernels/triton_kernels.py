@@ -107,6 +107,7 @@ def sparse_matvec_kernel(
     need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
     pos = tl.cumsum(need, axis=0) - 1  # (K_CHUNK,) each kept row's place in the compacted order
     count = tl.sum(need, axis=0)
+    input_sum = _offset_sum(x_chunk, keep, WEIGHTS, DOT, WORDS)
     # where the kept rows go in the scratch, and the row each place holds (-1: a hole, nothing read)
     place, placed, row = pos, need > 0, offs_c
     first_group, first_count = 0, count  # the first group with a kept row; its kept rows
@@ -133,8 +134,8 @@ def sparse_matvec_kernel(
         gdc_launch_dependents()
 
     # 3. Scales, then the split-K reduction.
-    _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base, B, N,
-            stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP, GROUPS, WORDS)
+    _finish(acc, count, input_sum, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base,
+            B, N, stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP, GROUPS, WORDS)
 
 
 @triton.jit
@@ -166,6 +167,7 @@ def dense_matvec_kernel(
                            NORM_STEPS, INTERPRET)
     tl.store(xs_base + offs_bx[:, None] * K_CHUNK + (offs_c - k0)[None, :], x_chunk.to(xs_ptr.dtype.element_ty),
              mask=bc_ok)
+    input_sum = _offset_sum(x_chunk, bc_ok, WEIGHTS, DOT, WORDS)
     tl.debug_barrier()  # the whole CTA's inputs are visible before they are read back
 
     # 2. Stream every row.
@@ -180,8 +182,8 @@ def dense_matvec_kernel(
         gdc_launch_dependents()
 
     # 3. Scales, then the split-K reduction.
-    _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base, B, N,
-            stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP, GROUPS, WORDS)
+    _finish(acc, count, input_sum, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base,
+            B, N, stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP, GROUPS, WORDS)
 
 
 # ---------------------------------------------------------------------------- phase 1: the input
@@ -485,7 +487,7 @@ def _accumulate(acc, xm, w, DOT: tl.constexpr, WEIGHTS: tl.constexpr, INTERPRET:
     tl.dot takes them in it."""
     if w.dtype == tl.int32:
         w = _unpacked(w, WEIGHTS, DOT, INTERPRET)
-        if WEIGHTS == "int4" and not DOT:  # subnormal nibbles: the inputs raised to keep the products normal
+        if not DOT:  # subnormal values: the inputs raised to keep the products normal
             xm = xm.to(tl.float32) * SUBNORMAL_LIFT
     if DOT and INTERPRET:
         acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
@@ -502,19 +504,27 @@ def _unpacked(words, WEIGHTS: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.con
     times a power of two (its place in the word), which _word_factors undoes, exactly, on the
     program's sum. Values in the upper half word are taken from the word shifted down 16 bits, once
     for all four.
-    int8, and int4 for tl.dot (whose operands are bf16): a value is masked where it lies and ORed
-    under the bits of 2^23 (see _as_float; the XOR also adds 128 to an int8), one integer op, then
-    one fp32 subtract leaves q * 2^(8 (c % 2)) or q * 2^(4 (c % 4)) for column c.
-    int4 for FMAs: a nibble masked where it lies, one AND and no subtract, is the fp32 q * 2^(p - 149)
-    for a nibble at bit p <= 20 (bits below 2^24 spell b * 2^-149: subnormals and the first binade);
-    the top two are masked from the word shifted down, p = 8, 12. _accumulate multiplies the inputs
-    by SUBNORMAL_LIFT, so that every product is a normal number, as exact as q * x."""
+    For tl.dot (whose operands are bf16): a value is masked where it lies and ORed under the bits of
+    2^23 (see _as_float; the XOR also adds 128 to an int8), one integer op, then one fp32 subtract
+    leaves q * 2^(8 (c % 2)) or q * 2^(4 (c % 4)) for column c.
+    For FMAs, one integer op and no subtract: bits below 2^24 spell b * 2^-149 (subnormals and the
+    first binade), so a value masked where it lies, at bit p <= 20, is the fp32 b * 2^(p - 149);
+    values above are masked from the word shifted down. int4: b = q, the top two nibbles at p = 8,
+    12. int8: b = q + 128 (the XOR), the top byte at p = 8; the sum then holds 128 times the sum of
+    the inputs too, which _from_words takes off. _accumulate multiplies the inputs by SUBNORMAL_LIFT,
+    so that every product is a normal number, as exact as b * x."""
     hi = words >> 16
-    if WEIGHTS == "int8":  # bytes: q + 128 (XOR 0x80) under 2^23, minus 2^23 + 128 * 2^(8 (c % 2))
+    if WEIGHTS == "int8" and DOT:  # bytes: q + 128 (XOR 0x80) under 2^23, minus 2^23 + 128 * 2^(8 (c % 2))
         b0 = _magic(_masked_xor(words, 0xFF, 0x4B000080, INTERPRET)) - 8388736.0
         b1 = _magic(_masked_xor(words, 0xFF00, 0x4B008000, INTERPRET)) - 8421376.0
         b2 = _magic(_masked_xor(hi, 0xFF, 0x4B000080, INTERPRET)) - 8388736.0
         b3 = _magic(_masked_xor(hi, 0xFF00, 0x4B008000, INTERPRET)) - 8421376.0
+        values = tl.interleave(tl.interleave(b0, b2), tl.interleave(b1, b3))
+    elif WEIGHTS == "int8":  # q + 128 (XOR 0x80) where it lies, as a subnormal: bytes 0-2 in place, 3 from hi
+        b0 = _magic(_masked_xor(words, 0xFF, 0x80, INTERPRET))
+        b1 = _magic(_masked_xor(words, 0xFF00, 0x8000, INTERPRET))
+        b2 = _magic(_masked_xor(words, 0xFF0000, 0x800000, INTERPRET))
+        b3 = _magic(_masked_xor(hi, 0xFF00, 0x8000, INTERPRET))
         values = tl.interleave(tl.interleave(b0, b2), tl.interleave(b1, b3))
     else:  # nibbles, low first
         if DOT:  # 2^23 + q * 2^(4 (c % 4)), minus 2^23
@@ -559,11 +569,15 @@ def _magic(bits):
 
 @triton.jit
 def _word_factors(offs_n, WEIGHTS: tl.constexpr, DOT: tl.constexpr):
-    """Per column, the power of two that undoes _unpacked's, made from its bits: 2^-(8 (c % 2)) for
-    int8, 2^-(4 (c % 4)) for int4 read for tl.dot, and for int4 at bit p of its word times lifted
-    inputs 2^(149 - p) / SUBNORMAL_LIFT = 2^(85 - p), p = 4 (c % 8) below 24, else 4 (c % 8) - 16."""
-    if WEIGHTS == "int8":
+    """Per column, the power of two that undoes _unpacked's, made from its bits. Read for tl.dot:
+    2^-(8 (c % 2)) for int8, 2^-(4 (c % 4)) for int4. For FMAs, a value at bit p of its word times
+    lifted inputs: 2^(149 - p) / SUBNORMAL_LIFT = 2^(85 - p), int8 p = 8 (c % 4) below 24, else 8;
+    int4 p = 4 (c % 8) below 24, else 4 (c % 8) - 16."""
+    if WEIGHTS == "int8" and DOT:
         exponent = 127 - 8 * (offs_n % 2)
+    elif WEIGHTS == "int8":
+        place = offs_n % 4
+        exponent = 127 + 85 - 8 * tl.where(place < 3, place, 1)
     elif DOT:
         exponent = 127 - 4 * (offs_n % 4)
     else:
@@ -590,8 +604,8 @@ def _as_float(w):
 # ---------------------------------------------------------------------------- phase 3: scales, split-K sum
 
 @triton.jit
-def _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base, B, N,
-            stride_y, stride_r, SPLIT: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+def _finish(acc, count, input_sum, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base,
+            B, N, stride_y, stride_r, SPLIT: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
             K_CHUNK: tl.constexpr, DOT: tl.constexpr, RED_R: tl.constexpr, RESIDUAL: tl.constexpr,
             WEIGHTS: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, WORDS: tl.constexpr):
     """Scale the program's sum (integer weights), then store y, or publish the partial and, if last
@@ -601,7 +615,7 @@ def _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, s
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     if WEIGHTS != "float" and GROUPS == 1:  # (GROUPS > 1: scaled group by group in the stream)
-        acc = _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N, K_CHUNK,
+        acc = _dequantized(acc, count, input_sum, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N, K_CHUNK,
                            DOT, WEIGHTS, GROUP, WORDS)
     out_ok = b_ok[:, None] & n_ok[None, :]
     y_ptrs = y_ptr + offs_b[:, None] * stride_y + offs_n[None, :]
@@ -629,16 +643,17 @@ def _finish(acc, count, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, s
 
 
 @triton.jit
-def _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N, K_CHUNK: tl.constexpr,
-                 DOT: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr, WORDS: tl.constexpr):
-    """The program's sum of x * q (B_PAD, BLOCK_N) turned into the sum of x * w: int8 times the column
-    scales; int4 (the chunk lies inside group k0 // GROUP) times the group's scales, plus its offsets
-    times the sum of the chunk's kept inputs. A chunk with no kept row reads no scale."""
+def _dequantized(acc, count, input_sum, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N,
+                 K_CHUNK: tl.constexpr, DOT: tl.constexpr, WEIGHTS: tl.constexpr, GROUP: tl.constexpr,
+                 WORDS: tl.constexpr):
+    """The program's sum of x * q (B_PAD, BLOCK_N; from words: of _unpacked's values, see _from_words)
+    turned into the sum of x * w: int8 times the column scales; int4 (the chunk lies inside group
+    k0 // GROUP) times the group's scales, plus its offsets times the sum of the chunk's kept inputs. A chunk with no kept row reads no scale."""
     ok = n_ok & (count > 0)
     if WEIGHTS == "int8":
         scale = tl.load(scale_ptr + offs_n, mask=ok, other=0.0).to(tl.float32)
-        if WORDS:  # the sum of values scaled by powers of two (_unpacked): the scales undo them, exactly
-            scale *= _word_factors(offs_n, WEIGHTS, DOT)
+        if WORDS:
+            acc = _from_words(acc, input_sum, offs_n, WEIGHTS, DOT)
         return acc * scale[None, :]
     scale = _group_scales(scale_ptr, k0 // GROUP, count > 0, offs_n, N, WEIGHTS, WORDS, DOT)
     zero = tl.load(zero_ptr + (k0 // GROUP) * N + offs_n, mask=ok, other=0.0).to(tl.float32)
@@ -646,6 +661,27 @@ def _dequantized(acc, count, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, off
     kept = tl.load(xs_base + offs_b[:, None] * K_CHUNK + offs[None, :], mask=b_ok[:, None] & (offs < count)[None, :],
                    other=0.0, cache_modifier=".cg").to(tl.float32)  # (B_PAD, K_CHUNK): 0 where a row is dropped
     return acc * scale[None, :] + tl.sum(kept, axis=1)[:, None] * zero[None, :]
+
+
+@triton.jit
+def _from_words(acc, input_sum, offs_n, WEIGHTS: tl.constexpr, DOT: tl.constexpr):
+    """A sum (B_PAD, BLOCK_N) of inputs times _unpacked's values as the sum of inputs times the stored
+    integers: each column's power of two undone (exact), and for int8 read for FMAs (q + 128) 128
+    times the sum of the inputs input_sum (B_PAD,) taken off."""
+    acc = acc * _word_factors(offs_n, WEIGHTS, DOT)[None, :]
+    if WEIGHTS == "int8" and not DOT:
+        acc -= 128.0 * input_sum[:, None]
+    return acc
+
+
+@triton.jit
+def _offset_sum(x_chunk, keep, WEIGHTS: tl.constexpr, DOT: tl.constexpr, WORDS: tl.constexpr):
+    """The sum of the chunk's kept inputs (B_X,) fp32 where int8 rows are read as words for FMAs
+    (_from_words takes 128 times it off), else 0."""
+    total = 0.0
+    if WEIGHTS == "int8" and WORDS and not DOT:
+        total = tl.sum(tl.where(keep, x_chunk.to(tl.float32), 0.0), axis=1)
+    return total
 
 
 @triton.jit

@@ -141,7 +141,7 @@ try:  # a kernel of one helper; Triton present (the child runs it under the inte
     import triton
     import triton.language as tl
 
-    from sparse_kernels.triton_kernels import _accumulate, _as_float, _unpacked, _word_factors
+    from sparse_kernels.triton_kernels import _accumulate, _as_float, _from_words, _unpacked
 
     @triton.jit
     def _convert_kernel(w_ptr, out_ptr, N: tl.constexpr):
@@ -153,12 +153,13 @@ try:  # a kernel of one helper; Triton present (the child runs it under the inte
                        DOT: tl.constexpr):
         words = tl.load(words_ptr + tl.arange(0, WORDS))[None, :]  # (1, WORDS)
         columns = tl.arange(0, WORDS * PER_WORD)
+        ones = tl.full((1,), 1.0, tl.float32)
         if DOT:
             values = _unpacked(words, WEIGHTS, True, True)  # (1, WORDS * PER_WORD)
         else:  # one FMA step with inputs of 1, as the B == 1 stream takes it
-            ones = tl.full((1,), 1.0, tl.float32)
             values = _accumulate(tl.zeros((1, WORDS * PER_WORD), tl.float32), ones, words, False, WEIGHTS, True)
-        tl.store(out_ptr + columns[None, :], values * _word_factors(columns, WEIGHTS, DOT)[None, :])
+        # powers of two undone; int8 FMAs: 128 times the inputs' sum taken off
+        tl.store(out_ptr + columns[None, :], _from_words(values, ones, columns, WEIGHTS, DOT))
 except ImportError:
     _convert_kernel = _unpack_kernel = None
 
