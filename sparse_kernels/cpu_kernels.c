@@ -300,6 +300,13 @@ static int kept_rows(int *rows, float *vals, const float *h, int B, int K, const
     return n;
 }
 
+static inline void prefetch_ahead(const void *w, long row_bytes, const int *rows, int j, int n_rows, int lines) {
+    /* the first `lines` cache lines of the rows AHEAD places on from j, ROWS of them */
+    for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++)
+        for (int line = 0; line < lines; line++)
+            __builtin_prefetch((const char *)w + rows[r] * row_bytes + 64 * line);
+}
+
 /* One thread's pass over the kept rows for columns [col0, col0 + width) of every batch row:
    acc[b * width + slot(c)] += sum over rows j of vals[j * B + b] * w_t[rows[j], col0 + c].
    ROWS rows at a time, so the accumulators are read and written once per ROWS rows of weights.
@@ -315,8 +322,7 @@ static int kept_rows(int *rows, float *vals, const float *h, int B, int K, const
         for (; j + ROWS <= n_rows; j += ROWS) {                                                                    \
             const T *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw, *w2 = w + rows[j + 2] * ldw,            \
                     *w3 = w + rows[j + 3] * ldw;                                                                   \
-            for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++)                                       \
-                __builtin_prefetch(w + rows[r] * ldw);                                                             \
+            prefetch_ahead(w, ldw * (long)sizeof(T), rows, j, n_rows, 1);                                          \
             for (int b = 0; b < B; b++) {                                                                          \
                 const float *v = vals + (long)j * B + b;                                                           \
                 float v0 = v[0], v1 = v[B], v2 = v[2 * B], v3 = v[3 * B];                                          \
@@ -411,8 +417,7 @@ static void stream_i4(float *restrict acc, int B, int width, const int *rows, co
         for (; j + ROWS <= end; j += ROWS) {
             const uint8_t *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw, *w2 = w + rows[j + 2] * ldw,
                           *w3 = w + rows[j + 3] * ldw;
-            for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++)
-                __builtin_prefetch(w + rows[r] * ldw);
+            prefetch_ahead(w, ldw, rows, j, n_rows, 1);
             for (int b = 0; b < B; b++) {
                 const float *v = vals + (long)j * B + b;
                 float v0 = v[0], v1 = v[B], v2 = v[2 * B], v3 = v[3 * B];
@@ -474,11 +479,7 @@ static void stream_bf16(float *restrict acc, int B, int width, const int *rows, 
     for (; j + ROWS <= n_rows; j += ROWS) {
         const uint16_t *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw, *w2 = w + rows[j + 2] * ldw,
                        *w3 = w + rows[j + 3] * ldw;
-        for (int r = j + AHEAD; r < j + AHEAD + ROWS && r < n_rows; r++) { /* as in DEFINE_STREAM */
-            __builtin_prefetch(w + rows[r] * ldw);
-            if (width > 32)
-                __builtin_prefetch(w + rows[r] * ldw + 32);
-        }
+        prefetch_ahead(w, 2 * ldw, rows, j, n_rows, width > 32 ? 2 : 1); /* 32 values a line */
         for (int b = 0; b < B; b++) {
             const float *v = vals + (long)j * B + b;
             float v0 = v[0], v1 = v[B], v2 = v[2 * B], v3 = v[3 * B];
