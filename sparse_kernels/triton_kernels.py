@@ -107,7 +107,7 @@ def sparse_matvec_kernel(
     need = tl.max(keep.to(tl.int32), axis=0)  # (K_CHUNK,) 0/1: any batch row keeps the row
     pos = tl.cumsum(need, axis=0) - 1  # (K_CHUNK,) each kept row's place in the compacted order
     count = tl.sum(need, axis=0)
-    input_sum = _offset_sum(x_chunk, keep, WEIGHTS, DOT, WORDS)
+    input_sum = _offset_sum(x_chunk, keep, WEIGHTS, DOT, WORDS)  # (int8 words, see _from_words)
     # where the kept rows go in the scratch, and the row each place holds (-1: a hole, nothing read)
     place, placed, row = pos, need > 0, offs_c
     first_group, first_count = 0, count  # the first group with a kept row; its kept rows
@@ -167,7 +167,7 @@ def dense_matvec_kernel(
                            NORM_STEPS, INTERPRET)
     tl.store(xs_base + offs_bx[:, None] * K_CHUNK + (offs_c - k0)[None, :], x_chunk.to(xs_ptr.dtype.element_ty),
              mask=bc_ok)
-    input_sum = _offset_sum(x_chunk, bc_ok, WEIGHTS, DOT, WORDS)
+    input_sum = _offset_sum(x_chunk, bc_ok, WEIGHTS, DOT, WORDS)  # (int8 words, see _from_words)
     tl.debug_barrier()  # the whole CTA's inputs are visible before they are read back
 
     # 2. Stream every row.
