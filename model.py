@@ -40,7 +40,9 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_scaling: Optional[dict] = None  # Llama-3.1 style: factor, low/high_freq_factor, original_max_position_embeddings
     tie_embeddings: bool = False
-    quantization: Optional[dict] = None  # weight-only: {"mode": "int8"} or {"mode": "int4", "groupsize": G} (quantize.py)
+    # weight-only (quantize.py): {"mode": "int8"} or {"mode": "int4", "groupsize": G}; "tied_head": True where a tied
+    # model's LM head reads a quantized copy of the embedding table (output_t), the table itself kept for lookups
+    quantization: Optional[dict] = None
 
     def __post_init__(self):
         if self.n_local_heads == -1:
@@ -56,9 +58,14 @@ class ModelArgs:
             check_quantization(self.quantization, self.weight_rows())
 
     def weight_rows(self) -> dict:
-        """K (rows of W^T) of each block projection and of an untied LM head, by weight name."""
+        """K (rows of W^T) of each block projection and of the LM head where it has its own W^T
+        (untied, or a tied head's quantized copy), by weight name."""
         rows = dict(wqkv_t=self.dim, wo_t=self.n_head * self.head_dim, w13_t=self.dim, w2_t=self.intermediate_size)
-        return rows if self.tie_embeddings else dict(rows, output_t=self.dim)
+        return dict(rows, output_t=self.dim) if self.head_transposed() else rows
+
+    def head_transposed(self) -> bool:
+        """Whether the LM head is a W^T of its own, output_t (D, V): untied, or quantized from a tied table."""
+        return not self.tie_embeddings or bool((self.quantization or {}).get("tied_head"))
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
@@ -174,6 +181,8 @@ def check_quantization(quantization: dict, rows: dict) -> None:
     mode = quantization.get("mode") if isinstance(quantization, dict) else None
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization {quantization!r}: mode must be one of {', '.join(QUANTIZATION_MODES)}")
+    if not isinstance(quantization.get("tied_head", False), bool):
+        raise ValueError(f"quantization {quantization!r}: tied_head must be true or false")
     if mode == "int4":
         group = quantization.get("groupsize")
         if not isinstance(group, int) or group < 16 or group & (group - 1):
@@ -479,7 +488,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings or args.quantization else \
             nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.quantization and not args.tie_embeddings:  # the LM head quantized too, stored transposed like a block's
+        if args.quantization and args.head_transposed():  # the LM head quantized too, stored transposed like a block's
             add_weight(self, "output_t", args.dim, args.vocab_size, args.quantization)  # (D, V)
         self.max_batch_size = -1
         self.max_seq_length = -1
@@ -516,9 +525,10 @@ class Transformer(nn.Module):
         return self.head(self.norm(x))
 
     def head(self, x: Tensor) -> Tensor:
-        """Logits (B, T, V) in float32 of the final normed states x (B, T, D). A quantized head runs
-        as a block's dense projection (the fused kernel in a decode step on CUDA); a tied head is the
-        embedding table, in the model's dtype (on the CPU up to 8 rows take the kernel's product in
+        """Logits (B, T, V) in float32 of the final normed states x (B, T, D). A quantized head (an
+        untied one, or a tied table's quantized copy) runs as a block's dense projection (the fused
+        kernel in a decode step on CUDA, the C kernel on the CPU); a float tied head is the embedding
+        table, in the model's dtype (on the CPU up to 8 rows take the kernel's product in
         this layout: torch's fp32 one read the table at a third of the bandwidth, cpu_kernels.c)."""
         fused = self.layers[0].attention.fused
         if hasattr(self, "output_t"):

@@ -7,8 +7,9 @@ int8: symmetric, one scale per output column (w = q * scale, q in -127..127).
 int4: per group of `groupsize` input rows and per output column, a scale and an offset
       (w = q * scale + zero, q in 0..15: the group's minimum and maximum map to 0 and 15), two
       values a byte along the output axis, so that a kept input row is one contiguous run of bytes.
-Every block projection (q/k/v, o, gate/up, down) is quantized, and an untied LM head too; a tied
-head stays the embedding table, in the checkpoint's dtype, as do the norms.
+Every block projection (q/k/v, o, gate/up, down) is quantized, and the LM head too. A tied head
+gets a quantized copy of the embedding table (transposed, like a block's W^T), which the logits
+read; the table itself stays in the checkpoint's dtype for the token lookups, as do the norms.
 
 Writes a new checkpoint directory beside the original (default DIR-int8, DIR-int4-g128):
 model.safetensors, config.json (recording the mode) and the tokenizer files. generate.py, eval.py,
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from fileio import atomic_write
 from loader import load_model, read_checkpoint_config, run_cli
-from model import QUANTIZATION_MODES, Transformer, add_weight, check_quantization, scales_of
+from model import QUANTIZATION_MODES, ModelArgs, Transformer, add_weight, check_quantization, scales_of
 from sparse_kernels import pack_int4
 
 # W^T of every block: (module within a block, weight name)
@@ -72,13 +73,22 @@ def quantize_weight(module: torch.nn.Module, name: str, quantization: dict) -> N
         stored_zero.copy_(zero)
 
 
+def target_quantization(args: ModelArgs, mode: str, groupsize: int) -> dict:
+    """The quantization a float model of args gets (its config's record), checked against its shapes."""
+    quantization = {"mode": mode} if mode == "int8" else {"mode": mode, "groupsize": groupsize}
+    if args.tie_embeddings:
+        quantization["tied_head"] = True
+    check_quantization(quantization, dict(args.weight_rows(), output_t=args.dim))
+    return quantization
+
+
 @torch.no_grad()
 def quantize_model(model: Transformer, mode: str, groupsize: int = 128, progress: bool = False) -> Transformer:
     """Quantize a float model in place (random weights or a loaded checkpoint); the model's args
     record the mode, so its state_dict and config are a quantized checkpoint."""
     if model.args.quantization is not None:
         raise ValueError(f"the model is already quantized ({model.args.quantization}): quantize the original checkpoint")
-    quantization = {"mode": mode} if mode == "int8" else {"mode": mode, "groupsize": groupsize}
+    quantization = target_quantization(model.args, mode, groupsize)
     rows = model.args.weight_rows()
     if model.tp[1] > 1:  # a rank's shard: its own K of o and down
         rows.update(wo_t=model.layers[0].attention.wo_t.shape[0], w2_t=model.layers[0].feed_forward.w2_t.shape[0])
@@ -88,11 +98,11 @@ def quantize_model(model: Transformer, mode: str, groupsize: int = 128, progress
             quantize_weight(getattr(block, part), name, quantization)
         if progress:
             print(f"\r  quantized block {i + 1}/{len(model.layers)}", end="", flush=True)
-    if model.output is not None:  # an untied head, stored transposed like a block's W^T
-        head = model.output.weight.detach()
-        model.output = None
-        model.output_t = torch.nn.Parameter(head.t().contiguous(), requires_grad=False)  # (D, V)
-        quantize_weight(model, "output_t", quantization)
+    # the head, stored transposed like a block's W^T: an untied one, or a copy of a tied table
+    head = (model.tok_embeddings.weight if model.output is None else model.output.weight).detach()
+    model.output = None
+    model.output_t = torch.nn.Parameter(head.t().contiguous(), requires_grad=False)  # (D, V)
+    quantize_weight(model, "output_t", quantization)
     if progress:
         print()
     model.args.quantization = quantization
@@ -128,9 +138,7 @@ def run(args):
     out = args.out or quantized_dir(args.checkpoint_path, args.mode, args.groupsize)
     if out.resolve() == args.checkpoint_path.resolve():
         raise ValueError("--out must be another directory than --checkpoint_path")
-    # the mode and groupsize are checked against the shapes before the weights are read
-    check_quantization({"mode": args.mode, "groupsize": args.groupsize} if args.mode == "int4" else
-                       {"mode": args.mode}, config.weight_rows())
+    target_quantization(config, args.mode, args.groupsize)  # checked against the shapes before the weights are read
     t0 = time.perf_counter()
     dtype = stored_dtype(args.checkpoint_path)
     model = load_model(args.checkpoint_path, "cpu", dtype)
