@@ -40,8 +40,8 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_scaling: Optional[dict] = None  # Llama-3.1 style: factor, low/high_freq_factor, original_max_position_embeddings
     tie_embeddings: bool = False
-    # weight-only (quantize.py): {"mode": "int8"} or {"mode": "int4", "groupsize": G}; "tied_head": True where a tied
-    # model's LM head reads a quantized copy of the embedding table (output_t), the table itself kept for lookups
+    # weight-only (quantize.py): {"mode": "int8"} or {"mode": "int4", "groupsize": G}; "tied_head": "int8" where a tied
+    # model's LM head reads an int8 copy of the embedding table (output_t), the table itself kept for lookups
     quantization: Optional[dict] = None
 
     def __post_init__(self):
@@ -58,14 +58,19 @@ class ModelArgs:
             check_quantization(self.quantization, self.weight_rows())
 
     def weight_rows(self) -> dict:
-        """K (rows of W^T) of each block projection and of the LM head where it has its own W^T
-        (untied, or a tied head's quantized copy), by weight name."""
+        """K (rows of W^T) of each block projection and of an untied LM head, by weight name."""
         rows = dict(wqkv_t=self.dim, wo_t=self.n_head * self.head_dim, w13_t=self.dim, w2_t=self.intermediate_size)
-        return dict(rows, output_t=self.dim) if self.head_transposed() else rows
+        return rows if self.tie_embeddings else dict(rows, output_t=self.dim)
 
-    def head_transposed(self) -> bool:
-        """Whether the LM head is a W^T of its own, output_t (D, V): untied, or quantized from a tied table."""
-        return not self.tie_embeddings or bool((self.quantization or {}).get("tied_head"))
+    def head_quantization(self) -> Optional[dict]:
+        """How a quantized model's LM head is stored as its own W^T, output_t (D, V): untied, as the
+        blocks; tied, as quantization["tied_head"] says (an int8 copy of the table). None: no output_t."""
+        if self.quantization is None:
+            return None
+        if not self.tie_embeddings:
+            return self.quantization
+        tied = self.quantization.get("tied_head")
+        return None if tied is None else {"mode": tied}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
@@ -181,8 +186,8 @@ def check_quantization(quantization: dict, rows: dict) -> None:
     mode = quantization.get("mode") if isinstance(quantization, dict) else None
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization {quantization!r}: mode must be one of {', '.join(QUANTIZATION_MODES)}")
-    if not isinstance(quantization.get("tied_head", False), bool):
-        raise ValueError(f"quantization {quantization!r}: tied_head must be true or false")
+    if quantization.get("tied_head", "int8") != "int8":
+        raise ValueError(f"quantization {quantization!r}: tied_head must be \"int8\" (or absent: the float table)")
     if mode == "int4":
         group = quantization.get("groupsize")
         if not isinstance(group, int) or group < 16 or group & (group - 1):
@@ -488,8 +493,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings or args.quantization else \
             nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.quantization and args.head_transposed():  # the LM head quantized too, stored transposed like a block's
-            add_weight(self, "output_t", args.dim, args.vocab_size, args.quantization)  # (D, V)
+        if args.head_quantization():  # the LM head quantized too, stored transposed like a block's
+            add_weight(self, "output_t", args.dim, args.vocab_size, args.head_quantization())  # (D, V)
         self.max_batch_size = -1
         self.max_seq_length = -1
         self.freqs_cis: Optional[Tensor] = None

@@ -78,23 +78,25 @@ def test_quantized_model_is_its_dequantized_twin(mode):
     torch.testing.assert_close(step_q, step_f, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 @torch.no_grad()
-def test_a_tied_head_reads_a_quantized_copy_of_the_table(tmp_path):
-    """A tied model's logits come from a quantized copy of the embedding table (the head is the
-    largest matrix of a small model), while the token lookups keep the float table; the config
-    records it, the checkpoint loads with it, and a tied quantized checkpoint without the copy (as
-    written before) still loads with the float head."""
+def test_a_tied_head_reads_an_int8_copy_of_the_table(mode, tmp_path):
+    """A tied model's logits come from an int8 copy of the embedding table in either mode (the head
+    is the largest matrix of a small model), while the token lookups keep the float table; the
+    config records it, the checkpoint loads with it, and a tied quantized checkpoint without the
+    copy (as written before) still loads with the float head."""
     float_model = small_model(seed=5, tie_embeddings=True)
     table = float_model.tok_embeddings.weight.clone()
-    quantized = quantize_model(copy.deepcopy(float_model), "int8")
-    assert quantized.args.quantization == {"mode": "int8", "tied_head": True}
+    quantized = quantize_model(copy.deepcopy(float_model), mode, groupsize=32)
+    assert quantized.args.quantization["tied_head"] == "int8" and quantized.args.quantization["mode"] == mode
     assert torch.equal(quantized.tok_embeddings.weight, table)  # the lookups: the float table
     q, scale = quantize_int8(table.t())
     assert torch.equal(quantized.output_t, q) and torch.equal(quantized.output_t_scale, scale)
     untied = copy.deepcopy(quantized.args)  # the twin: every weight the quantized model's, the head its own Linear
     untied.tie_embeddings, untied.quantization = False, None
     twin = Transformer(untied)
-    twin.load_state_dict({**quantized.state_dict(), "output.weight": dequantize(q, scale).t()}, strict=False)
+    floats = {k: v for k, v in quantized.state_dict().items() if k.endswith(("norm.weight", "tok_embeddings.weight"))}
+    twin.load_state_dict({**floats, "output.weight": dequantize(q, scale).t()}, strict=False)
     for block_q, block_f in zip(quantized.layers, twin.layers):
         for part, name in BLOCK_WEIGHTS:
             module_q = getattr(block_q, part)
@@ -104,14 +106,15 @@ def test_a_tied_head_reads_a_quantized_copy_of_the_table(tmp_path):
         model.setup_caches(1, 8)
     torch.testing.assert_close(quantized(idx, torch.arange(6)), twin(idx, torch.arange(6)), rtol=1e-5, atol=1e-5)
 
-    path = save_checkpoint(quantized, tmp_path / "tied-int8")
+    path = save_checkpoint(quantized, tmp_path / f"tied-{mode}")
     loaded = load_model(path, "cpu", torch.float32)
     assert loaded.output_t.dtype == torch.int8 and torch.equal(loaded.tok_embeddings.weight, table)
-    older = tmp_path / "tied-int8-older"  # no copy of the table, no tied_head in the config
+    older = tmp_path / f"tied-{mode}-older"  # no copy of the table, no tied_head in the config
     older.mkdir()
     state = {k: v.contiguous() for k, v in quantized.state_dict().items() if not k.startswith("output_t")}
     save_file(state, str(older / "model.safetensors"))
-    config = dict(quantized.args.to_dict(), quantization={"mode": "int8"})
+    config = dict(quantized.args.to_dict())
+    del config["quantization"]["tied_head"]
     (older / "config.json").write_text(json.dumps(config))
     assert not hasattr(load_model(older, "cpu", torch.float32), "output_t")
 
