@@ -394,6 +394,41 @@ static inline int lanes_i4(float *restrict even, float *restrict odd, const uint
     return i;
 }
 
+/* bf16 weights are read two at a time: the 32 bits of a column pair hold the even column's fp32
+   value in their shifted low half and the odd one's in their masked high half, so a vector of
+   pairs widens with one shift and one and. The accumulators of even and odd columns are then two
+   planes, (acc[i], acc[pairs + i]) for columns (2i, 2i + 1); an odd last column comes after them. */
+static inline void bf16_pair(const uint16_t *p, float *even, float *odd) {
+    uint32_t u, lo, hi;
+    memcpy(&u, p, 4);
+    lo = u << 16;
+    hi = u & 0xffff0000u;
+    memcpy(even, &lo, 4);
+    memcpy(odd, &hi, 4);
+}
+
+/* a[c] += the integer sums of a group (planes: even columns, odd ones) times its scales, plus xsum
+   (its kept inputs' sum) times its offsets, for columns c of a row of scales and offsets from `at`;
+   bf16 ones read a column pair at a time (bf16_pair), so that the loop vectorizes. */
+static void scale_group_i4(float *restrict a, const float *even, const float *odd, float xsum, const void *scale,
+                           const void *zero, long at, int pairs, int sdtype) {
+    if (sdtype == BF16) {
+        const uint16_t *s = (const uint16_t *)scale + at, *z = (const uint16_t *)zero + at;
+        for (int i = 0; i < pairs; i++) {
+            float s0, s1, z0, z1;
+            bf16_pair(s + 2 * i, &s0, &s1);
+            bf16_pair(z + 2 * i, &z0, &z1);
+            a[2 * i] += even[i] * s0 + xsum * z0;
+            a[2 * i + 1] += odd[i] * s1 + xsum * z1;
+        }
+        return;
+    }
+    for (int i = 0; i < pairs; i++) {
+        a[2 * i] += even[i] * load(scale, at + 2 * i, sdtype) + xsum * load(zero, at + 2 * i, sdtype);
+        a[2 * i + 1] += odd[i] * load(scale, at + 2 * i + 1, sdtype) + xsum * load(zero, at + 2 * i + 1, sdtype);
+    }
+}
+
 /* int4 weights: two values a byte along a row (the low nibble the even column), in groups of `group`
    rows with a scale and an offset per group and column (w = q * scale + zero; sdtype: theirs). The
    kept rows of one group are summed as integers into `part`, then the group's sum times its scales,
@@ -414,13 +449,14 @@ static void stream_i4(float *restrict acc, int B, int width, const int *rows, co
             end++;
         memset(part, 0, sizeof(part));
         memset(xsum, 0, sizeof(xsum));
-        for (; j + ROWS <= end; j += ROWS) {
-            const uint8_t *w0 = w + rows[j] * ldw, *w1 = w + rows[j + 1] * ldw, *w2 = w + rows[j + 2] * ldw,
-                          *w3 = w + rows[j + 3] * ldw;
+        for (int n; j < end; j += n) { /* ROWS rows a pass; a group's last 1-3 with the missing ones weighted 0 */
+            n = end - j < ROWS ? end - j : ROWS;
+            const uint8_t *w0 = w + rows[j] * ldw, *w1 = n > 1 ? w + rows[j + 1] * ldw : w0,
+                          *w2 = n > 2 ? w + rows[j + 2] * ldw : w0, *w3 = n > 3 ? w + rows[j + 3] * ldw : w0;
             prefetch_ahead(w, ldw, rows, j, n_rows, 1);
             for (int b = 0; b < B; b++) {
                 const float *v = vals + (long)j * B + b;
-                float v0 = v[0], v1 = v[B], v2 = v[2 * B], v3 = v[3 * B];
+                float v0 = v[0], v1 = n > 1 ? v[B] : 0.0f, v2 = n > 2 ? v[2 * B] : 0.0f, v3 = n > 3 ? v[3 * B] : 0.0f;
                 float *restrict even = part + b * width, *restrict odd = even + pairs;
                 xsum[b] += (v0 + v1) + (v2 + v3);
                 for (int i = lanes_i4(even, odd, w0, w1, w2, w3, v0, v1, v2, v3, pairs); i < pairs; i++) {
@@ -431,41 +467,10 @@ static void stream_i4(float *restrict acc, int B, int width, const int *rows, co
                 }
             }
         }
-        for (; j < end; j++) {
-            const uint8_t *w0 = w + rows[j] * ldw;
-            for (int b = 0; b < B; b++) {
-                float v0 = vals[(long)j * B + b], *restrict even = part + b * width, *restrict odd = even + pairs;
-                xsum[b] += v0;
-                for (int i = 0; i < pairs; i++) {
-                    even[i] += v0 * (float)(w0[i] & 15);
-                    odd[i] += v0 * (float)(w0[i] >> 4);
-                }
-            }
-        }
-        long at = (long)g * N + col;
-        for (int b = 0; b < B; b++) {
-            const float *even = part + b * width, *odd = even + pairs;
-            float *a = acc + b * width;
-            for (int i = 0; i < pairs; i++) {
-                a[2 * i] += even[i] * load(scale, at + 2 * i, sdtype) + xsum[b] * load(zero, at + 2 * i, sdtype);
-                a[2 * i + 1] += odd[i] * load(scale, at + 2 * i + 1, sdtype) +
-                                xsum[b] * load(zero, at + 2 * i + 1, sdtype);
-            }
-        }
+        for (int b = 0; b < B; b++)
+            scale_group_i4(acc + b * width, part + b * width, part + b * width + pairs, xsum[b], scale, zero,
+                           (long)g * N + col, pairs, sdtype);
     }
-}
-
-/* bf16 weights are read two at a time: the 32 bits of a column pair hold the even column's fp32
-   value in their shifted low half and the odd one's in their masked high half, so a vector of
-   pairs widens with one shift and one and. The accumulators of even and odd columns are then two
-   planes, (acc[i], acc[pairs + i]) for columns (2i, 2i + 1); an odd last column comes after them. */
-static inline void bf16_pair(const uint16_t *p, float *even, float *odd) {
-    uint32_t u, lo, hi;
-    memcpy(&u, p, 4);
-    lo = u << 16;
-    hi = u & 0xffff0000u;
-    memcpy(even, &lo, 4);
-    memcpy(odd, &hi, 4);
 }
 
 static inline long slot(long c, int width, int dtype) {
