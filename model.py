@@ -187,7 +187,8 @@ def check_quantization(quantization: dict, rows: dict) -> None:
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization {quantization!r}: mode must be one of {', '.join(QUANTIZATION_MODES)}")
     if quantization.get("tied_head", "int8") != "int8":
-        raise ValueError(f"quantization {quantization!r}: tied_head must be \"int8\" (or absent: the float table)")
+        raise ValueError(f"quantization {quantization!r}: tied_head must be \"int8\" (absent: the float table "
+                         f"is the head)")
     if mode == "int4":
         group = quantization.get("groupsize")
         if not isinstance(group, int) or group < 16 or group & (group - 1):

@@ -140,7 +140,7 @@ def run(args):
     out = args.out or quantized_dir(args.checkpoint_path, args.mode, args.groupsize)
     if out.resolve() == args.checkpoint_path.resolve():
         raise ValueError("--out must be another directory than --checkpoint_path")
-    target_quantization(config, args.mode, args.groupsize)  # checked against the shapes before the weights are read
+    target_quantization(config, args.mode, args.groupsize)  # checked against the shapes before reading the weights
     t0 = time.perf_counter()
     dtype = stored_dtype(args.checkpoint_path)
     model = load_model(args.checkpoint_path, "cpu", dtype)

@@ -134,8 +134,9 @@ def sparse_matvec_kernel(
         gdc_launch_dependents()
 
     # 3. Scales, then the split-K reduction.
-    _finish(acc, count, input_sum, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base,
-            B, N, stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP, GROUPS, WORDS)
+    _finish(acc, count, input_sum, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr,
+            xs_base, B, N, stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP,
+            GROUPS, WORDS)
 
 
 @triton.jit
@@ -182,8 +183,9 @@ def dense_matvec_kernel(
         gdc_launch_dependents()
 
     # 3. Scales, then the split-K reduction.
-    _finish(acc, count, input_sum, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr, xs_base,
-            B, N, stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP, GROUPS, WORDS)
+    _finish(acc, count, input_sum, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr, res_ptr, scale_ptr, zero_ptr,
+            xs_base, B, N, stride_y, stride_r, SPLIT, B_PAD, BLOCK_N, K_CHUNK, DOT, RED_R, RESIDUAL, WEIGHTS, GROUP,
+            GROUPS, WORDS)
 
 
 # ---------------------------------------------------------------------------- phase 1: the input
@@ -615,8 +617,8 @@ def _finish(acc, count, input_sum, k0, pid_n, pid_k, y_ptr, part_ptr, count_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     if WEIGHTS != "float" and GROUPS == 1:  # (GROUPS > 1: scaled group by group in the stream)
-        acc = _dequantized(acc, count, input_sum, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N, K_CHUNK,
-                           DOT, WEIGHTS, GROUP, WORDS)
+        acc = _dequantized(acc, count, input_sum, k0, scale_ptr, zero_ptr, xs_base, offs_b, b_ok, offs_n, n_ok, N,
+                           K_CHUNK, DOT, WEIGHTS, GROUP, WORDS)
     out_ok = b_ok[:, None] & n_ok[None, :]
     y_ptrs = y_ptr + offs_b[:, None] * stride_y + offs_n[None, :]
     r_ptrs = res_ptr + offs_b[:, None] * stride_r + offs_n[None, :]
@@ -648,7 +650,8 @@ def _dequantized(acc, count, input_sum, k0, scale_ptr, zero_ptr, xs_base, offs_b
                  WORDS: tl.constexpr):
     """The program's sum of x * q (B_PAD, BLOCK_N; from words: of _unpacked's values, see _from_words)
     turned into the sum of x * w: int8 times the column scales; int4 (the chunk lies inside group
-    k0 // GROUP) times the group's scales, plus its offsets times the sum of the chunk's kept inputs. A chunk with no kept row reads no scale."""
+    k0 // GROUP) times the group's scales, plus its offsets times the sum of the chunk's kept inputs.
+    A chunk with no kept row reads no scale."""
     ok = n_ok & (count > 0)
     if WEIGHTS == "int8":
         scale = tl.load(scale_ptr + offs_n, mask=ok, other=0.0).to(tl.float32)
