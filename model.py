@@ -56,6 +56,9 @@ class ModelArgs:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_local_heads={self.n_local_heads}")
         if self.quantization is not None:
             check_quantization(self.quantization, self.weight_rows())
+            if self.quantization.get("tied_head") and not self.tie_embeddings:
+                raise ValueError(f"quantization {self.quantization!r}: tied_head is for a model whose head is its "
+                                 f"embedding table (tie_embeddings), and this one has its own")
 
     def weight_rows(self) -> dict:
         """K (rows of W^T) of each block projection and of an untied LM head, by weight name."""
@@ -182,7 +185,8 @@ QUANTIZATION_MODES = ("int8", "int4")
 
 
 def check_quantization(quantization: dict, rows: dict) -> None:
-    """A known mode; int4's groupsize a power of two >= 16 that divides every weight's K."""
+    """A known mode; int4's groupsize a power of two >= 16 that divides every weight's K; tied_head, if
+    given, "int8"."""
     mode = quantization.get("mode") if isinstance(quantization, dict) else None
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization {quantization!r}: mode must be one of {', '.join(QUANTIZATION_MODES)}")

@@ -27,7 +27,8 @@ Shared by both:
   column; per group of GROUP rows and per column a scale and an offset: w = q * scale[g, n] +
   zero[g, n]). A row is loaded as stored, as int32 words where rows are whole words (WORDS), and
   converted in registers by integer arithmetic (_as_float, _unpacked). Scales are per column, so
-  they multiply the program's sum once: int8 acc * scale; int4 (a chunk lies inside one group)
+  they multiply the program's sum once: int8 acc * scale (B == 1 words: less 128 times the kept
+  inputs' sum, the offset of _unpacked's subnormal bytes); int4 (a chunk lies inside one group)
   acc * scale + zero * (the sum of the chunk's kept inputs); a B == 1 int4 chunk over GROUPS > 1
   groups scales each group's sum in the stream (a sparse one first places each group's kept rows
   from a round of the stream: _group_places). A program with no kept row reads no scale either.
@@ -59,9 +60,9 @@ except ImportError:  # older Triton: pdl_enabled is False, so the kernels never 
     gdc_launch_dependents = gdc_wait = None
 
 
-# Inputs times this (an exact power of two) meet int4 values read as fp32 subnormals (_unpacked): the
-# products x * q * 2^(p - 85) (p: the nibble's bit in its word) are normal, so exact, for
-# 2^-41 <= |x| * q * 2^p and |x| < 2^64.
+# Inputs times this (an exact power of two) meet int8 and int4 values read as fp32 subnormals
+# (_unpacked: b = q + 128 for int8, q for int4): the products x * b * 2^(p - 85) (p: the value's bit
+# in its word) are normal, so as exact as x * b, for 2^-41 <= |x| * b * 2^p and |x| < 2^64.
 SUBNORMAL_LIFT = tl.constexpr(2.0 ** 64)
 
 

@@ -125,7 +125,7 @@ def stored_values_as_float() -> dict:
         _convert_kernel[(1,)](values, out, N=len(values))
         mismatches[name] = int((out != values.float()).sum())
     # rows read as int32 words: every value at every place in a word, as tl.dot takes it and as the FMAs do
-    # (int4: subnormals times lifted inputs), times _word_factors' powers of two
+    # (subnormals times lifted inputs), through _from_words (powers of two undone, int8's offset taken off)
     for name, values, per_word in (("int8 words", torch.arange(-128, 128), 4), ("int4 words", torch.arange(16), 8)):
         columns = torch.cat([values.roll(c) for c in range(per_word)])  # (per_word * len(values),)
         stored = columns.to(torch.int8) if name == "int8 words" else (columns[0::2] | columns[1::2] << 4).to(torch.uint8)
@@ -228,6 +228,11 @@ QUANTIZED_CASES = [
     ("silu_down+res", 2, 1536, 576, [576], torch.bfloat16, 0.5, dict(BLOCK_N=64, BLOCK_K=32, K_CHUNK=512, **D),
      "int8", 0),
     ("linear", 1, 256, 11008, [11008], torch.bfloat16, None, dict(BLOCK_N=256, BLOCK_K=16, K_CHUNK=128, **E),
+     "int8", 0),
+    # B == 1 int8 words (subnormal bytes, the offset taken off per chunk) with the fusions, fp16 and fp32 inputs
+    ("silu_down+res", 1, 1536, 576, [576], torch.float16, 0.5, dict(BLOCK_N=64, BLOCK_K=32, K_CHUNK=512, DEPTH=4,
+                                                                   **E), "int8", 0),
+    ("linear+res", 1, 576, 1000, [1000], torch.float32, None, dict(BLOCK_N=128, BLOCK_K=16, K_CHUNK=256, **E),
      "int8", 0),
     ("linear", 1, 576, 1536, [576, 480, 480], torch.bfloat16, 0.5, dict(BLOCK_N=32, BLOCK_K=32, K_CHUNK=256, **E),
      "int4", 64),

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from loader import load_model
-from model import Transformer, scales_of
+from model import ModelArgs, Transformer, scales_of
 from quantize import BLOCK_WEIGHTS, quantize_int4, quantize_int8, quantize_model
 from sparse_kernels import dequantize, pack_int4, unpack_int4
 from teal import SparsityFile, weight_bytes_per_token
@@ -135,6 +135,11 @@ def test_quantize_model_refuses_bad_input():
         quantize_model(small_model(), "int4", groupsize=48)
     with pytest.raises(ValueError, match=r"groupsize 128 does not divide K of wqkv_t \(64\)"):
         quantize_model(small_model(), "int4", groupsize=128)
+    args = small_model().args.to_dict()
+    with pytest.raises(ValueError, match="tied_head is for a model whose head is its embedding table"):
+        ModelArgs.from_dict(dict(args, quantization={"mode": "int8", "tied_head": "int8"}))  # SMALL is untied
+    with pytest.raises(ValueError, match='tied_head must be "int8"'):
+        ModelArgs.from_dict(dict(args, tie_embeddings=True, quantization={"mode": "int8", "tied_head": "int4"}))
 
 
 def save_checkpoint(model: Transformer, path: Path) -> Path:
