@@ -498,8 +498,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = None if args.tie_embeddings or args.quantization else \
             nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.head_quantization():  # the LM head quantized too, stored transposed like a block's
-            add_weight(self, "output_t", args.dim, args.vocab_size, args.head_quantization())  # (D, V)
+        head_quantization = args.head_quantization()
+        if head_quantization:  # the LM head quantized too, stored transposed like a block's
+            add_weight(self, "output_t", args.dim, args.vocab_size, head_quantization)  # (D, V)
         self.max_batch_size = -1
         self.max_seq_length = -1
         self.freqs_cis: Optional[Tensor] = None

@@ -99,15 +99,14 @@ def quantize_model(model: Transformer, mode: str, groupsize: int = 128, progress
             quantize_weight(getattr(block, part), name, quantization)
         if progress:
             print(f"\r  quantized block {i + 1}/{len(model.layers)}", end="", flush=True)
-    # the head, stored transposed like a block's W^T: an untied one as the blocks, a tied table's int8 copy
+    model.args.quantization = quantization
+    # the head, stored transposed like a block's W^T (an untied one as the blocks, a tied table's int8 copy)
     head = (model.tok_embeddings.weight if model.output is None else model.output.weight).detach()
     model.output = None
     model.output_t = torch.nn.Parameter(head.t().contiguous(), requires_grad=False)  # (D, V)
-    quantize_weight(model, "output_t", {"mode": quantization["tied_head"]} if model.args.tie_embeddings else
-                    quantization)
+    quantize_weight(model, "output_t", model.args.head_quantization())
     if progress:
         print()
-    model.args.quantization = quantization
     return model
 
 

@@ -517,17 +517,17 @@ def _unpacked(words, WEIGHTS: tl.constexpr, DOT: tl.constexpr, INTERPRET: tl.con
     the inputs too, which _from_words takes off. _accumulate multiplies the inputs by SUBNORMAL_LIFT,
     so that every product is a normal number, as exact as b * x."""
     hi = words >> 16
-    if WEIGHTS == "int8" and DOT:  # bytes: q + 128 (XOR 0x80) under 2^23, minus 2^23 + 128 * 2^(8 (c % 2))
-        b0 = _magic(_masked_xor(words, 0xFF, 0x4B000080, INTERPRET)) - 8388736.0
-        b1 = _magic(_masked_xor(words, 0xFF00, 0x4B008000, INTERPRET)) - 8421376.0
-        b2 = _magic(_masked_xor(hi, 0xFF, 0x4B000080, INTERPRET)) - 8388736.0
-        b3 = _magic(_masked_xor(hi, 0xFF00, 0x4B008000, INTERPRET)) - 8421376.0
-        values = tl.interleave(tl.interleave(b0, b2), tl.interleave(b1, b3))
-    elif WEIGHTS == "int8":  # q + 128 (XOR 0x80) where it lies, as a subnormal: bytes 0-2 in place, 3 from hi
-        b0 = _magic(_masked_xor(words, 0xFF, 0x80, INTERPRET))
-        b1 = _magic(_masked_xor(words, 0xFF00, 0x8000, INTERPRET))
-        b2 = _magic(_masked_xor(words, 0xFF0000, 0x800000, INTERPRET))
-        b3 = _magic(_masked_xor(hi, 0xFF00, 0x8000, INTERPRET))
+    if WEIGHTS == "int8":  # bytes
+        if DOT:  # q + 128 (XOR 0x80) under 2^23, minus 2^23 + 128 * 2^(8 (c % 2))
+            b0 = _magic(_masked_xor(words, 0xFF, 0x4B000080, INTERPRET)) - 8388736.0
+            b1 = _magic(_masked_xor(words, 0xFF00, 0x4B008000, INTERPRET)) - 8421376.0
+            b2 = _magic(_masked_xor(hi, 0xFF, 0x4B000080, INTERPRET)) - 8388736.0
+            b3 = _magic(_masked_xor(hi, 0xFF00, 0x4B008000, INTERPRET)) - 8421376.0
+        else:  # q + 128 (XOR 0x80) where it lies, as a subnormal: bytes 0-2 in place, 3 from hi
+            b0 = _magic(_masked_xor(words, 0xFF, 0x80, INTERPRET))
+            b1 = _magic(_masked_xor(words, 0xFF00, 0x8000, INTERPRET))
+            b2 = _magic(_masked_xor(words, 0xFF0000, 0x800000, INTERPRET))
+            b3 = _magic(_masked_xor(hi, 0xFF00, 0x8000, INTERPRET))
         values = tl.interleave(tl.interleave(b0, b2), tl.interleave(b1, b3))
     else:  # nibbles, low first
         if DOT:  # 2^23 + q * 2^(4 (c % 4)), minus 2^23
